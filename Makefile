@@ -1,0 +1,22 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv, install torch 2.13.0 (the CPU wheel this machine has on disk; GPU hosts install
+# the CUDA build first) and then vaepipe with its dev extras.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(WHEELS) torch==2.13.0
+	$(PY) -m pip install -q $(WHEELS) -e '.[dev]'
+	touch $@
+
+.PHONY: install demo test
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/vaepipe demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest

@@ -1,0 +1,1 @@
+"""jobs: entry points shared by the `vaepipe` CLI and `ray job submit -- python -m jobs.X`."""

@@ -1,0 +1,1 @@
+"""pipeline: Ray, MLflow and Parquet I/O around the pure-PyTorch `vae` package."""

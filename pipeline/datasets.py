@@ -1,0 +1,50 @@
+"""Bundled and shared real data written to Parquet: scikit-learn's 8×8 digits (ships with the
+package, for the demo) and ../shared/data/mnist_8k.npz (for tests and benchmarks)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.features import fixed_size_list
+
+
+def images_table(images: np.ndarray, labels: np.ndarray, start_id: int = 0) -> pa.Table:
+    """`image` as fixed_size_list<uint8>[H·W], `label`, `id`."""
+    flat = np.ascontiguousarray(images.reshape(len(images), -1).astype(np.uint8))
+    return pa.table({"id": pa.array(np.arange(start_id, start_id + len(flat), dtype=np.int64)),
+                     "label": pa.array(labels.astype(np.int64)),
+                     "image": fixed_size_list(flat, pa.uint8())})
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8×8 digits, grey levels 0–16 rescaled to uint8 0–255."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return np.round(d.images * (255 / 16)).astype(np.uint8), d.target
+
+
+def mnist_path() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for p in (os.environ.get("VAEPIPE_MNIST", ""), os.path.join(here, "..", "..", "shared", "data", "mnist_8k.npz"),
+              os.path.join(os.getcwd(), "..", "shared", "data", "mnist_8k.npz")):
+        if p and os.path.exists(p):
+            return os.path.abspath(p)
+    raise FileNotFoundError("mnist_8k.npz not found: set VAEPIPE_MNIST or keep ../shared/data beside the project")
+
+
+def mnist() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(mnist_path()) as z:
+        return z["images"], z["labels"]
+
+
+def write_parquet(table: pa.Table, folder: str, files: int = 1) -> str:
+    os.makedirs(folder, exist_ok=True)
+    n = table.num_rows
+    for i in range(files):
+        lo, hi = i * n // files, (i + 1) * n // files
+        pq.write_table(table.slice(lo, hi - lo), os.path.join(folder, f"part-{i:05d}.parquet"), compression="zstd")
+    return folder

@@ -1,0 +1,324 @@
+"""`vaepipe encode`: Parquet records → μ (and optional logvar, anomaly score) with a registered model.
+
+Work is split into units of whole row groups; Ray Data runs them on an actor pool (`map_batches`
+with a callable class: one model load per actor). Each actor reads its row groups through the
+input's filesystem (fsspec/pyarrow), converts Arrow → torch without per-row Python, encodes in
+`batch_size` chunks and streams a Parquet file into the job's staging prefix. Only when every unit
+has succeeded does the driver commit (rename → manifest → _SUCCESS). Unit file names are a function
+of the unit, so a retried task overwrites its own file: no duplicates, no partial output."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import registry
+from pipeline.config import RuntimeConfig, opt
+from pipeline.errors import ConfigError, InputError, SchemaError
+from pipeline.features import FeatureSpec, check_finite, fixed_size_list, infer_spec, nonfinite_rows, to_matrix
+from pipeline.parquet_io import Commit, list_parquet_files, partition_values, read_footer
+from pipeline.uris import Location, resolve
+from vae.checkpoint import load_checkpoint, model_from_checkpoint
+from vae.model import VAE
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float32", "float16", "int8")
+
+
+@dataclass
+class EncodeConfig(RuntimeConfig):
+    model: str = opt("models:/vae@production", "registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
+    input: str = opt("", "Parquet file or folder (any fsspec URI; hive partitions kept)")
+    output: str = opt("", "output folder (committed atomically: manifest + _SUCCESS)")
+    keep: list[str] = opt(help="columns copied to the output (default: the id column, if present)", factory=list)
+    id_column: str = opt("id", "record id column (named in errors, default kept column)")
+    batch_size: int = opt(4096, "records per forward pass")
+    unit_rows: int = opt(131_072, "target records per work unit / output file (whole row groups)")
+    concurrency: int | None = opt(None, "encoder actors (default: CPU cores, or GPUs with --use-gpu)")
+    use_gpu: bool | None = opt(None, "encode on GPUs (default: when the cluster has them)")
+    logvar: bool = opt(False, "also write the posterior log-variance")
+    score: bool = opt(False, "also write an anomaly score: -ELBO per record, nats (higher = more unusual)")
+    dtype: str = opt("float32", "latent storage: float32, float16, int8 (per-dimension scale in metadata)",
+                     choices=DTYPES)
+    on_bad_record: str = opt("fail", "NaN/inf/null features: fail the job, or skip them (ids to _skipped.parquet)",
+                             choices=("fail", "skip"))
+
+    def __post_init__(self) -> None:
+        self.require("model", "input", "output")
+        self.choice("dtype", DTYPES)
+        self.choice("on_bad_record", ("fail", "skip"))
+        if self.batch_size < 1 or self.unit_rows < 1:
+            raise ConfigError("batch_size and unit_rows must be ≥ 1")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ConfigError("concurrency must be ≥ 1")
+
+
+@dataclass
+class Unit:
+    index: int
+    file: str            # path inside the input filesystem
+    rel: str             # path relative to the input root (keeps partition folders)
+    row_groups: list[int]
+    rows: int
+
+
+def plan_units(loc: Location, files: list[str], unit_rows: int) -> tuple[list[Unit], pa.Schema | None, int]:
+    """Read every footer (a corrupt file fails here, naming it) and group row groups into units."""
+    units, schema, total = [], None, 0
+    root = loc.path if loc.fs.isdir(loc.path) else posixpath.dirname(loc.path)
+    for path in files:
+        md = read_footer(loc, path)
+        if schema is None and md.num_rows:
+            schema = md.schema.to_arrow_schema()
+        elif schema is None:
+            schema = md.schema.to_arrow_schema()
+        total += md.num_rows
+        rel = posixpath.relpath(path, root)
+        cur, rows = [], 0
+        for rg in range(md.num_row_groups):
+            n = md.row_group(rg).num_rows
+            if n == 0:
+                continue
+            cur.append(rg)
+            rows += n
+            if rows >= unit_rows:
+                units.append(Unit(len(units), path, rel, cur, rows))
+                cur, rows = [], 0
+        if cur:
+            units.append(Unit(len(units), path, rel, cur, rows))
+    return units, schema, total
+
+
+def check_model_against(model: VAE, schema: pa.Schema, source: str, id_column: str) -> FeatureSpec:
+    """Fail before any work when the data cannot feed this model (columns, types, vector length)."""
+    pre = model.config.preprocessing
+    spec = infer_spec(schema, pre.features, source=source)
+    if spec.layout != pre.layout:
+        raise SchemaError(f"{source}: model expects features {pre.features} as {pre.layout!r}, found {spec.layout!r}")
+    if spec.dim is not None and spec.dim != model.config.input_dim:
+        raise SchemaError(f"{source}: column {spec.columns[0]!r} holds vectors of length {spec.dim}, "
+                          f"the model expects {model.config.input_dim}")
+    return spec
+
+
+def latent_array(v: np.ndarray, dtype: str, int8_scale: np.ndarray | None) -> pa.FixedSizeListArray:
+    if dtype == "float32":
+        return fixed_size_list(v.astype(np.float32), pa.float32())
+    if dtype == "float16":
+        return fixed_size_list(v.astype(np.float16), pa.float16())
+    q = np.clip(np.rint(v / int8_scale), -127, 127).astype(np.int8)
+    return fixed_size_list(q, pa.int8())
+
+
+class UnitEncoder:
+    """A Ray Data actor: loads the model once, then encodes whole units (row groups → one file)."""
+
+    def __init__(self, model_bytes: bytes, plan: dict[str, Any]):
+        self.plan = plan
+        self.device = torch.device("cuda" if plan["use_gpu"] and torch.cuda.is_available() else "cpu")
+        torch.set_num_threads(plan["threads"])
+        self.model = model_from_checkpoint(load_checkpoint(model_bytes), map_location=str(self.device))
+        self.loc = resolve(plan["input"], **plan.get("storage_options", {}))
+        self.out = resolve(plan["output"], **plan.get("storage_options", {}))
+        self.spec = FeatureSpec(tuple(plan["features"]), plan["layout"])
+        self.scale = np.asarray(plan["int8_scale"], np.float32) if plan["int8_scale"] is not None else None
+
+    def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        outs: dict[str, list] = {"mu": [], "logvar": [], "score": []}
+        bs = self.plan["batch_size"]
+        for i in range(0, len(x), bs):
+            raw = torch.from_numpy(x[i:i + bs]).to(self.device, non_blocking=True)
+            q = self.model.embed(raw)
+            outs["mu"].append(q.mean.float().cpu().numpy())
+            if self.plan["logvar"]:
+                outs["logvar"].append(q.logvar.float().cpu().numpy())
+            if self.plan["score"]:
+                g = torch.Generator(device=self.device).manual_seed(i)  # deterministic re-runs
+                outs["score"].append(self.model.score(raw, generator=g).float().cpu().numpy())
+        return {k: np.concatenate(v) for k, v in outs.items() if v}
+
+    def run_unit(self, unit: dict) -> dict:
+        p = self.plan
+        source = self.loc.full(unit["file"])
+        staged = posixpath.join(p["staging"], posixpath.dirname(unit["rel"]), f"unit-{unit['index']:06d}.parquet")
+        skipped_path = posixpath.join(p["staging"], "_skipped", f"unit-{unit['index']:06d}.parquet")
+        parts = partition_values(unit["rel"])
+        cols = list(dict.fromkeys([*self.spec.columns, *[c for c in p["keep"] if c not in parts]]))
+        meta = {k.encode(): v.encode() for k, v in p["metadata"].items()}
+        meta[b"vaepipe.source_file"] = source.encode()
+        rows = skipped = 0
+        writer = None
+        with self.loc.fs.open(unit["file"], "rb") as f:
+            pf = pq.ParquetFile(f)
+            for rg in unit["row_groups"]:
+                t = pf.read_row_group(rg, columns=cols)
+                x = to_matrix(t, self.spec, p["input_dim"], source=source, id_column=p["id_column"])
+                bad = nonfinite_rows(x)
+                if bad.any():
+                    if p["on_bad_record"] == "fail":
+                        check_finite(t, x, p["id_column"], source)
+                    ids = t.filter(pa.array(bad)).select([c for c in (p["id_column"],) if c in t.schema.names])
+                    ids = ids.append_column("source_file", pa.array([source] * ids.num_rows))
+                    self.out.fs.makedirs(posixpath.dirname(skipped_path), exist_ok=True)
+                    with self.out.fs.open(skipped_path, "wb") as sf:
+                        pq.write_table(ids, sf)
+                    skipped += int(bad.sum())
+                    t, x = t.filter(pa.array(~bad)), x[~bad]
+                enc = self.encode(x)
+                out = {c: t.column(c) for c in p["keep"] if c in t.schema.names}
+                for k, v in parts.items():
+                    if k in p["keep"] and k not in out:
+                        out[k] = pa.array([v] * t.num_rows, pa.string())
+                out["mu"] = latent_array(enc["mu"], p["dtype"], self.scale)
+                if "logvar" in enc:
+                    out["logvar"] = fixed_size_list(enc["logvar"].astype(np.float16 if p["dtype"] != "float32" else np.float32),
+                                                    pa.float16() if p["dtype"] != "float32" else pa.float32())
+                if "score" in enc:
+                    out["score"] = pa.array(enc["score"].astype(np.float32))
+                table = pa.table(out).replace_schema_metadata(meta)
+                if writer is None:
+                    self.out.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+                    sink = self.out.fs.open(staged, "wb")
+                    writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
+                writer.write_table(table)
+                rows += table.num_rows
+        if writer is not None:
+            writer.close()
+            sink.close()
+        return {"index": unit["index"], "staged": staged if writer is not None else "", "rows": rows,
+                "skipped": skipped, "skipped_file": skipped_path if skipped else ""}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        units = [json.loads(u) for u in batch["unit"]]
+        res = [self.run_unit(u) for u in units]
+        return {k: np.array([r[k] for r in res]) for k in res[0]}
+
+
+@dataclass
+class EncodeResult:
+    output: str
+    rows_in: int
+    rows_out: int
+    skipped: int
+    files: int
+    model_uri: str
+    model_version: str
+    wall_s: float
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def records_per_s(self) -> float:
+        return self.rows_in / max(self.wall_s, 1e-9)
+
+
+def int8_scales(model: VAE, loc: Location, units: list[Unit], spec: FeatureSpec, dim: int) -> np.ndarray:
+    """Per-dimension int8 scale from the first unit's μ: max|μ_j| / 127 (clipped beyond)."""
+    with loc.fs.open(units[0].file, "rb") as f:
+        t = pq.ParquetFile(f).read_row_group(units[0].row_groups[0], columns=list(spec.columns))
+    x = to_matrix(t.slice(0, 20_000), spec, dim)
+    x = x[~nonfinite_rows(x)]
+    mu = model.embed(torch.from_numpy(x)).mean.numpy()
+    return np.maximum(np.abs(mu).max(0), 1e-6) / 127.0
+
+
+def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None) -> EncodeResult:
+    """Check everything, encode on Ray Data, commit atomically. `model_blob` = (ModelRef, bytes) lets a
+    caller that already resolved the model (nightly) pin the version."""
+    import ray
+    import ray.data
+
+    from pipeline.ray_runtime import init_ray, quiet_data_progress
+
+    t0 = time.perf_counter()
+    tracking = cfg.resolved_tracking_uri()
+    loc, out = resolve(cfg.input), resolve(cfg.output)
+    if loc.fs.exists(loc.path) and out.fs is loc.fs and out.path.rstrip("/") == loc.path.rstrip("/"):
+        raise InputError(f"output {cfg.output!r} is the input folder; choose another folder")
+    files = list_parquet_files(loc)
+    units, schema, total = plan_units(loc, files, cfg.unit_rows)
+    ref, blob = model_blob or registry.load_model_bytes(cfg.model, tracking)   # alias resolved once, here
+    model = model_from_checkpoint(load_checkpoint(blob))
+    if schema is not None:
+        spec = check_model_against(model, schema, loc.uri, cfg.id_column)
+        keep = cfg.keep or ([cfg.id_column] if cfg.id_column in schema.names else [])
+        part_cols = set(partition_values(units[0].rel)) if units else set()
+        for c in keep:
+            if c not in schema.names and c not in part_cols:
+                raise SchemaError(f"{loc.uri}: --keep column {c!r} not found; columns present: {schema.names}")
+        keep = list(dict.fromkeys([*keep, *sorted(part_cols)]))
+    else:
+        spec, keep = None, []
+    metadata = {"vaepipe.model_uri": ref.uri, "vaepipe.model_requested": ref.requested,
+                "vaepipe.model_name": ref.name, "vaepipe.model_version": ref.version,
+                "vaepipe.model_run_id": ref.run_id or "", "vaepipe.latent_dim": str(model.config.latent_dim),
+                "vaepipe.dtype": cfg.dtype, "vaepipe.input": loc.uri}
+    commit = Commit(out)
+    if not units:   # empty input: an explicit, committed, empty result
+        manifest = commit.commit([], {**metadata, "rows_in": 0, "skipped": 0})
+        return EncodeResult(cfg.output, 0, 0, 0, 0, ref.uri, ref.version, time.perf_counter() - t0, manifest)
+
+    scale = int8_scales(model, loc, units, spec, model.config.input_dim) if cfg.dtype == "int8" else None
+    if scale is not None:
+        metadata["vaepipe.int8_scale"] = json.dumps([float(s) for s in scale])
+    init_ray(cfg.ray_address)
+    quiet_data_progress()
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    n_actors = cfg.concurrency or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else max(1, min(cpus, os.cpu_count() or 1)))
+    n_actors = max(1, min(n_actors, len(units)))
+    plan = {"input": cfg.input if "://" in cfg.input else loc.path, "output": cfg.output if "://" in cfg.output else out.path,
+            "staging": commit.staging, "features": list(spec.columns), "layout": spec.layout,
+            "input_dim": model.config.input_dim, "keep": keep, "id_column": cfg.id_column,
+            "batch_size": cfg.batch_size, "logvar": cfg.logvar, "score": cfg.score, "dtype": cfg.dtype,
+            "int8_scale": scale.tolist() if scale is not None else None, "on_bad_record": cfg.on_bad_record,
+            "metadata": metadata, "use_gpu": use_gpu,
+            "threads": 1 if not use_gpu else 2}
+    items = [{"unit": json.dumps(u.__dict__)} for u in units]
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.max_errored_blocks = 0   # one failing unit fails the job: never a silent drop
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        UnitEncoder, fn_constructor_args=(blob, plan), batch_size=1, concurrency=n_actors,
+        num_gpus=1 if use_gpu else 0, num_cpus=0.5 if use_gpu else 1)
+    try:
+        res = ds.take_all()
+    except Exception as e:
+        commit.abort()
+        from pipeline.train import _unwrap_error
+
+        raise _unwrap_error(e) from None
+    res.sort(key=lambda r: r["index"])
+    staged = [(r["staged"], int(r["rows"])) for r in res if r["staged"]]
+    skipped = int(sum(r["skipped"] for r in res))
+    rows_out = sum(n for _, n in staged)
+    if rows_out + skipped != total:   # validate before the commit point
+        commit.abort()
+        raise RuntimeError(f"encode wrote {rows_out} rows + {skipped} skipped for {total} input rows; nothing committed")
+    if skipped:
+        _merge_skipped(out, [r["skipped_file"] for r in res if r["skipped_file"]], commit)
+    manifest = commit.commit(staged, {**metadata, "rows_in": total, "skipped": skipped, "dtype": cfg.dtype})
+    return EncodeResult(cfg.output, total, rows_out, skipped, len(staged), ref.uri, ref.version,
+                        time.perf_counter() - t0, manifest)
+
+
+def _merge_skipped(out: Location, paths: list[str], commit: Commit) -> None:
+    tables = []
+    for p in paths:
+        with out.fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f))
+    dst = posixpath.join(out.path, "_skipped.parquet")
+    tmp = commit.staged_path("_skipped_all.parquet")
+    out.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+    with out.fs.open(tmp, "wb") as f:
+        pq.write_table(pa.concat_tables(tables, promote_options="default"), f)
+    out.fs.mv(tmp, dst)

@@ -1,0 +1,124 @@
+"""Arrow columns → a (N, D) numpy matrix with no per-row Python work, and the checks that make bad
+input fail with a message naming the file, column and record."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.errors import BadRecordError, SchemaError
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    columns: tuple[str, ...]
+    layout: str          # 'list': one list column; 'scalars': one numeric column per feature
+    dim: int | None = None
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_boolean(t)
+
+
+def infer_spec(schema: pa.Schema, columns: list[str], source: str = "input") -> FeatureSpec:
+    """One list column, or several numeric scalar columns; anything else is a SchemaError."""
+    if not columns:
+        raise SchemaError(f"{source}: no feature columns given (--features)")
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise SchemaError(f"{source}: feature column(s) {missing} not found; columns present: {schema.names}")
+    types = {c: schema.field(c).type for c in columns}
+    lists = [c for c, t in types.items() if pa.types.is_list(t) or pa.types.is_large_list(t)
+             or pa.types.is_fixed_size_list(t)]
+    if lists:
+        if len(columns) != 1:
+            raise SchemaError(f"{source}: a list feature column ({lists[0]!r}) must be the only feature "
+                              f"column, got {columns}")
+        c, t = columns[0], types[columns[0]]
+        if not _is_numeric(t.value_type):
+            raise SchemaError(f"{source}: column {c!r} is a list of {t.value_type}, expected a list of numbers")
+        dim = t.list_size if pa.types.is_fixed_size_list(t) else None
+        return FeatureSpec((c,), "list", dim)
+    bad = {c: str(t) for c, t in types.items() if not _is_numeric(t)}
+    if bad:
+        raise SchemaError(f"{source}: feature column(s) must be numeric or a list of numbers; got {bad}")
+    return FeatureSpec(tuple(columns), "scalars", len(columns))
+
+
+def to_matrix(table: pa.Table | pa.RecordBatch, spec: FeatureSpec, dim: int | None = None,
+              source: str = "input", id_column: str | None = None, dtype=np.float32) -> np.ndarray:
+    """Feature matrix (N, D) of `dtype`. `dim` (the model's input size) is checked when given.
+    Null vectors, null values and wrong lengths raise SchemaError/BadRecordError naming the record."""
+    n = table.num_rows
+    if spec.layout == "scalars":
+        cols = []
+        for c in spec.columns:
+            col = table.column(c)
+            if col.null_count:
+                _raise_bad(table, np.asarray(col.is_null()), id_column, source, f"null in column {c!r}")
+            cols.append(np.asarray(col.to_numpy(zero_copy_only=False), dtype=dtype))
+        x = np.stack(cols, axis=1) if cols else np.zeros((n, 0), dtype)
+        if dim is not None and x.shape[1] != dim:
+            raise SchemaError(f"{source}: {x.shape[1]} feature columns {list(spec.columns)}, the model expects {dim}")
+        return x
+    c = spec.columns[0]
+    col = table.column(c)
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if col.null_count:
+        _raise_bad(table, np.asarray(col.is_null()), id_column, source, f"null vector in column {c!r}")
+    if pa.types.is_fixed_size_list(col.type):
+        width = col.type.list_size
+    else:
+        lengths = np.asarray(pc.list_value_length(col), dtype=np.int64)
+        width = int(lengths[0]) if n else (dim or 0)
+        wrong = lengths != (dim if dim is not None else width)
+        if wrong.any():
+            want = dim if dim is not None else width
+            _raise_bad(table, wrong, id_column, source,
+                       f"column {c!r} holds vectors of length {sorted(set(lengths[wrong].tolist()))[:5]}, expected {want}",
+                       exc=SchemaError)
+    if dim is not None and width != dim:
+        raise SchemaError(f"{source}: column {c!r} holds vectors of length {width}, the model expects {dim}")
+    values = col.flatten()  # respects slicing offsets; one contiguous child array
+    if values.null_count:
+        flat = np.asarray(values.is_null()).reshape(n, width).any(1)
+        _raise_bad(table, flat, id_column, source, f"null value inside vectors of column {c!r}")
+    x = values.to_numpy(zero_copy_only=False)
+    if x.dtype != dtype:
+        x = x.astype(dtype)
+    return x.reshape(n, width)
+
+
+def nonfinite_rows(x: np.ndarray) -> np.ndarray:
+    """Boolean mask (N,) of records holding NaN or ±inf."""
+    if np.issubdtype(x.dtype, np.integer):
+        return np.zeros(x.shape[0], bool)
+    return ~np.isfinite(x).all(axis=1)
+
+
+def record_names(table: pa.Table | pa.RecordBatch, mask: np.ndarray, id_column: str | None, limit: int = 5) -> list[str]:
+    rows = np.flatnonzero(mask)[:limit]
+    if id_column and id_column in table.schema.names:
+        ids = table.column(id_column).take(pa.array(rows)).to_pylist()
+        return [f"{id_column}={v!r}" for v in ids]
+    return [f"row {int(r)}" for r in rows]
+
+
+def _raise_bad(table, mask, id_column, source, what, exc=BadRecordError):
+    n = int(np.count_nonzero(mask))
+    raise exc(f"{source}: {what} in {n} record(s), e.g. {', '.join(record_names(table, mask, id_column))}")
+
+
+def check_finite(table, x: np.ndarray, id_column: str | None, source: str) -> None:
+    bad = nonfinite_rows(x)
+    if bad.any():
+        _raise_bad(table, bad, id_column, source, "NaN or inf features")
+
+
+def fixed_size_list(x: np.ndarray, value_type: pa.DataType = pa.float32()) -> pa.FixedSizeListArray:
+    """(N, D) numpy → standard Arrow fixed_size_list<value_type>[D] (not Ray's tensor extension)."""
+    x = np.ascontiguousarray(x)
+    flat = pa.array(x.reshape(-1), type=value_type)
+    return pa.FixedSizeListArray.from_arrays(flat, x.shape[1])

@@ -1,0 +1,40 @@
+"""Starting or joining Ray, sized so Ray Data tasks still get CPU beside the train workers."""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, reserve_cpus: float = 0.0) -> None:
+    """Join $RAY_ADDRESS / `address` if given (e.g. under `ray job submit`), else start a local Ray.
+    Locally, logical CPUs are the cores plus `reserve_cpus`, so that train workers holding one CPU
+    each do not starve the data-reading tasks (2 workers on 2 cores otherwise deadlock the read)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    cpus = (os.cpu_count() or 1) + max(0.0, reserve_cpus)
+    # The dashboard stays on: Ray Train V2's controller watchdog queries the State API it serves.
+    ray.init(num_cpus=int(cpus + 0.999), log_to_driver=True, configure_logging=True,
+             logging_level=logging.WARNING, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1")  # local Ray talks over loopback only
+
+
+def quiet_data_progress() -> None:
+    """Ray Data progress bars garble logs of batch jobs; keep the figures, drop the bars."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    try:
+        ctx.print_on_execution_start = False
+    except AttributeError:
+        pass

@@ -1,0 +1,196 @@
+"""MLflow tracking and registry: the model is registered as weights + config (a vaepipe
+checkpoint), with a pyfunc wrapper built from code (models-from-code, no pickled objects), its
+signature, metrics and lineage; aliases move only when a version is READY."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+PYFUNC_CODE = os.path.join(os.path.dirname(__file__), "mlflow_model.py")
+CHECKPOINT_ARTIFACT = "checkpoint"
+
+
+def client(tracking_uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def experiment_id(tracking_uri: str, name: str, artifact_root: str | None = None) -> str:
+    """Get or create the experiment; a local store keeps artifacts beside the SQLite file."""
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    loc = None
+    if artifact_root is None and tracking_uri.startswith("sqlite:///"):
+        loc = "file://" + os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts")
+    try:
+        return c.create_experiment(name, artifact_location=artifact_root or loc)
+    except Exception:  # created concurrently
+        return c.get_experiment_by_name(name).experiment_id
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    run_id: str | None
+    uri: str                  # models:/NAME/VERSION (an alias resolved once, here)
+    requested: str            # what the user asked for (models:/NAME@ALIAS)
+
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+def resolve_model(model_uri: str, tracking_uri: str) -> ModelRef:
+    """models:/NAME@ALIAS or models:/NAME/VERSION → a fixed version. A job resolves once and uses that
+    version for every row, even if the alias moves mid-job."""
+    from mlflow.exceptions import MlflowException
+
+    m = _URI.match(model_uri or "")
+    if not m:
+        raise ModelNotFoundError(f"model URI {model_uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, version = m["name"], m["alias"], m["version"]
+    c = client(tracking_uri)
+    try:
+        mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
+    except MlflowException as e:  # whatever the store's error code (404, RESOURCE_DOES_NOT_EXIST, 400…)
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        known = _known_aliases(c, name)
+        raise ModelNotFoundError(f"model {model_uri!r}: registered model {name!r} has no {what} in "
+                                 f"{tracking_uri} ({known})") from None
+    return ModelRef(name=name, version=str(mv.version), run_id=mv.run_id,
+                    uri=f"models:/{name}/{mv.version}", requested=model_uri)
+
+
+def _known_aliases(c, name: str) -> str:
+    try:
+        rm = c.get_registered_model(name)
+        aliases = getattr(rm, "aliases", {}) or {}
+        return f"known aliases: {dict(aliases)}" if aliases else "it has no aliases"
+    except Exception:
+        return "no registered model of that name"
+
+
+def download_checkpoint(ref: ModelRef, tracking_uri: str, dst: str | None = None) -> str:
+    """Local path of the version's checkpoint file (weights + config + preprocessing)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=dst, tracking_uri=tracking_uri)
+    found = glob.glob(os.path.join(local, "**", "checkpoint.pt"), recursive=True)
+    if not found:
+        raise ModelNotFoundError(f"{ref.uri}: no checkpoint.pt among its artifacts (not a vaepipe model)")
+    return found[0]
+
+
+def load_model_bytes(model_uri: str, tracking_uri: str) -> tuple[ModelRef, bytes]:
+    """Resolve and fetch a registered model's checkpoint as bytes (cheap to ship to Ray actors)."""
+    import tempfile
+
+    ref = resolve_model(model_uri, tracking_uri)
+    with tempfile.TemporaryDirectory() as d:
+        with open(download_checkpoint(ref, tracking_uri, d), "rb") as f:
+            return ref, f.read()
+
+
+def log_model(run_id: str, checkpoint_path: str, input_dim: int, latent_dim: int, tracking_uri: str,
+              example: np.ndarray | None = None) -> str:
+    """Log the pyfunc model (code + checkpoint artifact + signature) into the run; return its URI."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(tracking_uri)
+    x = example if example is not None else np.zeros((2, input_dim), np.float32)
+    signature = infer_signature(x.astype(np.float32), np.zeros((len(x), latent_dim), np.float32))
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=PYFUNC_CODE, artifacts={CHECKPOINT_ARTIFACT: checkpoint_path},
+            signature=signature, pip_requirements=_requirements(), code_paths=None)
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    import importlib.metadata as md
+
+    pins = []
+    for pkg in ("torch", "numpy", "mlflow"):
+        try:
+            pins.append(f"{pkg}=={md.version(pkg).split('+')[0]}")
+        except md.PackageNotFoundError:
+            pass
+    try:
+        pins.append(f"vaepipe=={md.version('vaepipe')}")
+    except md.PackageNotFoundError:
+        pass
+    return pins
+
+
+def register(model_uri: str, name: str, tracking_uri: str, run_id: str, tags: dict[str, str] | None = None,
+             timeout_s: float = 120.0):
+    """Register a version and wait until it is READY (an alias must never point at a version that
+    is still pending)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    c = client(tracking_uri)
+    try:
+        c.get_registered_model(name)
+    except Exception:
+        c.create_registered_model(name)
+    mv = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags or {})
+    deadline = time.time() + timeout_s
+    while mv.status != "READY":
+        if mv.status == "FAILED_REGISTRATION" or time.time() > deadline:
+            raise ModelNotFoundError(f"model {name} version {mv.version} is {mv.status}, not READY")
+        time.sleep(0.5)
+        mv = c.get_model_version(name, mv.version)
+    return mv
+
+
+def set_alias_when_ready(name: str, alias: str, version: str, tracking_uri: str) -> None:
+    c = client(tracking_uri)
+    mv = c.get_model_version(name, version)
+    if mv.status != "READY":
+        raise ModelNotFoundError(f"model {name} version {version} is {mv.status}; alias {alias!r} not moved")
+    c.set_registered_model_alias(name, alias, version)
+
+
+def current_alias_version(name: str, alias: str, tracking_uri: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client(tracking_uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def fingerprint(entries: list[tuple[str, int, str]]) -> str:
+    """A short hash of the input files: (path, rows, footer-hash) each."""
+    h = hashlib.sha256(json.dumps(sorted(entries)).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,163 @@
+"""The per-worker training loop. Ray touches it at a few named points only: get_context (rank),
+get_dataset_shard (data), get_checkpoint/report (checkpoints), prepare_model (DDP) and get_device.
+The maths is vae.train_step, which tests run without Ray."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from pipeline.features import FeatureSpec, check_finite, to_matrix
+from vae.checkpoint import checkpoint_bytes, load_checkpoint
+from vae.config import VAEConfig
+from vae.loss import kl_weight
+from vae.model import VAE
+from vae.train_step import EpochStats, active_units, evaluate, train_epoch
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def lr_at(cfg: dict, epoch: int) -> float:
+    """Learning rate for an epoch: constant, or cosine decay to 5 % over the run (a pure function of
+    the epoch, so resuming needs no scheduler state)."""
+    if cfg["lr_schedule"] == "cosine" and cfg["epochs"] > 1:
+        return cfg["lr"] * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * epoch / (cfg["epochs"] - 1))))
+    return cfg["lr"]
+
+
+def batches(shard, cfg: dict, epoch: int, shuffle: bool):
+    """Raw feature tensors (B, D) from a Ray Data shard, converted via Arrow (no object arrays)."""
+    spec = FeatureSpec(tuple(cfg["features"]), cfg["layout"])
+    kw = {}
+    if shuffle and cfg["shuffle_buffer"] > 0:
+        kw = {"local_shuffle_buffer_size": cfg["shuffle_buffer"], "local_shuffle_seed": cfg["seed"] + epoch}
+    for b in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow", prefetch_batches=2, **kw):
+        x = to_matrix(b, spec, cfg["input_dim"], source=cfg["input"], id_column=cfg["id_column"])
+        check_finite(b, x, cfg["id_column"], cfg["input"])
+        yield torch.from_numpy(x)
+
+
+def _allreduce(stats: EpochStats, world: int, device) -> EpochStats:
+    if world == 1:
+        return stats
+    import torch.distributed as dist
+
+    t = torch.tensor([stats.records, stats.neg_elbo, stats.recon, stats.kl], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return EpochStats(int(t[0]), float(t[1]), float(t[2]), float(t[3]))
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is noise
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(cfg["seed"])
+    device = ray.train.torch.get_device()
+
+    model = VAE(VAEConfig.from_dict(cfg["model"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    start_epoch, best, best_epoch, stale = 0, float("inf"), -1, 0
+
+    # Resume: a restarted worker group gets Ray's latest checkpoint; `--resume` passes one explicitly.
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and cfg.get("resume_from"):
+        ckpt = ray.train.Checkpoint(cfg["resume_from"])
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+        best, best_epoch, stale = state["extra"]["best"], state["extra"]["best_epoch"], state["extra"]["stale"]
+
+    model = ray.train.torch.prepare_model(model)   # moves to device; DDP when world > 1
+    core: VAE = getattr(model, "module", model)
+    scaler = torch.amp.GradScaler(device.type) if cfg["amp"] == "fp16" else None
+    step_fn = torch.compile(model) if cfg["compile"] else model
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if cfg["has_val"] else None
+    mlflow = None
+    if rank == 0 and cfg.get("mlflow_run_id"):
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        mlflow = MlflowClient(tracking_uri=cfg["tracking_uri"])
+
+    for epoch in range(start_epoch, cfg["epochs"]):
+        _maybe_fail(cfg, rank, epoch)
+        torch.manual_seed(cfg["seed"] * 100_003 + epoch * 1009 + rank)   # ε draws: a function of (seed, epoch, rank)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(cfg, epoch)
+        beta = kl_weight(cfg["beta"], epoch + 1, cfg["warmup_epochs"])
+        t0 = time.perf_counter()
+        stats = train_epoch(step_fn, batches(train_shard, cfg, epoch, shuffle=True), optimizer, beta,
+                            cfg["free_bits"], device, cfg["amp"], scaler, cfg["grad_clip"])
+        wall = time.perf_counter() - t0
+        stats = _allreduce(stats, world, device)
+        metrics = {"epoch": epoch, "beta": beta, "lr": lr_at(cfg, epoch), "epoch_time_s": wall,
+                   "samples_per_s": stats.records / max(wall, 1e-9), **stats.means("train_")}
+        if val_shard is not None:
+            vstats, kl_dims = evaluate(model, batches(val_shard, cfg, epoch, shuffle=False), device, seed=cfg["seed"])
+            vstats = _allreduce(vstats, world, device)
+            metrics.update(vstats.means("val_"))
+            metrics["active_units"] = active_units(kl_dims)
+        score = metrics.get("val_neg_elbo", metrics["train_neg_elbo"])
+        if score < best - cfg["min_delta"]:
+            best, best_epoch, stale = score, epoch, 0
+        else:
+            stale += 1
+        metrics.update(best_neg_elbo=best, best_epoch=best_epoch)
+        stop = cfg["patience"] > 0 and stale >= cfg["patience"]
+
+        if rank == 0:
+            if mlflow is not None:
+                ts = int(time.time() * 1000)
+                mlflow.log_batch(cfg["mlflow_run_id"], metrics=[
+                    Metric(k, float(v), ts, epoch) for k, v in metrics.items() if k != "epoch"])
+            with tempfile.TemporaryDirectory() as d:
+                with open(os.path.join(d, CHECKPOINT_FILE), "wb") as f:
+                    f.write(checkpoint_bytes(core, optimizer, epoch,
+                                             {"best": best, "best_epoch": best_epoch, "stale": stale,
+                                              "metrics": {k: float(v) for k, v in metrics.items()}}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"epoch_{epoch:04d}")
+        else:
+            ray.train.report(metrics)
+        if stop:
+            break
+
+
+def _maybe_fail(cfg: dict, rank: int, epoch: int) -> None:
+    """Fault injection for tests and drills: rank `fail_rank` exits hard, once, at `fail_at_epoch`."""
+    if cfg.get("fail_at_epoch") is None or epoch != cfg["fail_at_epoch"] or rank != cfg["fail_rank"]:
+        return
+    marker = os.path.join(cfg["run_dir"], ".fault_injected")
+    if os.path.exists(marker):
+        return
+    os.makedirs(cfg["run_dir"], exist_ok=True)
+    open(marker, "w").close()
+    os._exit(1)
+
+
+def content_split_mask(x: np.ndarray, fraction: float, salt: int = 0) -> np.ndarray:
+    """Stable pseudo-random split by record content: True for about `fraction` of records. The same
+    record always lands on the same side, whatever the file layout or order."""
+    words = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)   # (N, D)
+    rng = np.random.default_rng(12345 + salt)
+    mult = rng.integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        h = (words * mult).sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+    return (h % np.uint64(1_000_000)) < np.uint64(int(fraction * 1_000_000))

@@ -1,0 +1,71 @@
+"""A checkpoint is state dicts + config + step, saved with torch.save and loaded by one safe helper
+that never unpickles arbitrary objects (torch.load(weights_only=True))."""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import torch
+
+from vae.config import VAEConfig
+from vae.model import VAE
+
+FORMAT = "vaepipe-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is not a vaepipe checkpoint, or holds something other than tensors and
+    plain data."""
+
+
+def checkpoint_bytes(model: VAE, optimizer: torch.optim.Optimizer | None = None, epoch: int = 0,
+                     extra: dict[str, Any] | None = None) -> bytes:
+    state = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "epoch": int(epoch),
+        "extra": extra or {},
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(path: str | os.PathLike, model: VAE, optimizer: torch.optim.Optimizer | None = None,
+                    epoch: int = 0, extra: dict[str, Any] | None = None) -> None:
+    """Write atomically: a reader never sees half a checkpoint."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(checkpoint_bytes(model, optimizer, epoch, extra))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(source: str | os.PathLike | bytes | io.BytesIO, map_location: str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict. Refuses pickled objects (weights-only unpickler) and foreign files."""
+    f = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        state = torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as e:  # the weights-only unpickler raises UnpicklingError / RuntimeError
+        raise CheckpointError(f"refusing to load checkpoint {_name(source)}: not a weights-only file "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{_name(source)} is not a {FORMAT} file")
+    return state
+
+
+def model_from_checkpoint(state: dict[str, Any], map_location: str = "cpu") -> VAE:
+    """Build the module from code and config, then load weights (strict)."""
+    model = VAE(VAEConfig.from_dict(state["config"]))
+    model.load_state_dict(state["model"], strict=True)
+    return model.to(map_location).eval()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)  # DDP wraps the model in .module
+
+
+def _name(source: Any) -> str:
+    return repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else "<bytes>"

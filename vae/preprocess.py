@@ -1,0 +1,101 @@
+"""Preprocessing that travels with the model: which columns, in which layout, scaled how.
+
+Training fits it once on the training data; encode, decode and evaluate apply exactly the same
+transform, because it is stored in the model's config (the numbers as plain lists, no pickles)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+SCALINGS = ("none", "uint8", "minmax", "standardize")
+
+
+@dataclass
+class Preprocessing:
+    features: list[str] = field(default_factory=list)
+    """Feature column names: one list column, or several numeric scalar columns."""
+    layout: str = "list"
+    """'list' (one list column holding the whole vector) or 'scalars' (one column per feature)."""
+    scaling: str = "none"
+    """'uint8' (x / 255), 'minmax' (to [0, 1] per feature), 'standardize' (zero mean, unit variance per
+    feature) or 'none'."""
+    offset: list[float] = field(default_factory=list)
+    scale: list[float] = field(default_factory=list)
+    """Fitted per-feature transform: model_input = (raw - offset) * scale (empty = identity)."""
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("list", "scalars"):
+            raise ValueError(f"layout must be 'list' or 'scalars', got {self.layout!r}")
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        if len(self.offset) != len(self.scale):
+            raise ValueError("offset and scale must have the same length")
+        self.offset = [float(v) for v in self.offset]
+        self.scale = [float(v) for v in self.scale]
+
+    @property
+    def unit_interval(self) -> bool:
+        """True when model inputs lie in [0, 1] (so the Bernoulli likelihood applies)."""
+        return self.scaling in ("uint8", "minmax")
+
+    @classmethod
+    def fit(cls, x: np.ndarray, features: list[str], layout: str, scaling: str = "auto") -> "Preprocessing":
+        """Fit on a sample of raw training records x: (N, D). 'auto' picks uint8 for integer data in
+        [0, 255], none for data already in [0, 1], standardize otherwise."""
+        x = np.asarray(x)
+        if scaling == "auto":
+            lo, hi = float(np.min(x)), float(np.max(x))
+            integral = np.issubdtype(x.dtype, np.integer) or bool(np.all(np.mod(x, 1) == 0))
+            if lo >= 0 and hi <= 1:
+                scaling = "none"
+            elif integral and lo >= 0 and hi <= 255:
+                scaling = "uint8"
+            else:
+                scaling = "standardize"
+        d = x.shape[1]
+        xf = x.astype(np.float64)
+        if scaling == "none":
+            offset, scale = np.zeros(d), np.ones(d)
+        elif scaling == "uint8":
+            offset, scale = np.zeros(d), np.full(d, 1 / 255)
+        elif scaling == "minmax":
+            lo, hi = xf.min(0), xf.max(0)
+            offset, scale = lo, 1 / np.where(hi > lo, hi - lo, 1.0)
+        elif scaling == "standardize":
+            mu, sd = xf.mean(0), xf.std(0)
+            offset, scale = mu, 1 / np.where(sd > 0, sd, 1.0)
+        else:
+            raise ValueError(f"scaling must be 'auto' or one of {SCALINGS}, got {scaling!r}")
+        return cls(features=list(features), layout=layout, scaling=scaling,
+                   offset=offset.tolist(), scale=scale.tolist())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        return cls(**d)
+
+
+class Scaler(torch.nn.Module):
+    """The fitted affine transform as buffers, so it moves with the model to any device."""
+
+    def __init__(self, pre: Preprocessing, dim: int):
+        super().__init__()
+        offset = torch.tensor(pre.offset, dtype=torch.float32) if pre.offset else torch.zeros(dim)
+        scale = torch.tensor(pre.scale, dtype=torch.float32) if pre.scale else torch.ones(dim)
+        if offset.numel() != dim:
+            raise ValueError(f"preprocessing has {offset.numel()} features, model expects {dim}")
+        self.register_buffer("offset", offset, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+        self.clip = pre.unit_interval  # keep Bernoulli targets inside [0, 1]
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:  # (B, D) raw -> (B, D) model space
+        x = (raw.to(self.scale.dtype) - self.offset) * self.scale
+        return x.clamp_(0.0, 1.0) if self.clip else x
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) model space -> (B, D) raw units
+        return x / self.scale + self.offset

@@ -1,0 +1,91 @@
+"""One epoch of training and one pass of evaluation, in plain PyTorch: the Ray worker loop calls
+these, and tests call them without Ray."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from vae.model import VAE
+
+
+@dataclass
+class EpochStats:
+    records: int = 0
+    neg_elbo: float = 0.0   # sums over records, in nats
+    recon: float = 0.0
+    kl: float = 0.0
+
+    def add(self, n: int, neg_elbo: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor) -> None:
+        self.records += n
+        self.neg_elbo += float(neg_elbo.sum())
+        self.recon += float(recon.sum())
+        self.kl += float(kl.sum())
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        n = max(self.records, 1)
+        return {f"{prefix}neg_elbo": self.neg_elbo / n, f"{prefix}elbo": -self.neg_elbo / n,
+                f"{prefix}recon": self.recon / n, f"{prefix}kl": self.kl / n}
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16/fp16 autocast context, or nothing for amp='off'."""
+    if amp == "off":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_epoch(model: torch.nn.Module, batches: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer,
+                beta: float, free_bits: float = 0.0, device: torch.device | str = "cpu", amp: str = "off",
+                scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0) -> EpochStats:
+    """batches yield raw records (B, D); the model preprocesses them. Returns sums over the epoch."""
+    device = torch.device(device)
+    model.train()
+    core: VAE = getattr(model, "module", model)
+    stats = EpochStats()
+    for raw in batches:
+        x = core.preprocess(raw.to(device, non_blocking=True))
+        with autocast(device, amp):
+            out = model(x, beta=beta, free_bits=free_bits)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(out.loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            out.loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        stats.add(x.shape[0], out.neg_elbo.detach(), out.recon.detach(), out.kl.detach())
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu",
+             seed: int = 0) -> tuple[EpochStats, torch.Tensor]:
+    """-ELBO, reconstruction and KL on held-out records (β = 1, one seeded z per record), plus the
+    per-dimension mean KL (L,) used to count active latent units."""
+    device = torch.device(device)
+    core: VAE = getattr(model, "module", model)
+    core.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    stats = EpochStats()
+    kl_dims = torch.zeros(core.config.latent_dim, device=device, dtype=torch.float64)
+    for raw in batches:
+        x = core.preprocess(raw.to(device))
+        out = core(x, generator=gen)
+        stats.add(x.shape[0], out.neg_elbo, out.recon, out.kl)
+        kl_dims += out.posterior.kl_per_dim().sum(0).double()
+    return stats, (kl_dims / max(stats.records, 1)).float().cpu()
+
+
+def active_units(kl_per_dim: torch.Tensor, threshold: float = 0.01) -> int:
+    """Latent dimensions whose mean KL exceeds `threshold` nats (they carry information)."""
+    return int((kl_per_dim > threshold).sum())

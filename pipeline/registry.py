@@ -3,6 +3,7 @@ checkpoint), with a pyfunc wrapper built from code (models-from-code, no pickled
 signature, metrics and lineage; aliases move only when a version is READY."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -27,8 +28,29 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 def client(tracking_uri: str):
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
     return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@contextlib.contextmanager
+def using_tracking(tracking_uri: str):
+    """MLflow's fluent API for one block. mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI,
+    which would silently redirect every later job in this process: restore both afterwards."""
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    prev = mlflow.get_tracking_uri() if env else None
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        if env is None:
+            from mlflow.tracking._tracking_service import utils
+
+            utils._tracking_uri = None
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            mlflow.set_tracking_uri(prev)
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def experiment_id(tracking_uri: str, name: str, artifact_root: str | None = None) -> str:
@@ -92,8 +114,8 @@ def download_checkpoint(ref: ModelRef, tracking_uri: str, dst: str | None = None
     """Local path of the version's checkpoint file (weights + config + preprocessing)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=dst, tracking_uri=tracking_uri)
+    with using_tracking(tracking_uri):   # models:/m-… sources resolve through the global URI
+        local = mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=dst, tracking_uri=tracking_uri)
     found = glob.glob(os.path.join(local, "**", "checkpoint.pt"), recursive=True)
     if not found:
         raise ModelNotFoundError(f"{ref.uri}: no checkpoint.pt among its artifacts (not a vaepipe model)")
@@ -116,10 +138,9 @@ def log_model(run_id: str, checkpoint_path: str, input_dim: int, latent_dim: int
     import mlflow
     from mlflow.models import infer_signature
 
-    mlflow.set_tracking_uri(tracking_uri)
     x = example if example is not None else np.zeros((2, input_dim), np.float32)
     signature = infer_signature(x.astype(np.float32), np.zeros((len(x), latent_dim), np.float32))
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    with using_tracking(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=PYFUNC_CODE, artifacts={CHECKPOINT_ARTIFACT: checkpoint_path},
@@ -147,15 +168,13 @@ def register(model_uri: str, name: str, tracking_uri: str, run_id: str, tags: di
              timeout_s: float = 120.0):
     """Register a version and wait until it is READY (an alias must never point at a version that
     is still pending)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
     c = client(tracking_uri)
     try:
         c.get_registered_model(name)
     except Exception:
         c.create_registered_model(name)
-    mv = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags or {})
+    with using_tracking(tracking_uri):
+        mv = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags or {})
     deadline = time.time() + timeout_s
     while mv.status != "READY":
         if mv.status == "FAILED_REGISTRATION" or time.time() > deadline:

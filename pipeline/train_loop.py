@@ -3,6 +3,7 @@ get_dataset_shard (data), get_checkpoint/report (checkpoints), prepare_model (DD
 The maths is vae.train_step, which tests run without Ray."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -30,13 +31,15 @@ def lr_at(cfg: dict, epoch: int) -> float:
     return cfg["lr"]
 
 
-def batches(shard, cfg: dict, epoch: int, shuffle: bool):
+def batches(shard, cfg: dict, epoch: int, shuffle: bool, rank: int = 0):
     """Raw feature tensors (B, D) from a Ray Data shard, converted via Arrow (no object arrays)."""
     spec = FeatureSpec(tuple(cfg["features"]), cfg["layout"])
     kw = {}
     if shuffle and cfg["shuffle_buffer"] > 0:
         kw = {"local_shuffle_buffer_size": cfg["shuffle_buffer"], "local_shuffle_seed": cfg["seed"] + epoch}
-    for b in shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow", prefetch_batches=2, **kw):
+    for i, b in enumerate(shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow", prefetch_batches=2, **kw)):
+        if shuffle and i == 1:
+            _maybe_fail(cfg, rank, epoch)   # dies mid-epoch, after checkpoint epoch-1 was reported
         x = to_matrix(b, spec, cfg["input_dim"], source=cfg["input"], id_column=cfg["id_column"])
         check_finite(b, x, cfg["id_column"], cfg["input"])
         yield torch.from_numpy(x)
@@ -56,7 +59,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is noise
+    _quiet_ray_train_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg["threads"])
@@ -68,12 +71,18 @@ def train_loop_per_worker(cfg: dict) -> None:
     start_epoch, best, best_epoch, stale = 0, float("inf"), -1, 0
 
     # Resume: a restarted worker group gets Ray's latest checkpoint; `--resume` passes one explicitly.
+    state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and cfg.get("resume_from"):
         ckpt = ray.train.Checkpoint(cfg["resume_from"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+    # Ray registers a reported checkpoint asynchronously: a worker that dies right after a report
+    # can be restarted with the previous one. Rank 0 persisted the newer one already; use it.
+    newer = newest_complete_checkpoint(cfg["run_dir"], after=state["epoch"] if state else -1)
+    state = newer or state
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
@@ -94,13 +103,12 @@ def train_loop_per_worker(cfg: dict) -> None:
         mlflow = MlflowClient(tracking_uri=cfg["tracking_uri"])
 
     for epoch in range(start_epoch, cfg["epochs"]):
-        _maybe_fail(cfg, rank, epoch)
         torch.manual_seed(cfg["seed"] * 100_003 + epoch * 1009 + rank)   # ε draws: a function of (seed, epoch, rank)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(cfg, epoch)
         beta = kl_weight(cfg["beta"], epoch + 1, cfg["warmup_epochs"])
         t0 = time.perf_counter()
-        stats = train_epoch(step_fn, batches(train_shard, cfg, epoch, shuffle=True), optimizer, beta,
+        stats = train_epoch(step_fn, batches(train_shard, cfg, epoch, shuffle=True, rank=rank), optimizer, beta,
                             cfg["free_bits"], device, cfg["amp"], scaler, cfg["grad_clip"])
         wall = time.perf_counter() - t0
         stats = _allreduce(stats, world, device)
@@ -131,10 +139,41 @@ def train_loop_per_worker(cfg: dict) -> None:
                                               "metrics": {k: float(v) for k, v in metrics.items()}}))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                                  checkpoint_dir_name=f"epoch_{epoch:04d}")
+            print(f"epoch {epoch + 1}/{cfg['epochs']}: train -ELBO {metrics['train_neg_elbo']:.3f}"
+                  + (f" val -ELBO {metrics['val_neg_elbo']:.3f}" if "val_neg_elbo" in metrics else "")
+                  + f" lr {metrics['lr']:.2e} {metrics['samples_per_s']:.0f} samples/s {wall:.1f}s", flush=True)
+            # An append-only journal of finished epochs beside the checkpoints (ops can see restarts).
+            with open(os.path.join(cfg["run_dir"], "journal.jsonl"), "a") as j:
+                j.write(json.dumps({"epoch": epoch, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}) + "\n")
         else:
             ray.train.report(metrics)
         if stop:
             break
+
+
+def _quiet_ray_train_logs() -> None:
+    """Ray Train V2 logs "Reporting training result …" at INFO for every report, from a logger named
+    by its module's *file path* (logging.getLogger(__file__)), so quieting "ray.train" misses it."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as _ctx
+
+        logging.getLogger(_ctx.__file__).setLevel(logging.WARNING)
+    except Exception:   # a Ray without that module: noise, not an error
+        pass
+
+
+def newest_complete_checkpoint(run_dir: str, after: int) -> dict | None:
+    """The newest checkpoint under run_dir with epoch > `after` that loads completely, or None."""
+    import glob
+
+    for path in sorted(glob.glob(os.path.join(run_dir, "epoch_*", CHECKPOINT_FILE)), reverse=True):
+        try:
+            state = load_checkpoint(path)
+        except Exception:   # a checkpoint cut off mid-copy: fall back to the one before
+            continue
+        return state if state["epoch"] > after else None
+    return None
 
 
 def _maybe_fail(cfg: dict, rank: int, epoch: int) -> None:

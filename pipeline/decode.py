@@ -1,0 +1,126 @@
+"""`vaepipe decode`: latents → records in the original feature layout (the decompression half of
+the round trip). One Ray Data actor per file batch loads the model once; output committed atomically."""
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import registry
+from pipeline.config import RuntimeConfig, opt
+from pipeline.errors import InputError, SchemaError
+from pipeline.features import fixed_size_list
+from pipeline.parquet_io import Commit, list_parquet_files, read_footer
+from pipeline.uris import resolve
+from vae.checkpoint import load_checkpoint, model_from_checkpoint
+
+
+@dataclass
+class DecodeConfig(RuntimeConfig):
+    model: str = opt("models:/vae@production", "registered model (the one that encoded the latents)")
+    input: str = opt("", "latents folder written by encode/nightly")
+    output: str = opt("", "output folder for reconstructed records")
+    column: str = opt("mu", "latent column")
+    batch_size: int = opt(4096, "latents per forward pass")
+    concurrency: int | None = opt(None, "decoder actors (default: CPU cores)")
+
+    def __post_init__(self) -> None:
+        self.require("model", "input", "output")
+
+
+def latents_of(table: pa.Table, column: str, source: str) -> np.ndarray:
+    """μ as float32 (N, L), dequantising float16 and int8 (scale from the file's metadata)."""
+    if column not in table.schema.names:
+        raise SchemaError(f"{source}: no latent column {column!r}; columns: {table.schema.names}")
+    col = table.column(column).combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type):
+        raise SchemaError(f"{source}: column {column!r} is {col.type}, expected fixed_size_list")
+    x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), col.type.list_size)
+    if pa.types.is_int8(col.type.value_type):
+        scale = (table.schema.metadata or {}).get(b"vaepipe.int8_scale")
+        if not scale:
+            raise SchemaError(f"{source}: int8 latents without vaepipe.int8_scale metadata")
+        x *= np.asarray(json.loads(scale), np.float32)
+    return x
+
+
+class FileDecoder:
+    def __init__(self, blob: bytes, plan: dict):
+        torch.set_num_threads(1)
+        self.model = model_from_checkpoint(load_checkpoint(blob))
+        self.plan = plan
+        self.loc, self.out = resolve(plan["input"]), resolve(plan["output"])
+
+    def run(self, index: int, path: str) -> dict:
+        p, pre = self.plan, self.model.config.preprocessing
+        source = self.loc.full(path)
+        with self.loc.fs.open(path, "rb") as f:
+            t = pq.read_table(f)
+        z = latents_of(t, p["column"], source)
+        if z.shape[1] != self.model.config.latent_dim:
+            raise SchemaError(f"{source}: latents have {z.shape[1]} dims, the model has {self.model.config.latent_dim}")
+        x = np.concatenate([self.model.reconstruct(torch.from_numpy(z[i:i + p["batch_size"]])).numpy()
+                            for i in range(0, len(z), p["batch_size"])]) if len(z) else np.zeros((0, self.model.config.input_dim), np.float32)
+        out = {c: t.column(c) for c in t.schema.names if c not in (p["column"], "logvar", "score")}
+        if pre.layout == "list":
+            out[pre.features[0]] = fixed_size_list(x.astype(np.float32))
+        else:
+            for j, name in enumerate(pre.features):
+                out[name] = pa.array(x[:, j].astype(np.float32))
+        meta = {b"vaepipe.decoded_with": p["model_uri"].encode(), b"vaepipe.source_file": source.encode()}
+        rel = posixpath.relpath(path, self.loc.path)
+        staged = posixpath.join(p["staging"], posixpath.dirname(rel), f"unit-{index:06d}.parquet")
+        self.out.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+        with self.out.fs.open(staged, "wb") as f:
+            pq.write_table(pa.table(out).replace_schema_metadata(meta), f, compression="zstd")
+        return {"index": index, "staged": staged, "rows": len(x)}
+
+    def __call__(self, batch: dict) -> dict:
+        res = [self.run(int(i), str(p)) for i, p in zip(batch["index"], batch["path"])]
+        return {k: np.array([r[k] for r in res]) for k in res[0]}
+
+
+def run_decode(cfg: DecodeConfig) -> dict:
+    import ray
+    import ray.data
+
+    from pipeline.ray_runtime import init_ray, quiet_data_progress
+
+    t0 = time.perf_counter()
+    loc, out = resolve(cfg.input), resolve(cfg.output)
+    files = list_parquet_files(loc)
+    total = sum(read_footer(loc, f).num_rows for f in files)   # a corrupt file fails here, named
+    ref, blob = registry.load_model_bytes(cfg.model, cfg.resolved_tracking_uri())
+    commit = Commit(out)
+    meta = {"vaepipe.decoded_with": ref.uri, "rows_in": total}
+    if not files:
+        return commit.commit([], meta)
+    init_ray(cfg.ray_address)
+    quiet_data_progress()
+    plan = {"input": cfg.input if "://" in cfg.input else loc.path, "output": cfg.output if "://" in cfg.output else out.path,
+            "staging": commit.staging, "column": cfg.column, "batch_size": cfg.batch_size, "model_uri": ref.uri}
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.max_errored_blocks = 0
+    n = max(1, min(cfg.concurrency or int(ray.cluster_resources().get("CPU", 1)), len(files), 2 if not cfg.concurrency else 10**6))
+    ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(files)], override_num_blocks=len(files))
+    try:
+        res = ds.map_batches(FileDecoder, fn_constructor_args=(blob, plan), batch_size=1, concurrency=n).take_all()
+    except Exception as e:
+        commit.abort()
+        from pipeline.train import _unwrap_error
+
+        raise _unwrap_error(e) from None
+    res.sort(key=lambda r: r["index"])
+    if sum(int(r["rows"]) for r in res) != total:
+        commit.abort()
+        raise InputError(f"decode wrote {sum(int(r['rows']) for r in res)} of {total} rows; nothing committed")
+    manifest = commit.commit([(r["staged"], int(r["rows"])) for r in res], meta)
+    manifest["wall_s"] = time.perf_counter() - t0
+    return manifest

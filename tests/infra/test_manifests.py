@@ -1,0 +1,540 @@
+"""infra/ checked offline: every manifest against a hand-written schema (schemas.py), then the rules
+and cross-references a schema can't express: autoscaling bounds, the GPU group, nothing exposed,
+MLflow auth on, no secret values, and every job module, config file, image and COPY source that
+infra/ names actually existing in the repo."""
+from __future__ import annotations
+
+import configparser
+import copy
+import importlib
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+from packaging.requirements import Requirement
+
+from schemas import SCHEMAS
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA = REPO / "infra"
+NAMESPACE = "vaepipe"
+IMAGE = "ghcr.io/example/vaepipe:0.1.0"
+
+MANIFEST_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
+DOCS = [(p, i, d) for p in MANIFEST_FILES for i, d in enumerate(yaml.safe_load_all(p.read_text())) if d is not None]
+TEXT_FILES = sorted(p for p in INFRA.rglob("*") if p.is_file())
+README = (INFRA / "README.md").read_text()
+DOCKERFILE = INFRA / "docker" / "Dockerfile"
+CRONTAB = INFRA / "local" / "crontab.example"
+
+
+def doc_id(item) -> str:
+    path, i, doc = item
+    return f"{path.relative_to(INFRA)}#{i}:{doc.get('kind')}"
+
+
+def of_kind(kind: str) -> list[dict]:
+    return [d for _, _, d in DOCS if d.get("kind") == kind]
+
+
+def one(kind: str, name: str) -> dict:
+    found = [d for d in of_kind(kind) if d["metadata"].get("name") == name]
+    assert len(found) == 1, f"expected one {kind} {name!r} in infra/, found {len(found)}"
+    return found[0]
+
+
+def ray_cluster_specs() -> list[tuple[str, dict]]:
+    """The RayCluster's spec and every RayJob's rayClusterSpec."""
+    specs = [(f"RayCluster {d['metadata']['name']}", d["spec"]) for d in of_kind("RayCluster")]
+    specs += [(f"RayJob {d['metadata'].get('name') or d['metadata']['generateName']}", d["spec"]["rayClusterSpec"])
+              for d in of_kind("RayJob") if "rayClusterSpec" in d["spec"]]
+    return specs
+
+
+def ray_pod_templates(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs", [])]
+
+
+def pod_templates(doc: dict) -> list[dict]:
+    kind, spec = doc["kind"], doc.get("spec", {})
+    if kind == "Deployment":
+        return [spec["template"]]
+    if kind == "CronJob":
+        return [spec["jobTemplate"]["spec"]["template"]]
+    if kind == "RayCluster":
+        return ray_pod_templates(spec)
+    if kind == "RayJob":
+        cluster = ray_pod_templates(spec["rayClusterSpec"]) if "rayClusterSpec" in spec else []
+        return cluster + ([spec["submitterPodTemplate"]] if "submitterPodTemplate" in spec else [])
+    return []
+
+
+def all_pod_templates() -> list[dict]:
+    return [t for _, _, d in DOCS for t in pod_templates(d)]
+
+
+def containers(template: dict) -> list[dict]:
+    return template["spec"]["containers"] + template["spec"].get("initContainers", [])
+
+
+def env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def strings(node) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in strings(v)]
+    return []
+
+
+def joined(text: str) -> str:
+    """Shell line continuations joined, so that a command reads as one line."""
+    return re.sub(r"\\\n\s*", " ", text)
+
+
+def command_after(text: str, start: int) -> list[str]:
+    """The words of the shell command on text's line from `start`, up to an operator (;, |, >>...)."""
+    lex = shlex.shlex(text[start:].split("\n", 1)[0], posix=True, punctuation_chars=";&|<>")
+    lex.whitespace_split = True
+    words = []
+    for w in lex:
+        if set(w) <= set(";&|<>"):
+            break
+        words.append(w)
+    return words
+
+
+JOB_COMMAND = re.compile(r"python -m jobs\.(\w+)")
+CONFIG_REF = re.compile(r"configs/[\w.-]+\.ya?ml")
+
+
+# --- schemas ------------------------------------------------------------------------------------
+
+def test_infra_has_the_expected_manifests():
+    names = {str(p.relative_to(INFRA)) for p in MANIFEST_FILES}
+    assert {"kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml", "kuberay/nightly-cronjob.yaml",
+            "mlflow/mlflow.yaml"} <= names
+    assert {d["kind"] for _, _, d in DOCS} >= {"RayCluster", "RayJob", "CronJob", "Deployment", "Service", "NetworkPolicy"}
+
+
+@pytest.mark.parametrize("schema", SCHEMAS.values(), ids=[k for _, k in SCHEMAS])
+def test_schemas_are_valid_json_schemas(schema):
+    Draft202012Validator.check_schema(schema)
+
+
+def schema_errors(doc: dict) -> list[str]:
+    schema = SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
+    assert schema is not None, f"no offline schema for {doc.get('apiVersion')} {doc.get('kind')}: add one to schemas.py"
+    errors = sorted(Draft202012Validator(schema).iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path])
+    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+
+
+@pytest.mark.parametrize("item", DOCS, ids=[doc_id(d) for d in DOCS])
+def test_manifest_matches_its_schema(item):
+    _, _, doc = item
+    assert schema_errors(doc) == []
+
+
+def _rename(d: dict, old: str, new: str) -> None:
+    d[new] = d.pop(old)
+
+
+BREAKAGES = {
+    "workerGroupSpec (typo)": ("RayCluster", lambda s: _rename(s, "workerGroupSpecs", "workerGroupSpec"), "workerGroupSpec"),
+    "maxReplica (typo)": ("RayCluster", lambda s: _rename(s["workerGroupSpecs"][0], "maxReplicas", "maxReplica"), "maxReplica"),
+    "rayStartParams int": ("RayCluster", lambda s: s["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "num-cpus"),
+    "nvidia.com/gpus": ("RayCluster", lambda s: s["workerGroupSpecs"][-1]["template"]["spec"]["containers"][0]["resources"]["limits"]
+                        .update({"nvidia.com/gpus": 1}), "nvidia.com/gpus"),
+    "env value int": ("Deployment", lambda s: s["template"]["spec"]["containers"][0]["env"].append({"name": "PORT", "value": 5000}), "5000"),
+    "imagePulPolicy (typo)": ("Deployment", lambda s: _rename(s["template"]["spec"]["containers"][0], "imagePullPolicy", "imagePulPolicy"),
+                              "imagePulPolicy"),
+    "nodePort": ("Service", lambda s: s["ports"][0].update({"nodePort": 30500}), "nodePort"),
+    "RayJob without entrypoint": ("RayJob", lambda s: s.pop("entrypoint"), "entrypoint"),
+    "concurrencyPolicy forbid": ("CronJob", lambda s: s.update({"concurrencyPolicy": "forbid"}), "forbid"),
+}
+
+
+@pytest.mark.parametrize("kind, breakage, expected", BREAKAGES.values(), ids=BREAKAGES.keys())
+def test_schema_rejects_a_broken_manifest(kind, breakage, expected):
+    broken = copy.deepcopy(of_kind(kind)[0])
+    assert schema_errors(broken) == []
+    breakage(broken["spec"])
+    errors = schema_errors(broken)
+    assert errors and any(expected in e for e in errors), errors
+
+
+# --- Kubernetes rules -------------------------------------------------------------------------
+
+def test_everything_is_in_the_vaepipe_namespace_and_labelled():
+    for _, _, doc in DOCS:
+        assert doc["metadata"].get("namespace") == NAMESPACE, doc["metadata"]
+        assert doc["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == NAMESPACE, doc["metadata"]
+    # the NetworkPolicies let pods in by this label: every pod of ours carries it
+    for template in all_pod_templates():
+        assert template["metadata"]["labels"].get("app.kubernetes.io/part-of") == NAMESPACE, template["metadata"]
+
+
+def test_worker_groups_autoscale_within_bounds():
+    for where, spec in ray_cluster_specs():
+        assert spec.get("enableInTreeAutoscaling") is True, where
+        groups = spec["workerGroupSpecs"]
+        assert len({g["groupName"] for g in groups}) == len(groups), f"{where}: duplicate groupName"
+        for g in groups:
+            replicas = g.get("replicas", g["minReplicas"])
+            assert 0 <= g["minReplicas"] <= replicas <= g["maxReplicas"], f"{where} group {g['groupName']}"
+            assert g["maxReplicas"] >= 1, f"{where} group {g['groupName']} can never run"
+
+
+def gpu_limit(template: dict) -> int:
+    return sum(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) for c in containers(template))
+
+
+def test_gpu_group_requests_gpus_and_cpu_groups_do_not():
+    for where, spec in ray_cluster_specs():
+        by_name = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+        assert "gpu" in by_name and "cpu" in by_name, f"{where}: {sorted(by_name)}"
+        gpu = by_name["gpu"]["template"]
+        assert gpu_limit(gpu) >= 1, f"{where}: the gpu group must set limits nvidia.com/gpu"
+        for c in containers(gpu):
+            res = c.get("resources", {})
+            if "nvidia.com/gpu" in res.get("requests", {}):   # extended resources: requests == limits
+                assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"]
+        assert any(t.get("key") == "nvidia.com/gpu" for t in gpu["spec"].get("tolerations", [])), where
+        assert gpu_limit(by_name["cpu"]["template"]) == 0 and gpu_limit(spec["headGroupSpec"]["template"]) == 0
+
+
+def test_ray_version_matches_pyproject():
+    deps = {(r := Requirement(s)).name: r for s in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    pinned = str(deps["ray"].specifier).removeprefix("==")
+    for where, spec in ray_cluster_specs():
+        assert spec["rayVersion"] == pinned == "2.60.0", where
+
+
+def test_nothing_is_exposed_outside_the_cluster():
+    assert not {d["kind"] for _, _, d in DOCS} & {"Ingress", "Route", "Gateway", "HTTPRoute"}
+    for svc in of_kind("Service"):
+        assert svc["spec"].get("type") == "ClusterIP", f"Service {svc['metadata']['name']} must say type: ClusterIP"
+        assert all("nodePort" not in p for p in svc["spec"]["ports"])
+    for where, spec in ray_cluster_specs():
+        assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", where
+        assert not spec["headGroupSpec"].get("enableIngress", False), where
+    for template in all_pod_templates():
+        assert not template["spec"].get("hostNetwork")
+        for c in containers(template):
+            assert all("hostPort" not in p for p in c.get("ports", []))
+
+
+def test_images_are_the_one_image_in_the_readme():
+    images = {c["image"] for t in all_pod_templates() for c in containers(t)}
+    assert images == {IMAGE}
+    assert set(re.findall(r"ghcr\.io/[\w./-]+:[\w.-]+", README)) == {IMAGE}
+    assert f"-t {IMAGE}" in README and f"-t {IMAGE}" in DOCKERFILE.read_text()  # how it is built
+
+
+# --- secrets ------------------------------------------------------------------------------------
+
+SECRET_ENV = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY|KEY_ID|CREDENTIAL|STORE_URI")
+PLACEHOLDER = re.compile(r"^([A-Z][A-Z_]*|\$\{?\w+\}?|\"?\$\(.*)$")   # CHANGE_ME, PASSWORD, ${VAR}, "$(cmd"
+
+
+def secret_refs() -> set[tuple[str, str]]:
+    refs = set()
+    for template in all_pod_templates():
+        for c in containers(template):
+            for e in c.get("env", []):
+                if "secretKeyRef" in e.get("valueFrom", {}):
+                    refs.add((e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"]))
+        for v in template["spec"].get("volumes", []):
+            if "secret" in v:
+                refs |= {(v["secret"]["secretName"], item["key"]) for item in v["secret"].get("items", [])}
+    return refs
+
+
+def test_sensitive_env_comes_from_secrets_only():
+    assert not of_kind("Secret"), "Secrets are created out of band (infra/README.md), never committed"
+    checked = 0
+    for template in all_pod_templates():
+        for c in containers(template):
+            for name, e in env(c).items():
+                if SECRET_ENV.search(name):
+                    assert "value" not in e and "secretKeyRef" in e["valueFrom"], f"{c['name']}: {name} must use secretKeyRef"
+                    checked += 1
+    assert checked >= 10
+
+
+def test_no_literal_passwords_in_infra():
+    for path in TEXT_FILES:
+        text = path.read_text()
+        for user_pass in re.findall(r"://[^\s:/@]+:([^\s@/]+)@", text):      # scheme://user:PASSWORD@host
+            assert PLACEHOLDER.match(user_pass), f"{path.name}: credentials in a URL: {user_pass!r}"
+        for key, value in re.findall(r"(?i)\b(\w*(?:password|passwd|_secret|secret_|_token|token_)\w*)\s*[:=]\s*(\S+)", text):
+            assert PLACEHOLDER.match(value), f"{path.name}: {key} = {value!r}"
+    # and the parsed manifests: no argument carries a password
+    for _, _, doc in DOCS:
+        for s in strings(doc):
+            assert not re.search(r"(?i)password=\S", s), s
+
+
+def test_every_secret_referenced_is_created_in_the_readme():
+    created = {}
+    for m in re.finditer(r"create secret generic ([\w-]+)((?:[^\n]*\\\n)*[^\n]*)", README):
+        created[m[1]] = set(re.findall(r"--from-(?:literal|file)=([\w.-]+)=", m[2]))
+    for name, key in secret_refs():
+        assert key in created.get(name, ()), f"secret {name}/{key} is used but infra/README.md does not create it"
+
+
+# --- MLflow ---------------------------------------------------------------------------------------
+
+def cli_options(words: list[str]) -> dict[str, str | None]:
+    """--flag=value / --flag value / --flag → {flag: value or None}."""
+    opts, i = {}, 0
+    while i < len(words):
+        w = words[i]
+        if w.startswith("--"):
+            if "=" in w:
+                k, v = w.split("=", 1)
+            elif i + 1 < len(words) and not words[i + 1].startswith("--"):
+                k, v = w, words[i + 1]
+                i += 1
+            else:
+                k, v = w, None
+            opts[k] = v
+        i += 1
+    return opts
+
+
+def mlflow_container() -> dict:
+    [c] = one("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def test_mlflow_server_runs_with_auth_and_an_s3_artifact_store():
+    c = mlflow_container()
+    assert c["command"][:2] == ["mlflow", "server"]
+    opts = cli_options(c["command"][2:] + c.get("args", []))
+    assert opts["--app-name"] == "basic-auth"
+    assert opts["--artifacts-destination"] == "s3://vaepipe-mlflow/artifacts"
+    assert opts["--host"] == "0.0.0.0" and opts["--port"] == "5000"
+    e = env(c)
+    # the backend store: from a Secret, via the env var `mlflow server` reads for --backend-store-uri
+    assert "--backend-store-uri" not in opts or opts["--backend-store-uri"] == "$(MLFLOW_BACKEND_STORE_URI)"
+    for name in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert e[name]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-server", name
+    # basic_auth.ini mounted from the Secret where MLFLOW_AUTH_CONFIG_PATH points
+    ini = Path(e["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    [mount] = [m for m in c["volumeMounts"] if ini.parent == Path(m["mountPath"])]
+    [volume] = [v for v in one("Deployment", "mlflow")["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "mlflow-server"
+    assert {"key": "basic_auth.ini", "path": ini.name} in volume["secret"]["items"]
+    # in-cluster Host headers are allowed (MLflow refuses unknown hosts)
+    svc = one("Service", "mlflow")
+    assert f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{svc['spec']['ports'][0]['port']}" in opts["--allowed-hosts"].split(",")
+
+
+def test_mlflow_probes_and_service_wiring():
+    c, svc = mlflow_container(), one("Service", "mlflow")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe in ("readinessProbe", "livenessProbe"):
+        get = c[probe]["httpGet"]
+        assert get["path"] == "/health" and ports.get(get["port"], get["port"]) == 5000, probe
+    pod_labels = one("Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    [port] = svc["spec"]["ports"]
+    assert ports.get(port["targetPort"], port["targetPort"]) == 5000
+
+
+def test_ray_pods_reach_mlflow_through_its_service_with_the_same_env():
+    svc = one("Service", "mlflow")
+    uri = f"http://{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{svc['spec']['ports'][0]['port']}"
+    envs = [c.get("env") for _, spec in ray_cluster_specs() for t in ray_pod_templates(spec) for c in containers(t)]
+    assert len(envs) >= 6 and all(e == envs[0] for e in envs), "every Ray container gets the same env"
+    e = {v["name"]: v for v in envs[0]}
+    assert e["MLFLOW_TRACKING_URI"]["value"] == uri
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert "secretKeyRef" in e[name]["valueFrom"], name
+
+
+def test_network_policies_admit_only_vaepipe_pods():
+    ours = {"app.kubernetes.io/part-of": NAMESPACE}
+    mlflow_np, ray_np = one("NetworkPolicy", "mlflow-ingress"), one("NetworkPolicy", "ray-ingress")
+    # mlflow: selects the server's pods; only our pods, only on 5000
+    assert mlflow_np["spec"]["podSelector"]["matchLabels"].items() <= \
+        one("Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"].items()
+    assert mlflow_np["spec"]["policyTypes"] == ["Ingress"]
+    for rule in mlflow_np["spec"]["ingress"]:
+        assert rule["from"] == [{"podSelector": {"matchLabels": ours}}]
+        assert rule["ports"] == [{"protocol": "TCP", "port": 5000}]
+    # ray: selects every Ray pod; our pods, plus the KubeRay operator on the job API port alone
+    for _, spec in ray_cluster_specs():
+        for t in ray_pod_templates(spec):
+            assert ray_np["spec"]["podSelector"]["matchLabels"].items() <= t["metadata"]["labels"].items()
+    for rule in ray_np["spec"]["ingress"]:
+        if rule["from"] != [{"podSelector": {"matchLabels": ours}}]:
+            assert rule["ports"] == [{"protocol": "TCP", "port": 8265}], rule
+            assert all(p["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"} for p in rule["from"])
+    for _, _, doc in DOCS:
+        for peer in (p for rule in doc["spec"].get("ingress", []) for p in rule["from"]):
+            assert "ipBlock" not in peer and peer.get("podSelector"), peer
+
+
+def test_basic_auth_ini_example_has_placeholders_only():
+    ini = configparser.ConfigParser()
+    ini.read(INFRA / "mlflow" / "basic_auth.ini.example")
+    m = ini["mlflow"]
+    assert m["admin_password"] == "CHANGE_ME_FROM_SECRET"
+    assert m["database_uri"].startswith("postgresql://")        # not a SQLite file lost with the pod
+    assert m["default_permission"] in {"READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS"}
+    assert "Secret" in (INFRA / "mlflow" / "basic_auth.ini.example").read_text()
+
+
+# --- jobs, schedules, image -----------------------------------------------------------------------
+
+def test_referenced_job_modules_exist():
+    found = {m for p in TEXT_FILES for m in JOB_COMMAND.findall(p.read_text())}
+    assert {"train", "nightly"} <= found
+    for name in found:
+        assert (REPO / "jobs" / f"{name}.py").is_file(), f"infra/ runs python -m jobs.{name}: jobs/{name}.py missing"
+    cron_jobs = re.findall(r"bin/vaepipe (\w+)", CRONTAB.read_text())
+    assert cron_jobs == ["nightly"]
+    assert (REPO / "jobs" / "nightly.py").is_file()
+
+
+def test_referenced_config_files_exist():
+    found = {m for p in TEXT_FILES for m in CONFIG_REF.findall(p.read_text())}
+    assert {"configs/train-mnist.yaml", "configs/nightly.yaml"} <= found
+    missing = sorted(f for f in found if not (REPO / f).is_file())
+    assert not missing, f"infra/ refers to config files that do not exist: {missing}"
+
+
+def job_command_lines() -> list[tuple[str, str, list[str]]]:
+    """(where, job, argv) for every `python -m jobs.X …` in the manifests' strings, the README's
+    code blocks and the crontab, and for the crontab's `vaepipe X …`."""
+    sources = [(f"{p.name}#{i}", s) for p, i, d in DOCS for s in strings(d)]
+    sources += [("README.md", block) for block in re.findall(r"```bash\n(.*?)```", README, re.S)]
+    sources += [(CRONTAB.name, CRONTAB.read_text())]
+    found = []
+    for where, text in sources:
+        text = joined(text)
+        found += [(where, m[1], command_after(text, m.end())) for m in JOB_COMMAND.finditer(text)]
+        if where == CRONTAB.name:
+            found += [(where, m[1], command_after(text, m.end())) for m in re.finditer(r"bin/vaepipe (\w+)", text)]
+    return found
+
+
+@pytest.mark.parametrize("where, job, argv", job_command_lines(), ids=lambda v: v if isinstance(v, str) else None)
+def test_job_command_line_parses_with_the_jobs_own_flags(where, job, argv, monkeypatch):
+    from jobs.cli import parse_config
+
+    monkeypatch.chdir(REPO)                        # the image's WORKDIR /app is the repo root
+    module = importlib.import_module(f"jobs.{job}")
+    cfg = parse_config(module.Config, argv, prog=f"vaepipe {job}")
+    for field in ("input", "output", "model"):     # what a scheduled run must be told
+        if hasattr(cfg, field):
+            assert getattr(cfg, field), f"{where}: jobs.{job} without --{field}"
+
+
+def test_rayjob_trains_from_the_image_on_shared_storage():
+    [job] = of_kind("RayJob")
+    spec = job["spec"]
+    assert spec["entrypoint"].startswith("python -m jobs.train --config configs/train-mnist.yaml")
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
+    assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"working_dir": workdir()}
+    opts = cli_options(shlex.split(spec["entrypoint"]))
+    # Ray Train checkpoints: on a ReadWriteMany volume mounted in every Ray pod
+    storage = Path(opts["--storage-path"])
+    pvcs = {p["metadata"]["name"]: p for p in of_kind("PersistentVolumeClaim")}
+    for t in ray_pod_templates(spec["rayClusterSpec"]):
+        shared = {v["name"] for v in t["spec"]["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") in pvcs}
+        assert any(m["name"] in shared and storage.is_relative_to(m["mountPath"]) for c in containers(t) for m in c["volumeMounts"])
+    assert all("ReadWriteMany" in p["spec"]["accessModes"] for p in pvcs.values())
+    # --use-gpu: the gpu group can hold every Ray Train worker
+    if "--use-gpu" in opts:
+        workers = int(opts.get("--workers") or yaml.safe_load((REPO / opts["--config"]).read_text()).get("workers", 1))
+        [gpu] = [g for g in spec["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+        assert gpu["maxReplicas"] * gpu_limit(gpu["template"]) >= workers
+
+
+def test_cronjob_submits_the_nightly_job_to_the_raycluster():
+    cj = one("CronJob", "vaepipe-nightly")["spec"]
+    assert cj["schedule"] == "0 2 * * *" and cj["concurrencyPolicy"] == "Forbid"
+    assert cj["startingDeadlineSeconds"] > 0
+    [c] = cj["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["bash", "-c"]
+    [script] = c["args"]
+    assert script.lstrip().startswith("set -euo pipefail")
+    script = joined(script)
+    assert "--submission-id nightly-$(date +%Y%m%d) " in script     # one submission a day
+    words = command_after(script, script.index("ray job submit"))
+    sep = words.index("--")
+    opts = cli_options(words[3:sep])
+    [cluster] = of_kind("RayCluster")
+    assert opts["--address"] == f"http://{cluster['metadata']['name']}-head-svc.{NAMESPACE}.svc.cluster.local:8265"
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert opts["--working-dir"] == workdir()
+    assert words[sep + 1:sep + 5] == ["python", "-m", "jobs.nightly", "--config"]
+
+
+def test_crontab_runs_nightly_under_flock_with_a_log():
+    lines = [l for l in CRONTAB.read_text().splitlines() if l.strip() and not l.startswith("#") and "=" not in l.split()[0]]
+    assert len(lines) == 1
+    fields = lines[0].split()
+    assert fields[:5] == ["0", "2", "*", "*", "*"]
+    assert fields[5] == "flock" and "-n" in fields[6:8]
+    assert "%" not in lines[0], "cron turns % into a newline"
+    argv = command_after(lines[0], lines[0].index("bin/vaepipe") + len("bin/vaepipe"))
+    assert argv[0] == "nightly" and cli_options(argv)["--model"] == "models:/vae@production"
+    assert re.search(r">> ?/\S+\.log 2>&1", lines[0])
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    instr = [tuple((l.split(None, 1) + [""])[:2]) for l in text.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    args = {k: v for i, rest in instr if i == "ARG" and "=" in rest for k, v in [rest.split("=", 1)]}
+    return [(i, re.sub(r"\$\{(\w+)\}", lambda m: args.get(m[1], m[0]), rest)) for i, rest in instr]
+
+
+def workdir() -> str:
+    return [rest for i, rest in dockerfile() if i == "WORKDIR"][-1]
+
+
+def test_dockerfile_builds_from_the_repo():
+    instr = dockerfile()
+    assert instr[0][0] == "FROM" and re.search(r"nvidia/cuda:[\w.-]*runtime|rayproject/ray:2\.60\.0-[\w-]*gpu", instr[0][1])
+    assert workdir() == "/app"
+    ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().split()
+    copied = []
+    for _, rest in (x for x in instr if x[0] == "COPY"):
+        words = [w for w in rest.split() if not w.startswith("--")]
+        for src in words[:-1]:
+            assert (REPO / src).exists(), f"Dockerfile copies {src}, which is not in the repo"
+            assert "*" not in ignore or f"!{src.rstrip('/')}/" in ignore or f"!{src}" in ignore, f"{src} is .dockerignored"
+            copied.append(src)
+    assert {"pyproject.toml", "README.md", "vae", "pipeline", "jobs", "configs"} <= set(copied)
+    run = " ".join(rest for i, rest in instr if i == "RUN")
+    m = re.search(r"--index-url (https://download\.pytorch\.org/whl/cu\d+) torch==([\d.]+)", run)
+    assert m and m[1].endswith("cu128"), run
+    torch_req = next(Requirement(s) for s in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+                     if s.startswith("torch"))
+    assert m[2] in torch_req.specifier, f"torch {m[2]} outside pyproject's {torch_req}"
+    assert re.search(r"pip install \"?/app(\[[\w,]+\])?\"?", run)
+    assert re.search(r"^USER \d+$", DOCKERFILE.read_text(), re.M), "numeric non-root USER (runAsNonRoot)"
+
+
+def test_readme_covers_deploy_order_local_server_and_every_file():
+    for path in TEXT_FILES:
+        if path.name not in ("README.md", "Dockerfile.dockerignore"):
+            assert str(path.relative_to(INFRA)) in README, f"infra/README.md does not mention {path.relative_to(INFRA)}"
+    order = [README.index(f"-f infra/{f}") for f in
+             ("mlflow/mlflow.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml", "kuberay/nightly-cronjob.yaml")]
+    assert order == sorted(order), "deploy MLflow, then the RayCluster (PVC), then the RayJob and the CronJob"
+    assert ("mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db "
+            "--artifacts-destination ./mlartifacts") in README
+    assert "RayCronJob" in README

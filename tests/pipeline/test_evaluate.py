@@ -1,0 +1,87 @@
+"""Evaluation maths where the answer is known, plus one end-to-end report on the digits model."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import evaluate as ev
+from vae.distributions import DiagonalGaussian
+
+
+def test_kl_of_known_gaussians():
+    # KL(N(μ,σ²)||N(0,1)) = ½(μ² + σ² − 1 − ln σ²): μ=1, σ²=1 → 0.5; μ=0, σ²=e → ½(e − 2)
+    mu = np.array([[1.0, 0.0]]); logvar = np.array([[0.0, 1.0]])
+    want = 0.5 + 0.5 * (math.e - 2)
+    assert ev.gaussian_kl(mu, logvar)[0] == pytest.approx(want)
+    assert float(DiagonalGaussian(torch.tensor(mu), torch.tensor(logvar)).kl()[0]) == pytest.approx(want)
+    assert ev.gaussian_kl(np.zeros((1, 3)), np.zeros((1, 3)))[0] == 0.0
+
+
+def test_pca_exact_rank_and_bytes():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3)) @ rng.normal(size=(3, 20)) + 5.0   # rank 3 after centring
+    p = ev.PCA(3).fit(x)
+    assert np.abs(p.inverse(p.transform(x)) - x).max() < 1e-4
+    assert ((ev.PCA(2).fit(x).inverse(ev.PCA(2).fit(x).transform(x)) - x) ** 2).mean() > 1e-3
+    assert [ev.bytes_per_record(16, q) for q in ("fp32", "fp16", "int8")] == [64, 32, 16]
+
+
+def test_psnr_and_quantize():
+    assert ev.psnr(0.01) == pytest.approx(20.0)
+    assert ev.psnr(1e-4, peak=1.0) == pytest.approx(40.0)
+    assert ev.psnr(0.0) == float("inf")
+    z = np.linspace(-3, 3, 256, dtype=np.float32)[:, None]
+    assert np.abs(ev.quantize(z, "int8") - z).max() <= 6 / 255 / 2 + 1e-6
+    assert np.abs(ev.quantize(z, "fp16") - z).max() < 2e-3
+
+
+def test_probe_sampling_balanced_and_seeded():
+    y = np.repeat(np.arange(10), [50, 60, 70, 80, 90, 100, 110, 120, 130, 140])
+    a, b = ev.balanced_indices(y, 100, seed=3), ev.balanced_indices(y, 100, seed=3)
+    assert np.array_equal(a, b) and len(a) == 100 and len(set(a)) == 100
+    assert np.bincount(y[a]).tolist() == [10] * 10
+    assert not np.array_equal(a, ev.balanced_indices(y, 100, seed=4))
+    assert sorted(np.bincount(y[ev.balanced_indices(y, 15, 0)]).tolist()) == [1] * 5 + [2] * 5
+
+
+def test_probe_and_auc_on_separable_toy():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 200)
+    x = rng.uniform(-1, 1, size=(400, 2)) + 3.0 * y[:, None]     # classes 1 apart on each axis
+    assert ev.probe_error(x, y, x, y, 20, seed=0) == 0.0
+    assert ev.roc_auc(x[:, 0], y) == 1.0
+    assert ev.roc_auc(-x[:, 0], y) == 0.0
+
+
+def test_evaluate_end_to_end(trained_digits, digits_parquet, workdir, tmp_path):
+    from jobs.evaluate import Config, run
+    from pipeline import registry
+
+    out, rep = str(tmp_path / "eval.json"), str(tmp_path / "report")
+    run(Config(model="models:/digits@production", input=digits_parquet, labels="label", json=out, report=rep,
+               iw_samples=5, iw_records=50, workdir=workdir))
+    r = json.load(open(out))
+    for k in ("elbo", "recon_nll", "kl", "iw_log_likelihood", "active_units", "compression", "probe_error", "note"):
+        assert k in r
+    assert r["elbo"] == pytest.approx(-(r["recon_nll"] + r["kl"]))
+    rows = {row["precision"]: row for row in r["compression"]["rows"]}
+    assert [rows[p]["bytes_per_record"] for p in ("fp32", "fp16", "int8")] == [16, 8, 4]
+    vals = [r["elbo"], r["iw_log_likelihood"]] + [v for row in rows.values() for k, v in row.items()
+                                                  if k.endswith("mse") or k.endswith("db")]
+    vals += [e for d in r["probe_error"].values() for e in d.values()]
+    assert all(math.isfinite(v) for v in vals)
+    assert set(r["probe_error"]) == {"100", "600"}      # 898 training records: no 1,000-label probe
+    for f in ("samples_reconstructions.png", "latent_scatter.png", "rate_distortion.png", "probe_accuracy.png"):
+        assert os.path.getsize(os.path.join(rep, f)) > 1000
+    c = registry.client(registry_uri(workdir))
+    run_ = c.get_run(trained_digits.run_id)
+    assert "eval_elbo" in run_.data.metrics
+    assert {a.path for a in c.list_artifacts(trained_digits.run_id, "evaluation")} >= {"evaluation/rate_distortion.png"}
+
+
+def registry_uri(workdir):
+    from pipeline.config import RuntimeConfig
+    return RuntimeConfig(workdir=workdir).resolved_tracking_uri()

@@ -1,0 +1,298 @@
+"""Cases 3–12 on the real stack: Ray Data actor pool, Parquet commit protocol, MLflow SQLite registry."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import registry
+from pipeline.datasets import digits, images_table
+from pipeline.encode import EncodeConfig, run_encode
+from pipeline.errors import BadRecordError, InputError, ModelNotFoundError, SchemaError, VaepipeError
+
+MODEL = "models:/digits@production"
+
+
+def _enc(workdir, inp, out, **kw):
+    kw.setdefault("concurrency", 1)
+    model = kw.pop("model", MODEL)
+    return run_encode(EncodeConfig(model=model, input=inp, output=out, workdir=workdir, **kw))
+
+
+def _snapshot(folder: str) -> dict[str, str]:
+    """Every file under folder (relative path → sha256): 'unchanged' means byte for byte."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, folder)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def _committed(out: str) -> pa.Table:
+    m = json.load(open(os.path.join(out, "_manifest.json")))
+    assert os.path.exists(os.path.join(out, "_SUCCESS"))
+    return pa.concat_tables([pq.read_table(os.path.join(out, f["path"])) for f in m["files"]])
+
+
+def _digits_table(n=None) -> pa.Table:
+    x, y = digits()
+    t = images_table(x, y)
+    return t if n is None else t.slice(0, n)
+
+
+def _variable_list(t: pa.Table, bad_row: int | None = None, width: int = 64) -> pa.Table:
+    """image as list<uint8> (variable length), optionally one record with a short vector."""
+    rows = [np.asarray(v, np.uint8) for v in t.column("image").to_pylist()]
+    if bad_row is not None:
+        rows[bad_row] = rows[bad_row][:width - 10]
+    return t.set_column(t.schema.get_field_index("image"), "image", pa.array([r.tolist() for r in rows], pa.list_(pa.uint8())))
+
+
+def _write(t: pa.Table, folder: str, name: str, row_group_size: int | None = None) -> str:
+    os.makedirs(folder, exist_ok=True)
+    p = os.path.join(folder, name)
+    pq.write_table(t, p, row_group_size=row_group_size)
+    return p
+
+
+def _failing_input(folder: str) -> str:
+    """Two good files and one whose vectors have the wrong length only in its last row group: the footer
+    and schema check pass, one unit fails mid-job after other units already staged their output."""
+    t = _digits_table()
+    _write(_variable_list(t.slice(0, 600)), folder, "a.parquet", 200)
+    _write(_variable_list(t.slice(600, 600)), folder, "b.parquet", 200)
+    _write(_variable_list(t.slice(1200), bad_row=590), folder, "c.parquet", 200)
+    return folder
+
+
+def test_03_encode_actor_killed_mid_job_no_loss_no_duplicates(trained_digits, workdir, tmp_path):
+    import ray
+    from ray.util.state import list_actors
+
+    inp = _write(_digits_table(), str(tmp_path / "in"), "all.parquet", row_group_size=60)   # 30 units
+    out = str(tmp_path / "out")
+    result, error, killed = {}, [], []
+
+    def job():
+        try:
+            result["r"] = _enc(workdir, inp, out, unit_rows=60)
+        except Exception as e:   # pragma: no cover - reported below
+            error.append(e)
+
+    th = threading.Thread(target=job)
+    th.start()
+    deadline = time.time() + 120
+    while th.is_alive() and not killed and time.time() < deadline:
+        for a in list_actors(filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
+            if "MapWorker" in (a.class_name or "") and a.pid:
+                time.sleep(1.0)               # let it encode a few units first
+                os.kill(a.pid, signal.SIGKILL)
+                killed.append(a.pid)
+                break
+        time.sleep(0.2)
+    th.join(300)
+    assert killed, "no encode actor was found alive to kill"
+    assert not error, f"encode did not survive a killed actor: {error[0]!r}"
+    r = result["r"]
+    t = _committed(out)
+    ids = t.column("id").to_numpy()
+    assert r.rows_in == r.rows_out == t.num_rows == 1797
+    assert len(np.unique(ids)) == len(ids) == 1797
+    assert not os.path.exists(os.path.join(out, "_staging"))
+
+
+def test_04_one_block_raises_job_fails_no_success_destination_unchanged(trained_digits, workdir, tmp_path):
+    good, bad = str(tmp_path / "good"), _failing_input(str(tmp_path / "bad"))
+    _write(_digits_table(), good, "all.parquet")
+    out = str(tmp_path / "out")
+    _enc(workdir, good, out)
+    before = _snapshot(out)
+    with pytest.raises(VaepipeError) as e:
+        _enc(workdir, bad, out, unit_rows=200)
+    assert "c.parquet" in str(e.value) and "image" in str(e.value)
+    assert _snapshot(out) == before           # no new parts, old manifest and _SUCCESS intact
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(VaepipeError):
+        _enc(workdir, bad, fresh, unit_rows=200)
+    assert not os.path.exists(os.path.join(fresh, "_SUCCESS"))
+    assert not [f for f in _snapshot(fresh) if f.endswith(".parquet")] if os.path.exists(fresh) else True
+
+
+def test_05_crash_during_write_leaves_destination_untouched_rerun_identical(trained_digits, workdir, tmp_path):
+    inp = _failing_input(str(tmp_path / "in"))
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    with pytest.raises(VaepipeError):          # units a and b are written to staging, then c crashes
+        _enc(workdir, inp, out, unit_rows=200)
+    assert _snapshot(out) == {}               # staging cleaned up, nothing visible
+    # repair the input (the bad record removed), run twice: the same rows, the same μ
+    t = pq.read_table(os.path.join(inp, "c.parquet"))
+    pq.write_table(_variable_list(_digits_table().slice(1200)), os.path.join(inp, "c.parquet"), row_group_size=200)
+    r1 = _enc(workdir, inp, out, unit_rows=200)
+    a = _committed(out).sort_by("id")
+    r2 = _enc(workdir, inp, out, unit_rows=200)
+    b = _committed(out).sort_by("id")
+    assert r1.rows_out == r2.rows_out == 1797 == t.num_rows + 1200
+    assert a.column("id").equals(b.column("id"))
+    assert np.array_equal(np.stack(a.column("mu").to_numpy(zero_copy_only=False)),
+                          np.stack(b.column("mu").to_numpy(zero_copy_only=False)))
+
+
+def test_06_rerun_over_existing_output_never_deletes_good_output_first(trained_digits, workdir, tmp_path):
+    good = str(tmp_path / "good")
+    _write(_digits_table(), good, "all.parquet")
+    out = str(tmp_path / "out")
+    _enc(workdir, good, out)
+    m1 = json.load(open(os.path.join(out, "_manifest.json")))
+    before = _snapshot(out)
+    # a re-run that fails validation mid-job: the previous commit must survive, readable and complete
+    with pytest.raises(VaepipeError):
+        _enc(workdir, _failing_input(str(tmp_path / "bad")), out, unit_rows=200)
+    assert _snapshot(out) == before and _committed(out).num_rows == 1797
+    # a re-run that succeeds: new parts replace old ones only after its manifest was written
+    _enc(workdir, good, out)
+    m2 = json.load(open(os.path.join(out, "_manifest.json")))
+    assert m2["run_id"] != m1["run_id"] and _committed(out).num_rows == 1797
+    old = {f["path"] for f in m1["files"]}
+    assert not any(os.path.exists(os.path.join(out, p)) for p in old)     # old parts removed after commit
+    assert sorted(f for f in os.listdir(out) if f.endswith(".parquet")) == sorted(f["path"] for f in m2["files"])
+
+
+@pytest.mark.parametrize("case", ["missing_column", "wrong_dtype", "wrong_length"])
+def test_07_schema_errors_are_typed_name_file_and_column_before_model_work(trained_digits, workdir, tmp_path, case):
+    t = _digits_table(100)
+    if case == "missing_column":
+        t, col = t.rename_columns(["id", "label", "pixels"]), "image"
+    elif case == "wrong_dtype":
+        t = t.set_column(2, "image", pa.array([[str(v) for v in r] for r in t.column("image").to_pylist()],
+                                              pa.list_(pa.string())))
+        col = "image"
+    else:
+        x = np.zeros((100, 32), np.uint8)
+        t = t.set_column(2, "image", pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 32))
+        col = "image"
+    inp = str(tmp_path / "in")
+    _write(t, inp, "input-file.parquet")
+    out = str(tmp_path / "out")
+    with pytest.raises(SchemaError) as e:
+        _enc(workdir, inp, out)
+    msg = str(e.value)
+    assert col in msg and inp in msg, msg
+    assert not os.path.exists(out)          # failed before any Ray/model work wrote anything
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_08_nan_inf_rejected_or_quarantined_never_in_output(trained_digits, workdir, tmp_path, bad):
+    t = _digits_table(300)
+    x = np.stack(t.column("image").to_numpy(zero_copy_only=False)).astype(np.float32) / 255
+    x[[7, 123]] = 0.0
+    x[7, 3], x[123, 60] = bad, -bad if np.isinf(bad) else bad
+    t = t.set_column(2, "image", pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 64))
+    inp = str(tmp_path / "in")
+    _write(t, inp, "floats.parquet")
+    out_fail, out_skip = str(tmp_path / "fail"), str(tmp_path / "skip")
+    with pytest.raises(BadRecordError) as e:
+        _enc(workdir, inp, out_fail, on_bad_record="fail")
+    assert "floats.parquet" in str(e.value) and "7" in str(e.value)
+    assert not os.path.exists(os.path.join(out_fail, "_SUCCESS"))
+    r = _enc(workdir, inp, out_skip, on_bad_record="skip")
+    assert (r.rows_in, r.rows_out, r.skipped) == (300, 298, 2)
+    q = pq.read_table(os.path.join(out_skip, "_skipped.parquet"))
+    assert sorted(q.column("id").to_pylist()) == [7, 123] and "floats.parquet" in q.column("source_file")[0].as_py()
+    out = _committed(out_skip)
+    assert 7 not in out.column("id").to_pylist()
+    assert np.isfinite(np.stack(out.column("mu").to_numpy(zero_copy_only=False))).all()
+
+
+def test_09_empty_input_gives_explicit_committed_empty_result(trained_digits, workdir, tmp_path):
+    zero = str(tmp_path / "zero")
+    _write(_digits_table(0), zero, "empty.parquet")
+    out = str(tmp_path / "out0")
+    r = _enc(workdir, zero, out)
+    assert (r.rows_in, r.rows_out, r.files) == (0, 0, 0)
+    m = json.load(open(os.path.join(out, "_manifest.json")))
+    assert m["rows"] == 0 and m["files"] == [] and os.path.exists(os.path.join(out, "_SUCCESS"))
+    # a folder with no Parquet files at all: documented as an explicit error or an explicit empty commit
+    none = str(tmp_path / "none")
+    os.makedirs(none)
+    out2 = str(tmp_path / "out-none")
+    try:
+        r2 = _enc(workdir, none, out2)
+    except InputError as e:
+        assert none in str(e)
+        assert not os.path.exists(os.path.join(out2, "_SUCCESS"))
+    else:
+        assert r2.rows_out == 0 and os.path.exists(os.path.join(out2, "_SUCCESS"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_10_truncated_or_corrupt_parquet_error_names_the_file(trained_digits, workdir, tmp_path, damage):
+    inp = str(tmp_path / "in")
+    _write(_digits_table(500), inp, "ok.parquet")
+    p = _write(_digits_table(500), inp, "broken.parquet")
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[: len(data) // 2] if damage == "truncated" else os.urandom(len(data)))
+    out = str(tmp_path / "out")
+    with pytest.raises(InputError) as e:
+        _enc(workdir, inp, out)
+    assert "broken.parquet" in str(e.value)
+    assert not os.path.exists(out)
+
+
+def test_11_model_data_dimension_mismatch_fails_at_model_load_not_mid_job(trained_digits, workdir, tmp_path):
+    import ray
+
+    x = np.zeros((50, 784), np.uint8)
+    t = pa.table({"id": pa.array(np.arange(50)), "image": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 784)})
+    inp = str(tmp_path / "in")
+    _write(t, inp, "mnist-like.parquet")
+    out = str(tmp_path / "out")
+    t0 = time.perf_counter()
+    with pytest.raises(SchemaError) as e:
+        _enc(workdir, inp, out)
+    assert "784" in str(e.value) and "64" in str(e.value) and "image" in str(e.value)
+    assert not os.path.exists(out)                      # no staging: the job never started
+    assert time.perf_counter() - t0 < 30
+
+
+def test_12_missing_alias_clear_error_and_alias_resolved_once(trained_digits, workdir, tmp_path):
+    tracking = f"sqlite:///{workdir}/mlflow.db"
+    with pytest.raises(ModelNotFoundError) as e:
+        registry.resolve_model("models:/digits@no-such-alias", tracking)
+    assert "no-such-alias" in str(e.value) and "production" in str(e.value)
+    with pytest.raises(ModelNotFoundError):
+        registry.resolve_model("models:/no-such-model@production", tracking)
+    with pytest.raises(ModelNotFoundError):
+        registry.resolve_model("models:/digits/999", tracking)
+
+    c = registry.client(tracking)
+    v1 = c.get_model_version_by_alias("digits", "production")
+    v2 = registry.register(v1.source, "digits", tracking, v1.run_id)
+    inp = _write(_digits_table(), str(tmp_path / "in"), "all.parquet", row_group_size=100)
+    out = str(tmp_path / "out")
+    blob = registry.load_model_bytes(MODEL, tracking)        # the job resolves the alias here, once
+    try:
+        registry.set_alias_when_ready("digits", "production", v2.version, tracking)   # the alias moves
+        # and moves again, from another thread, while the job runs
+        mover = threading.Timer(1.0, registry.set_alias_when_ready, ("digits", "production", v1.version, tracking))
+        mover.start()
+        r = run_encode(EncodeConfig(model=MODEL, input=inp, output=out, workdir=workdir, concurrency=1,
+                                    unit_rows=100), model_blob=blob)
+        mover.join()
+    finally:
+        c.set_registered_model_alias("digits", "production", v1.version)
+    assert r.model_version == str(v1.version)
+    m = json.load(open(os.path.join(out, "_manifest.json")))
+    versions = {pq.read_schema(os.path.join(out, f["path"])).metadata[b"vaepipe.model_version"].decode()
+                for f in m["files"]}
+    assert versions == {str(v1.version)} and len(m["files"]) > 1

@@ -9,7 +9,7 @@ WHEELS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(WHEELS) torch==2.13.0
-	$(PY) -m pip install -q $(WHEELS) -e '.[dev]'
+	$(PY) -m pip install -q $(WHEELS) -c constraints.txt -e '.[dev]'
 	touch $@
 
 .PHONY: install demo test

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vae.config import VAEConfig
 from vae.loss import kl_objective, kl_weight, reconstruction_nll
@@ -15,6 +14,16 @@ from vae.preprocess import Preprocessing
 from vae.train_step import EpochStats, active_units, evaluate, train_epoch
 
 D = 12
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the spinning OpenMP
+    workers make the training test ~10× slower; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def mlp_vae(likelihood: str = "bernoulli", latent: int = 3, hidden=(16, 8), d: int = D) -> VAE:

@@ -1,0 +1,191 @@
+"""Parquet through fsspec: atomic commits (local and memory://), input listing, footer checks."""
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.parquet_io import (MANIFEST, STAGING, SUCCESS, Commit, check_inputs, list_parquet_files, read_manifest,
+                                 read_table, write_table)
+from pipeline.uris import resolve
+
+
+@pytest.fixture(params=["local", "memory"])
+def out(request, tmp_path):
+    """An output Location that does not exist yet, on local disk or in fsspec's in-memory filesystem."""
+    if request.param == "local":
+        yield resolve(str(tmp_path / "out"))
+        return
+    loc = resolve(f"memory://vaepipe-tests/{uuid.uuid4().hex}/out")  # unique: the memory fs is process-global
+    yield loc
+    root = posixpath.dirname(loc.path)
+    if loc.fs.exists(root):
+        loc.fs.rm(root, recursive=True)
+
+
+def table(n: int, start: int = 0) -> pa.Table:
+    return pa.table({"id": list(range(start, start + n)), "x": [float(i) for i in range(start, start + n)]})
+
+
+def stage(commit: Commit, name: str, t: pa.Table) -> tuple[str, int]:
+    path = commit.staged_path(name)
+    commit.out.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    write_table(commit.out, path, t)
+    return path, t.num_rows
+
+
+def names(loc) -> set[str]:
+    """Every file under loc, relative to it."""
+    return {posixpath.relpath(p, loc.path) for p in loc.fs.find(loc.path)}
+
+
+# --- Commit -----------------------------------------------------------------------------------------
+
+def test_commit_moves_staged_files_and_writes_manifest_and_success(out):
+    c = Commit(out, run_id="r1")
+    staged = [stage(c, "a.parquet", table(3)), stage(c, "b.parquet", table(2, start=3))]
+    assert all(p.startswith(posixpath.join(out.path, STAGING, "r1")) for p, _ in staged)
+
+    m = c.commit(staged, {"vaepipe.model": "models:/vae/1"})
+    assert names(out) == {"part-00000-r1.parquet", "part-00001-r1.parquet", MANIFEST, SUCCESS}  # staging gone
+    assert (m["run_id"], m["rows"], m["vaepipe.model"]) == ("r1", 5, "models:/vae/1")
+    assert m["files"] == [{"path": "part-00000-r1.parquet", "rows": 3}, {"path": "part-00001-r1.parquet", "rows": 2}]
+    assert read_manifest(out) == m
+    with out.fs.open(posixpath.join(out.path, MANIFEST), "rb") as f:
+        assert json.loads(f.read()) == m                            # plain JSON on disk
+    files = list_parquet_files(out)
+    assert [read_table(out, p).column("id").to_pylist() for p in files] == [[0, 1, 2], [3, 4]]
+
+
+def test_commit_keeps_hive_partition_folders(out):
+    c = Commit(out, run_id="r1")
+    m = c.commit([stage(c, "date=2026-01-01/x.parquet", table(2)), stage(c, "date=2026-01-02/y.parquet", table(1))], {})
+    assert [f["path"] for f in m["files"]] == ["date=2026-01-01/part-00000-r1.parquet",
+                                               "date=2026-01-02/part-00001-r1.parquet"]
+    assert {"date=2026-01-01/part-00000-r1.parquet", "date=2026-01-02/part-00001-r1.parquet"} <= names(out)
+
+
+def test_second_commit_removes_old_files_only_after_the_new_manifest_exists(out, monkeypatch):
+    c1 = Commit(out, run_id="r1")
+    c1.commit([stage(c1, "a.parquet", table(3)), stage(c1, "b.parquet", table(3))], {})
+    old = {posixpath.join(out.path, f"part-0000{i}-r1.parquet") for i in (0, 1)}
+
+    # record which manifest is visible at the moment each old part file is deleted
+    seen = {}
+    real_rm = out.fs.rm
+
+    def spy_rm(path, *args, **kwargs):
+        if path in old:
+            seen[path] = read_manifest(out)["run_id"]
+            assert out.fs.exists(posixpath.join(out.path, SUCCESS))
+        return real_rm(path, *args, **kwargs)
+
+    monkeypatch.setattr(out.fs, "rm", spy_rm)
+    c2 = Commit(out, run_id="r2")
+    m = c2.commit([stage(c2, "a.parquet", table(4, start=10))], {})
+    monkeypatch.undo()
+
+    assert seen == {p: "r2" for p in old}                           # both deleted, each after the commit point
+    assert names(out) == {"part-00000-r2.parquet", MANIFEST, SUCCESS}
+    assert read_manifest(out)["run_id"] == m["run_id"] == "r2"
+    assert [read_table(out, p).num_rows for p in list_parquet_files(out)] == [4]
+
+
+def test_abort_leaves_the_destination_unchanged(out):
+    c1 = Commit(out, run_id="r1")
+    c1.commit([stage(c1, "a.parquet", table(3))], {"note": "first"})
+    before = {p: out.fs.cat_file(posixpath.join(out.path, p)) for p in names(out)}
+
+    c2 = Commit(out, run_id="r2")
+    stage(c2, "a.parquet", table(5))
+    stage(c2, "b.parquet", table(5))
+    assert any(p.startswith(STAGING) for p in names(out))
+    c2.abort()                                                      # e.g. the job failed after writing parts
+
+    assert {p: out.fs.cat_file(posixpath.join(out.path, p)) for p in names(out)} == before
+    assert read_manifest(out)["note"] == "first"
+    assert [read_table(out, p).num_rows for p in list_parquet_files(out)] == [3]
+
+
+def test_abort_before_any_commit_leaves_no_output(out):
+    c = Commit(out, run_id="r1")
+    stage(c, "a.parquet", table(3))
+    c.abort()
+    assert names(out) == set() and read_manifest(out) is None
+    with pytest.raises(InputError, match="holds no Parquet files"):
+        check_inputs(out, list_parquet_files(out))
+
+
+def test_a_staged_but_uncommitted_run_is_invisible_to_readers(out):
+    c1 = Commit(out, run_id="r1")
+    c1.commit([stage(c1, "a.parquet", table(3))], {})
+    stage(Commit(out, run_id="r2"), "a.parquet", table(9))          # a crashed run's leftovers
+    assert [read_table(out, p).num_rows for p in list_parquet_files(out)] == [3]
+
+
+# --- listing inputs ---------------------------------------------------------------------------------
+
+def test_list_parquet_files_skips_hidden_and_underscore_entries(out):
+    for rel in ["a.parquet", "b.parq", "part-0", "sub/c.parquet", "date=2026-01-01/d.parquet",
+                "_tmp.parquet", ".hidden.parquet", "_staging/x/e.parquet", ".git/f.parquet", "sub/_g.parquet",
+                "notes.txt", "_SUCCESS"]:
+        path = posixpath.join(out.path, rel)
+        out.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        write_table(out, path, table(1))
+    got = [posixpath.relpath(p, out.path) for p in list_parquet_files(out)]
+    assert got == ["a.parquet", "b.parq", "date=2026-01-01/d.parquet", "part-0", "sub/c.parquet"]
+
+
+def test_list_parquet_files_reads_a_committed_output_through_its_manifest(out):
+    c = Commit(out, run_id="r1")
+    c.commit([stage(c, "a.parquet", table(2)), stage(c, "b.parquet", table(2))], {})
+    write_table(out, posixpath.join(out.path, "stray.parquet"), table(1))   # not part of the commit
+    got = [posixpath.relpath(p, out.path) for p in list_parquet_files(out)]
+    assert got == ["part-00000-r1.parquet", "part-00001-r1.parquet"]      # manifest order
+
+
+def test_list_parquet_files_of_a_single_file_and_of_nothing(out):
+    path = posixpath.join(out.path, "one.parquet")
+    out.fs.makedirs(out.path, exist_ok=True)
+    write_table(out, path, table(2))
+    single = resolve(out.full(path))
+    assert list_parquet_files(single) == [single.path]
+    with pytest.raises(InputError, match="does not exist"):
+        list_parquet_files(out.join("missing"))
+
+
+# --- checking inputs --------------------------------------------------------------------------------
+
+def test_check_inputs_returns_schema_and_row_counts(out):
+    out.fs.makedirs(out.path, exist_ok=True)
+    for i, n in enumerate([3, 5]):
+        write_table(out, posixpath.join(out.path, f"p{i}.parquet"), table(n), metadata={"k": "v"})
+    schema, rows, per_file = check_inputs(out, list_parquet_files(out))
+    assert schema.names == ["id", "x"] and (rows, per_file) == (8, [3, 5])
+    assert schema.metadata[b"k"] == b"v"
+
+
+def test_check_inputs_names_a_truncated_parquet_file(out):
+    out.fs.makedirs(out.path, exist_ok=True)
+    good, bad = posixpath.join(out.path, "good.parquet"), posixpath.join(out.path, "bad.parquet")
+    write_table(out, good, table(100))
+    data = out.fs.cat_file(good)
+    out.fs.pipe_file(bad, data[: len(data) // 2])                   # an upload cut short: no footer
+    with pytest.raises(InputError, match=r"bad\.parquet: not a readable Parquet file"):
+        check_inputs(out, list_parquet_files(out))
+    with pytest.raises(InputError, match=r"bad\.parquet: cannot read Parquet"):
+        read_table(out, bad)
+
+
+def test_written_tables_are_zstd_parquet_with_metadata(tmp_path):
+    loc = resolve(str(tmp_path))
+    path = str(tmp_path / "t.parquet")
+    write_table(loc, path, table(4), metadata={"vaepipe.model": "m"})
+    md = pq.read_metadata(path)
+    assert md.row_group(0).column(0).compression == "ZSTD"
+    assert pq.read_schema(path).metadata[b"vaepipe.model"] == b"m"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -13,10 +14,14 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(logvar_min, logvar_max)       # (B, L), clamped for stability
         self.std = torch.exp(0.5 * self.logvar)                  # (B, L)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reparameterised sample z = μ + σ·ε, ε ~ N(0, I): differentiable in μ and σ."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
-                          dtype=self.mean.dtype)
+    def sample(self, generator: torch.Generator | None = None, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Reparameterised sample z = μ + σ·ε, ε ~ N(0, I): differentiable in μ and σ. `eps` (B, L)
+        supplies the noise (e.g. per-record noise from `record_normal`) instead of drawing it."""
+        if eps is None:
+            eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
+                              dtype=self.mean.dtype)
+        else:
+            eps = eps.to(device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:
@@ -38,3 +43,42 @@ class DiagonalGaussian:
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I): (..., L) -> (...)."""
     return (-0.5 * (z.pow(2) + math.log(2 * math.pi))).sum(-1)
+
+
+# --- per-record noise: ε as a pure function of (record, seed), whatever the batching or order ------
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _M64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M64
+        return x ^ (x >> np.uint64(31))
+
+
+def record_keys(raw: torch.Tensor) -> np.ndarray:
+    """A 64-bit key per record (B, D) -> (B,) uint64, from the bits of its float32 values: equal
+    records get equal keys, and the key does not depend on the batch or its position in it."""
+    words = np.ascontiguousarray(raw.detach().reshape(raw.shape[0], -1).float().cpu().numpy()).view(np.uint32)
+    # a multiply-sum hash with a fixed odd multiplier per position, then a SplitMix64 finaliser
+    mult = _splitmix64(np.arange(words.shape[1], dtype=np.uint64)) | np.uint64(1)                     # (D,)
+    with np.errstate(over="ignore"):
+        h = (words.astype(np.uint64) * mult[None, :]).sum(axis=1, dtype=np.uint64)                     # (B,)
+    h = _splitmix64(h ^ np.uint64(words.shape[1]))
+    return h
+
+
+def record_normal(keys: np.ndarray, dim: int, seed: int = 0) -> torch.Tensor:
+    """Standard-normal noise (B, dim), row i a pure function of (keys[i], seed): Box–Muller on a
+    counter-based hash, so a record's ε is the same in any batch, order, shard or process."""
+    keys = np.asarray(keys, dtype=np.uint64)
+    base = _splitmix64(keys ^ _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)))   # (B,)
+    ctr = np.arange(2 * dim, dtype=np.uint64)                                                         # (2L,)
+    with np.errstate(over="ignore"):
+        bits = _splitmix64(base[:, None] + ctr[None, :] * np.uint64(0xD1B54A32D192ED03))              # (B, 2L)
+    u = ((bits >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53                              # (0, 1]
+    u1, u2 = u[:, :dim], u[:, dim:]
+    return torch.from_numpy(np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)).float()

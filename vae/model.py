@@ -50,9 +50,10 @@ class VAE(nn.Module):
         return torch.sigmoid(params) if self.config.likelihood == "bernoulli" else params
 
     def forward(self, x: torch.Tensor, beta: float = 1.0, free_bits: float = 0.0,
-                generator: torch.Generator | None = None) -> VAEOutput:
+                generator: torch.Generator | None = None, eps: torch.Tensor | None = None) -> VAEOutput:
+        """`eps` (B, L): the noise for z = μ + σ·ε (default: drawn from `generator`)."""
         q = self.encode(x)
-        z = q.sample(generator)                                                  # (B, L)
+        z = q.sample(generator, eps)                                             # (B, L)
         recon = reconstruction_nll(self.decode(z), x, self.config.likelihood)    # (B,)
         kl_dims = q.kl_per_dim()                                                 # (B, L)
         kl = kl_dims.sum(-1)                                                     # (B,)

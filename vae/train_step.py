@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vae.distributions import record_keys, record_normal
 from vae.model import VAE
 
 
@@ -20,9 +21,9 @@ class EpochStats:
 
     def add(self, n: int, neg_elbo: torch.Tensor, recon: torch.Tensor, kl: torch.Tensor) -> None:
         self.records += n
-        self.neg_elbo += float(neg_elbo.sum())
-        self.recon += float(recon.sum())
-        self.kl += float(kl.sum())
+        self.neg_elbo += float(neg_elbo.double().sum())   # float64 sums: batching barely matters
+        self.recon += float(recon.double().sum())
+        self.kl += float(kl.double().sum())
 
     def means(self, prefix: str = "") -> dict[str, float]:
         n = max(self.records, 1)
@@ -70,17 +71,19 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[torch.Tensor], optimiz
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str = "cpu",
              seed: int = 0) -> tuple[EpochStats, torch.Tensor]:
-    """-ELBO, reconstruction and KL on held-out records (β = 1, one seeded z per record), plus the
-    per-dimension mean KL (L,) used to count active latent units."""
+    """-ELBO, reconstruction and KL on held-out records (β = 1, one z per record), plus the
+    per-dimension mean KL (L,) used to count active latent units. Each record's ε is a pure function
+    of its content and `seed` (vae.distributions.record_normal), so the result does not depend on
+    how the records are batched, ordered or sharded."""
     device = torch.device(device)
     core: VAE = getattr(model, "module", model)
     core.eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
     stats = EpochStats()
     kl_dims = torch.zeros(core.config.latent_dim, device=device, dtype=torch.float64)
     for raw in batches:
+        eps = record_normal(record_keys(raw), core.config.latent_dim, seed)
         x = core.preprocess(raw.to(device))
-        out = core(x, generator=gen)
+        out = core(x, eps=eps)
         stats.add(x.shape[0], out.neg_elbo, out.recon, out.kl)
         kl_dims += out.posterior.kl_per_dim().sum(0).double()
     return stats, (kl_dims / max(stats.records, 1)).float().cpu()

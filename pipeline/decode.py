@@ -15,8 +15,9 @@ import torch
 from pipeline import registry
 from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import InputError, SchemaError
-from pipeline.features import fixed_size_list
-from pipeline.parquet_io import Commit, list_parquet_files, read_footer
+from pipeline.features import FeatureSpec, fixed_size_list, to_matrix
+from pipeline.parquet_io import Commit, list_parquet_files, read_footer, read_table
+from pipeline.encode import in_process, parse_storage_options
 from pipeline.uris import resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -29,9 +30,15 @@ class DecodeConfig(RuntimeConfig):
     column: str = opt("mu", "latent column")
     batch_size: int = opt(4096, "latents per forward pass")
     concurrency: int | None = opt(None, "decoder actors (default: CPU cores)")
+    storage_options: str = opt("", "fsspec storage options as JSON, for input and output (see encode)")
+    reference: str = opt("", "the original records: when given, report the reconstruction MSE against them "
+                             "(in the model's input units, [0,1] for 8-bit images) next to PCA with as many "
+                             "components as the latent size, fit on the same records")
+    id_column: str = opt("id", "record id column joining --reference to the decoded records")
 
     def __post_init__(self) -> None:
         self.require("model", "input", "output")
+        parse_storage_options(self.storage_options)
 
 
 def latents_of(table: pa.Table, column: str, source: str) -> np.ndarray:
@@ -55,7 +62,8 @@ class FileDecoder:
         torch.set_num_threads(1)
         self.model = model_from_checkpoint(load_checkpoint(blob))
         self.plan = plan
-        self.loc, self.out = resolve(plan["input"]), resolve(plan["output"])
+        so = plan.get("storage_options", {})
+        self.loc, self.out = resolve(plan["input"], **so), resolve(plan["output"], **so)
 
     def run(self, index: int, path: str) -> dict:
         p, pre = self.plan, self.model.config.preprocessing
@@ -93,7 +101,8 @@ def run_decode(cfg: DecodeConfig) -> dict:
     from pipeline.ray_runtime import init_ray, quiet_data_progress
 
     t0 = time.perf_counter()
-    loc, out = resolve(cfg.input), resolve(cfg.output)
+    so = parse_storage_options(cfg.storage_options)
+    loc, out = resolve(cfg.input, **so), resolve(cfg.output, **so)
     files = list_parquet_files(loc)
     total = sum(read_footer(loc, f).num_rows for f in files)   # a corrupt file fails here, named
     ref, blob = registry.load_model_bytes(cfg.model, cfg.resolved_tracking_uri())
@@ -101,10 +110,22 @@ def run_decode(cfg: DecodeConfig) -> dict:
     meta = {"vaepipe.decoded_with": ref.uri, "rows_in": total}
     if not files:
         return commit.commit([], meta)
+    plan = {"input": cfg.input if "://" in cfg.input else loc.path, "output": cfg.output if "://" in cfg.output else out.path,
+            "staging": commit.staging, "column": cfg.column, "batch_size": cfg.batch_size, "model_uri": ref.uri,
+            "storage_options": so}
+    if in_process(loc, out):   # memory:// is per process: decode here (see encode.in_process)
+        threads = torch.get_num_threads()
+        try:
+            dec = FileDecoder(blob, plan)
+            res = [dec.run(i, p) for i, p in enumerate(files)]
+        except Exception:
+            commit.abort()
+            raise
+        finally:
+            torch.set_num_threads(threads)
+        return _finish(commit, res, total, meta, t0)
     init_ray(cfg.ray_address)
     quiet_data_progress()
-    plan = {"input": cfg.input if "://" in cfg.input else loc.path, "output": cfg.output if "://" in cfg.output else out.path,
-            "staging": commit.staging, "column": cfg.column, "batch_size": cfg.batch_size, "model_uri": ref.uri}
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.max_errored_blocks = 0
@@ -117,6 +138,10 @@ def run_decode(cfg: DecodeConfig) -> dict:
         from pipeline.train import _unwrap_error
 
         raise _unwrap_error(e) from None
+    return _finish(commit, res, total, meta, t0)
+
+
+def _finish(commit: Commit, res: list[dict], total: int, meta: dict, t0: float) -> dict:
     res.sort(key=lambda r: r["index"])
     if sum(int(r["rows"]) for r in res) != total:
         commit.abort()
@@ -124,3 +149,45 @@ def run_decode(cfg: DecodeConfig) -> dict:
     manifest = commit.commit([(r["staged"], int(r["rows"])) for r in res], meta)
     manifest["wall_s"] = time.perf_counter() - t0
     return manifest
+
+
+def _committed_table(uri: str, so: dict) -> pa.Table:
+    loc = resolve(uri, **so)
+    return pa.concat_tables([read_table(loc, f) for f in list_parquet_files(loc)], promote_options="default")
+
+
+def roundtrip_report(model_uri: str, reference: str, decoded: str, tracking_uri: str, id_column: str = "id",
+                     storage_options: dict | None = None, latents: str | None = None) -> dict:
+    """Reconstruction quality of a committed decode: MSE per value between the original records
+    (`reference`) and the decoded ones, joined on `id_column`, in the model's input units (x/255 for
+    8-bit images, i.e. [0,1] pixels), next to PCA with k = latent size fit on the same records (the
+    linear baseline at the same number of floats per record). Also reports the latent bytes/record."""
+    from sklearn.decomposition import PCA
+
+    so = storage_options or {}
+    _, blob = registry.load_model_bytes(model_uri, tracking_uri)
+    model = model_from_checkpoint(load_checkpoint(blob))
+    pre, dim, k = model.config.preprocessing, model.config.input_dim, model.config.latent_dim
+    spec = FeatureSpec(tuple(pre.features), pre.layout)
+    ref, dec = _committed_table(reference, so), _committed_table(decoded, so)
+    for t, what in ((ref, reference), (dec, decoded)):
+        if id_column not in t.schema.names:
+            raise SchemaError(f"{what}: no id column {id_column!r} to join on; columns: {t.schema.names}")
+    ids_r, ids_d = ref.column(id_column).to_numpy(), dec.column(id_column).to_numpy()
+    if len(ids_d) != len(ids_r) or set(ids_d.tolist()) != set(ids_r.tolist()):
+        raise InputError(f"{decoded}: {len(ids_d)} decoded records do not match the {len(ids_r)} records of {reference}")
+    x = to_matrix(ref.take(np.argsort(ids_r, kind="stable")), spec, dim, source=reference)
+    y = to_matrix(dec.take(np.argsort(ids_d, kind="stable")), spec, dim, source=decoded)
+    with torch.no_grad():
+        xs = model.preprocess(torch.from_numpy(np.array(x, copy=True))).numpy()
+        ys = model.preprocess(torch.from_numpy(np.array(y, copy=True))).numpy()
+    pca = PCA(n_components=k, random_state=0).fit(xs)
+    pca_mse = float(((pca.inverse_transform(pca.transform(xs)) - xs) ** 2).mean())
+    vae_mse = float(((ys - xs) ** 2).mean())
+    out = {"records": int(len(xs)), "latent_dim": k, "vae_mse": vae_mse, "pca_mse": pca_mse,
+           "vae_over_pca": vae_mse / pca_mse if pca_mse else float("inf")}
+    if latents:
+        loc = resolve(latents, **so)
+        first = list_parquet_files(loc)[0]
+        out["latent_type"] = str(read_footer(loc, first).schema.to_arrow_schema().field("mu").type)
+    return out

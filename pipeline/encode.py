@@ -52,15 +52,42 @@ class EncodeConfig(RuntimeConfig):
                      choices=DTYPES)
     on_bad_record: str = opt("fail", "NaN/inf/null features: fail the job, or skip them (ids to _skipped.parquet)",
                              choices=("fail", "skip"))
+    storage_options: str = opt("", "fsspec storage options as JSON, for input and output, e.g. "
+                                    "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' for an S3-compatible store")
 
     def __post_init__(self) -> None:
         self.require("model", "input", "output")
+        self.storage_options_dict()
         self.choice("dtype", DTYPES)
         self.choice("on_bad_record", ("fail", "skip"))
         if self.batch_size < 1 or self.unit_rows < 1:
             raise ConfigError("batch_size and unit_rows must be ≥ 1")
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError("concurrency must be ≥ 1")
+
+    def storage_options_dict(self) -> dict[str, Any]:
+        return parse_storage_options(self.storage_options)
+
+
+def parse_storage_options(value: str | dict | None) -> dict[str, Any]:
+    """`--storage-options` as given (JSON text, a YAML mapping or empty) → a dict for fsspec."""
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    try:
+        opts = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"storage_options: expected a JSON object, got {value!r} ({e.msg})") from None
+    if not isinstance(opts, dict):
+        raise ConfigError(f"storage_options: expected a JSON object, got {value!r}")
+    return opts
+
+
+def in_process(*locs: Location) -> bool:
+    """memory:// lives inside one process: Ray actors (other processes) cannot see it, so such jobs
+    run their units in the driver process, one after the other (same code path, no parallelism)."""
+    return any(loc.scheme == "memory" for loc in locs)
 
 
 @dataclass
@@ -152,7 +179,7 @@ class UnitEncoder:
         source = self.loc.full(unit["file"])
         staged = posixpath.join(p["staging"], posixpath.dirname(unit["rel"]), f"unit-{unit['index']:06d}.parquet")
         skipped_path = posixpath.join(p["staging"], "_skipped", f"unit-{unit['index']:06d}.parquet")
-        parts = partition_values(unit["rel"])
+        parts = {**p.get("constants", {}), **partition_values(unit["rel"])}
         cols = list(dict.fromkeys([*self.spec.columns, *[c for c in p["keep"] if c not in parts]]))
         meta = {k.encode(): v.encode() for k, v in p["metadata"].items()}
         meta[b"vaepipe.source_file"] = source.encode()
@@ -231,9 +258,12 @@ def int8_scales(model: VAE, loc: Location, units: list[Unit], spec: FeatureSpec,
     return np.maximum(np.abs(mu).max(0), 1e-6) / 127.0
 
 
-def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None) -> EncodeResult:
+def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None,
+               constants: dict[str, str] | None = None) -> EncodeResult:
     """Check everything, encode on Ray Data, commit atomically. `model_blob` = (ModelRef, bytes) lets a
-    caller that already resolved the model (nightly) pin the version."""
+    caller that already resolved the model (nightly) pin the version; `constants` are string columns
+    added to every output row (nightly: the partition it encodes, e.g. {"date": "2026-11-24"})."""
+    constants = dict(constants or {})
     import ray
     import ray.data
 
@@ -241,7 +271,8 @@ def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None) -> EncodeResu
 
     t0 = time.perf_counter()
     tracking = cfg.resolved_tracking_uri()
-    loc, out = resolve(cfg.input), resolve(cfg.output)
+    so = cfg.storage_options_dict()
+    loc, out = resolve(cfg.input, **so), resolve(cfg.output, **so)
     if loc.fs.exists(loc.path) and out.fs is loc.fs and out.path.rstrip("/") == loc.path.rstrip("/"):
         raise InputError(f"output {cfg.output!r} is the input folder; choose another folder")
     files = list_parquet_files(loc)
@@ -251,7 +282,7 @@ def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None) -> EncodeResu
     if schema is not None:
         spec = check_model_against(model, schema, loc.uri, cfg.id_column)
         keep = cfg.keep or ([cfg.id_column] if cfg.id_column in schema.names else [])
-        part_cols = set(partition_values(units[0].rel)) if units else set()
+        part_cols = (set(partition_values(units[0].rel)) if units else set()) | set(constants)
         for c in keep:
             if c not in schema.names and c not in part_cols:
                 raise SchemaError(f"{loc.uri}: --keep column {c!r} not found; columns present: {schema.names}")
@@ -270,33 +301,40 @@ def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None) -> EncodeResu
     scale = int8_scales(model, loc, units, spec, model.config.input_dim) if cfg.dtype == "int8" else None
     if scale is not None:
         metadata["vaepipe.int8_scale"] = json.dumps([float(s) for s in scale])
-    init_ray(cfg.ray_address)
-    quiet_data_progress()
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-    n_actors = cfg.concurrency or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else max(1, min(cpus, os.cpu_count() or 1)))
-    n_actors = max(1, min(n_actors, len(units)))
+    local = in_process(loc, out)
+    if local:
+        use_gpu, n_actors = bool(cfg.use_gpu) and torch.cuda.is_available(), 1
+    else:
+        init_ray(cfg.ray_address)
+        quiet_data_progress()
+        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        n_actors = cfg.concurrency or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else max(1, min(cpus, os.cpu_count() or 1)))
+        n_actors = max(1, min(n_actors, len(units)))
     plan = {"input": cfg.input if "://" in cfg.input else loc.path, "output": cfg.output if "://" in cfg.output else out.path,
             "staging": commit.staging, "features": list(spec.columns), "layout": spec.layout,
             "input_dim": model.config.input_dim, "keep": keep, "id_column": cfg.id_column,
             "batch_size": cfg.batch_size, "logvar": cfg.logvar, "score": cfg.score, "dtype": cfg.dtype,
             "int8_scale": scale.tolist() if scale is not None else None, "on_bad_record": cfg.on_bad_record,
-            "metadata": metadata, "use_gpu": use_gpu,
+            "metadata": metadata, "use_gpu": use_gpu, "storage_options": so, "constants": constants,
             "threads": 1 if not use_gpu else 2}
-    items = [{"unit": json.dumps(u.__dict__)} for u in units]
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.max_errored_blocks = 0   # one failing unit fails the job: never a silent drop
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        UnitEncoder, fn_constructor_args=(blob, plan), batch_size=1, concurrency=n_actors,
-        num_gpus=1 if use_gpu else 0, num_cpus=0.5 if use_gpu else 1)
-    try:
-        res = ds.take_all()
-    except Exception as e:
-        commit.abort()
-        from pipeline.train import _unwrap_error
+    if local:
+        res = _run_units_here(blob, plan, units, commit)
+    else:
+        items = [{"unit": json.dumps(u.__dict__)} for u in units]
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.max_errored_blocks = 0   # one failing unit fails the job: never a silent drop
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            UnitEncoder, fn_constructor_args=(blob, plan), batch_size=1, concurrency=n_actors,
+            num_gpus=1 if use_gpu else 0, num_cpus=0.5 if use_gpu else 1)
+        try:
+            res = ds.take_all()
+        except Exception as e:
+            commit.abort()
+            from pipeline.train import _unwrap_error
 
-        raise _unwrap_error(e) from None
+            raise _unwrap_error(e) from None
     res.sort(key=lambda r: r["index"])
     staged = [(r["staged"], int(r["rows"])) for r in res if r["staged"]]
     skipped = int(sum(r["skipped"] for r in res))
@@ -309,6 +347,19 @@ def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None) -> EncodeResu
     manifest = commit.commit(staged, {**metadata, "rows_in": total, "skipped": skipped, "dtype": cfg.dtype})
     return EncodeResult(cfg.output, total, rows_out, skipped, len(staged), ref.uri, ref.version,
                         time.perf_counter() - t0, manifest)
+
+
+def _run_units_here(blob: bytes, plan: dict[str, Any], units: list[Unit], commit: Commit) -> list[dict]:
+    """The in-process fallback (memory://): the actor's code, run in the driver; any error aborts."""
+    threads = torch.get_num_threads()
+    try:
+        enc = UnitEncoder(blob, {**plan, "threads": threads})
+        return [enc.run_unit(dict(u.__dict__)) for u in units]
+    except Exception:
+        commit.abort()
+        raise
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _merge_skipped(out: Location, paths: list[str], commit: Commit) -> None:

@@ -27,8 +27,8 @@ class NightlyConfig(EncodeConfig):
     max_partitions: int | None = opt(None, "encode at most this many pending partitions this run")
 
 
-def partitions(uri: str) -> list[str]:
-    loc = resolve(uri)
+def partitions(uri: str, **storage_options) -> list[str]:
+    loc = resolve(uri, **storage_options)
     if not loc.fs.exists(loc.path):
         raise InputError(f"input {uri!r} does not exist")
     names = []
@@ -41,8 +41,8 @@ def partitions(uri: str) -> list[str]:
     return sorted(names)
 
 
-def read_state(out_uri: str) -> dict:
-    out = resolve(out_uri)
+def read_state(out_uri: str, **storage_options) -> dict:
+    out = resolve(out_uri, **storage_options)
     path = posixpath.join(out.path, STATE)
     if not out.fs.exists(path):
         return {"partitions": {}}
@@ -53,11 +53,12 @@ def read_state(out_uri: str) -> dict:
 def run_nightly(cfg: NightlyConfig) -> dict:
     tracking = cfg.resolved_tracking_uri()
     ref, blob = registry.load_model_bytes(cfg.model, tracking)   # one version for the whole run
-    out = resolve(cfg.output)
-    state = read_state(cfg.output)
+    so = cfg.storage_options_dict()
+    out = resolve(cfg.output, **so)
+    state = read_state(cfg.output, **so)
     done, skipped, t0 = [], [], time.perf_counter()
     pending = []
-    for part in partitions(cfg.input):
+    for part in partitions(cfg.input, **so):
         prev = state["partitions"].get(part)
         if prev and prev["model_uri"] == ref.uri:
             skipped.append(part)
@@ -68,8 +69,9 @@ def run_nightly(cfg: NightlyConfig) -> dict:
     base = {f.name: getattr(cfg, f.name) for f in fields(EncodeConfig)}
     for part in pending:
         sub_out = posixpath.join(cfg.output.rstrip("/"), part.removesuffix(".parquet"))
+        hive = dict([part.split("=", 1)]) if "=" in part else {}   # keep date=… as a column, like encode
         r = run_encode(EncodeConfig(**{**base, "input": posixpath.join(cfg.input.rstrip("/"), part), "output": sub_out}),
-                       model_blob=(ref, blob))
+                       model_blob=(ref, blob), constants=hive)
         state["partitions"][part] = {"model_uri": ref.uri, "model_version": ref.version, "rows": r.rows_out,
                                      "skipped_records": r.skipped, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         out.fs.makedirs(out.path, exist_ok=True)

@@ -35,10 +35,20 @@ def list_parquet_files(loc: Location) -> list[str]:
     manifest = read_manifest(loc)
     if manifest is not None:
         return [posixpath.join(loc.path, f["path"]) for f in manifest["files"]]
+    found = fs.find(loc.path)
+    # a folder of committed outputs (nightly's OUT/<partition>/): each sub-folder with a manifest is
+    # read through it, never scanned, so a commit in progress or crashed there stays invisible
+    committed = sorted(posixpath.dirname(posixpath.relpath(p, loc.path)) for p in found
+                       if posixpath.basename(p) == MANIFEST and posixpath.dirname(posixpath.relpath(p, loc.path)))
+    committed = [d for d in committed if not any(_hidden(part) for part in d.split("/"))]
+    committed = [d for d in committed if not any(d.startswith(a + "/") for a in committed)]   # outermost
     out = []
-    for path in fs.find(loc.path):
+    for d in committed:
+        m = read_manifest(loc.join(d))
+        out += [posixpath.join(loc.path, d, f["path"]) for f in (m or {}).get("files", [])]
+    for path in found:
         rel = posixpath.relpath(path, loc.path)
-        if any(_hidden(part) for part in rel.split("/")):
+        if any(_hidden(part) for part in rel.split("/")) or any(rel.startswith(d + "/") for d in committed):
             continue
         if rel.endswith(".parquet") or rel.endswith(".parq") or "." not in rel.rsplit("/", 1)[-1]:
             out.append(path)
@@ -112,9 +122,12 @@ def write_table(loc: Location, path: str, table: pa.Table, metadata: dict[str, s
 
 class Commit:
     """Atomic output for one job run. Parts are written under <out>/_staging/<run_id>/; `commit()`
-    moves them to their final names, then writes the manifest (the commit point) and _SUCCESS, and
-    only then deletes the files of the previous commit. A crash before the manifest leaves the
-    previous output (or none) as the visible result."""
+    first publishes a *pending* manifest (the previous manifest's files, or none on a first commit,
+    plus the names about to appear), moves the parts to their final names, then writes the real
+    manifest (the commit point) and _SUCCESS, and only then deletes the files of the previous commit.
+    A crash anywhere before the commit point leaves the previous output (or an empty one) as what a
+    manifest-aware reader sees: `list_parquet_files` never falls back to scanning a folder that a
+    commit has started in; the next commit removes the crashed run's moved parts."""
 
     def __init__(self, out: Location, run_id: str | None = None):
         self.out = out
@@ -133,23 +146,36 @@ class Commit:
         for i, (src, rows) in enumerate(staged):
             rel_dir = posixpath.dirname(posixpath.relpath(src, self.staging))
             name = f"part-{i:05d}-{self.run_id}.parquet"
-            rel = posixpath.join(rel_dir, name) if rel_dir not in ("", ".") else name
-            dst = posixpath.join(out, rel)
-            if rel_dir not in ("", "."):
+            files.append({"path": posixpath.join(rel_dir, name) if rel_dir not in ("", ".") else name,
+                          "rows": int(rows), "src": src})
+        # Before any part gets a visible name: a manifest that still describes the previous state (no
+        # files on a first commit) and names what is about to appear, so a crash in the moves below
+        # never exposes a partial run, and the next commit can clean it up.
+        previous = old or {"run_id": None, "rows": 0, "files": []}
+        leftovers = [p for p in previous.get("pending_files", []) if p not in {f["path"] for f in files}]
+        pending = {**previous, "pending_run_id": self.run_id,
+                   "pending_files": sorted(set(leftovers) | {f["path"] for f in files})}
+        write_bytes_atomic(self.out, posixpath.join(out, MANIFEST), json.dumps(pending, indent=1).encode())
+        for f in files:
+            dst = posixpath.join(out, f["path"])
+            if posixpath.dirname(f["path"]):
                 fs.makedirs(posixpath.dirname(dst), exist_ok=True)
-            fs.mv(src, dst)
-            files.append({"path": rel, "rows": int(rows)})
+            fs.mv(f.pop("src"), dst)
         manifest = {"run_id": self.run_id, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "rows": sum(f["rows"] for f in files), "files": files, **metadata}
         write_bytes_atomic(self.out, posixpath.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
         write_bytes_atomic(self.out, posixpath.join(out, SUCCESS), b"")
         keep = {f["path"] for f in files}
-        for f in (old or {}).get("files", []):
-            if f["path"] not in keep:
+        stale = [f["path"] for f in previous.get("files", [])] + leftovers   # + a crashed commit's parts
+        for path in dict.fromkeys(stale):
+            if path not in keep:
                 try:
-                    fs.rm(posixpath.join(out, f["path"]))
+                    fs.rm(posixpath.join(out, path))
                 except FileNotFoundError:
                     pass
+        crashed = previous.get("pending_run_id")
+        if crashed and crashed != self.run_id:   # a commit that died mid-way: its staging is garbage too
+            Commit(self.out, run_id=crashed).abort()
         self.abort()
         return manifest
 

@@ -121,6 +121,63 @@ def test_abort_before_any_commit_leaves_no_output(out):
         check_inputs(out, list_parquet_files(out))
 
 
+class Crash(Exception):
+    pass
+
+
+def crash_after_moves(monkeypatch, out, n: int) -> None:
+    """Make the commit die after `n` parts have been moved out of staging (the process is gone before
+    the real manifest is written): the next move out of _staging raises."""
+    real_mv, moved = out.fs.mv, []
+
+    def mv(src, dst, *args, **kwargs):
+        if f"/{STAGING}/" in src:
+            if len(moved) == n:
+                raise Crash(f"killed while moving {src}")
+            moved.append(dst)
+        return real_mv(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(out.fs, "mv", mv)
+
+
+def test_first_commit_crashing_between_the_moves_and_the_manifest_exposes_nothing(out, monkeypatch):
+    c1 = Commit(out, run_id="r1")
+    staged = [stage(c1, "a.parquet", table(3)), stage(c1, "b.parquet", table(2, start=3))]
+    crash_after_moves(monkeypatch, out, 1)
+    with pytest.raises(Crash):
+        c1.commit(staged, {})
+    monkeypatch.undo()
+    assert "part-00000-r1.parquet" in names(out)                   # one part already has its final name…
+    assert not out.fs.exists(posixpath.join(out.path, SUCCESS))
+    assert list_parquet_files(out) == []                            # …but readers see the previous (empty) state
+    assert read_manifest(out)["files"] == [] and read_manifest(out)["pending_files"] == [
+        "part-00000-r1.parquet", "part-00001-r1.parquet"]
+
+    c2 = Commit(out, run_id="r2")                                   # the re-run commits and cleans up
+    c2.commit([stage(c2, "a.parquet", table(4, start=10))], {})
+    assert names(out) == {"part-00000-r2.parquet", MANIFEST, SUCCESS}
+    assert [read_table(out, p).column("id").to_pylist() for p in list_parquet_files(out)] == [[10, 11, 12, 13]]
+    assert "pending_files" not in read_manifest(out)
+
+
+def test_rerun_crashing_between_the_moves_and_the_manifest_keeps_the_previous_output(out, monkeypatch):
+    c1 = Commit(out, run_id="r1")
+    c1.commit([stage(c1, "a.parquet", table(3))], {"note": "first"})
+    c2 = Commit(out, run_id="r2")
+    staged = [stage(c2, "a.parquet", table(5)), stage(c2, "b.parquet", table(5))]
+    crash_after_moves(monkeypatch, out, 1)
+    with pytest.raises(Crash):
+        c2.commit(staged, {})
+    monkeypatch.undo()
+    assert "part-00000-r2.parquet" in names(out)
+    m = read_manifest(out)
+    assert (m["run_id"], m["note"]) == ("r1", "first")
+    assert [posixpath.relpath(p, out.path) for p in list_parquet_files(out)] == ["part-00000-r1.parquet"]
+    c3 = Commit(out, run_id="r3")
+    c3.commit([stage(c3, "a.parquet", table(1))], {})
+    assert names(out) == {"part-00000-r3.parquet", MANIFEST, SUCCESS}   # r1's and the crashed r2's parts gone
+
+
 def test_a_staged_but_uncommitted_run_is_invisible_to_readers(out):
     c1 = Commit(out, run_id="r1")
     c1.commit([stage(c1, "a.parquet", table(3))], {})
@@ -147,6 +204,25 @@ def test_list_parquet_files_reads_a_committed_output_through_its_manifest(out):
     write_table(out, posixpath.join(out.path, "stray.parquet"), table(1))   # not part of the commit
     got = [posixpath.relpath(p, out.path) for p in list_parquet_files(out)]
     assert got == ["part-00000-r1.parquet", "part-00001-r1.parquet"]      # manifest order
+
+
+def test_a_folder_of_committed_outputs_is_read_through_each_manifest(out, monkeypatch):
+    """nightly's OUT/<partition>/: each sub-folder with a manifest is read through it, so a crashed
+    commit in one partition and a stray file there stay invisible; plain files beside them are listed."""
+    day1 = out.join("day=1")
+    c = Commit(day1, run_id="r1")
+    c.commit([stage(c, "a.parquet", table(2))], {})
+    write_table(day1, posixpath.join(day1.path, "stray.parquet"), table(1))
+    day2 = out.join("day=2")
+    c2 = Commit(day2, run_id="r2")
+    staged = [stage(c2, "a.parquet", table(3)), stage(c2, "b.parquet", table(3))]
+    crash_after_moves(monkeypatch, day2, 1)
+    with pytest.raises(Crash):
+        c2.commit(staged, {})
+    monkeypatch.undo()
+    write_table(out, posixpath.join(out.path, "loose.parquet"), table(1))
+    got = [posixpath.relpath(p, out.path) for p in list_parquet_files(out)]
+    assert got == ["day=1/part-00000-r1.parquet", "loose.parquet"]
 
 
 def test_list_parquet_files_of_a_single_file_and_of_nothing(out):

@@ -14,7 +14,6 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
@@ -22,31 +21,63 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+import threading
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def tree_rss_bytes(root: int) -> int:
-    """RSS summed over root and every descendant, from /proc (no psutil needed)."""
+def tree_rss_bytes(root: int | None = None) -> int:
+    """RSS summed over `root` (default: this process) and every descendant, from /proc."""
+    root = os.getpid() if root is None else root
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
             with open(f"/proc/{d}/stat") as f:
-                parts = f.read().rsplit(")", 1)[1].split()
-            children.setdefault(int(parts[1]), []).append(int(d))
-            rss[int(d)] = int(parts[21]) * os.sysconf("SC_PAGE_SIZE")
+                fields = f.read().rsplit(")", 1)[1].split()      # state ppid … rss is field 24 (index 21 here)
+            children.setdefault(int(fields[1]), []).append(int(d))
+            rss[int(d)] = int(fields[21]) * page
         except (OSError, IndexError, ValueError):
             continue
     total, stack = 0, [root]
     while stack:
-        p = stack.pop()
-        total += rss.get(p, 0)
-        stack.extend(children.get(p, []))
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
     return total
+
+
+class PeakRSS:
+    """`with PeakRSS() as m: ...` samples the process tree's RSS every `interval` s; `m.peak_mb`."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, tree_rss_bytes())
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_rss_bytes())
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
 
 
 def generate(folder: str, records: int, per_partition: int, seed: int = 0) -> None:
@@ -109,34 +140,24 @@ def main() -> None:
     print(f"generated {a.records:,} records in {time.perf_counter() - t0:.0f} s under {data}", flush=True)
     tracking = register_tiny_model(work)
 
-    peak, stop = [0], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], tree_rss_bytes(os.getpid()))
-            time.sleep(0.2)
-
     common = dict(model="models:/load@production", input=data, output=out, workdir=work, tracking_uri=tracking,
                   concurrency=a.concurrency)
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    try:
-        from pipeline.nightly import NightlyConfig, run_nightly
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        try:
+            from pipeline.nightly import NightlyConfig, run_nightly
 
-        run_nightly(NightlyConfig(**common))
-        how = "nightly"
-    except ImportError:
-        from pipeline.encode import EncodeConfig, run_encode
+            run_nightly(NightlyConfig(**common))
+            how = "nightly"
+        except ImportError:
+            from pipeline.encode import EncodeConfig, run_encode
 
-        run_encode(EncodeConfig(**common))
-        how = "encode"
-    wall = time.perf_counter() - t0
-    stop.set()
-    th.join()
+            run_encode(EncodeConfig(**common))
+            how = "encode"
+        wall = time.perf_counter() - t0
     # Ray's raylet/GCS are started by ray.init in this process, so they are descendants and counted.
     print(f"{how}: records={a.records:,} wall_s={wall:.1f} records_per_s={a.records / wall:,.0f} "
-          f"peak_rss_tree_mib={peak[0] / 2**20:,.0f}", flush=True)
+          f"peak_rss_tree_mib={mem.peak_mb:,.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,18 @@ def init_ray(address: str | None = None, reserve_cpus: float = 0.0) -> None:
     """Join $RAY_ADDRESS / `address` if given (e.g. under `ray job submit`), else start a local Ray.
     Locally, logical CPUs are the cores plus `reserve_cpus`, so that train workers holding one CPU
     each do not starve the data-reading tasks (2 workers on 2 cores otherwise deadlock the read)."""
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        # A local Ray is one node: keep every Ray address on loopback. Ray otherwise rewrites
+        # 127.0.0.1 to the host's own interface address (services.resolve_ip_for_localhost); its
+        # documented switch is this variable, read at import, so set it before `import ray` (and for
+        # the worker processes, which inherit the environment) and on the constant if already imported.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")

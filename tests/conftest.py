@@ -12,6 +12,7 @@ import torch
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # local Ray on loopback only (see init_ray)
 os.environ.pop("RAY_ADDRESS", None)            # never join a cluster by accident
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 

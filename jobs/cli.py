@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
               "  demo      the whole pipeline on bundled data, end to end\n"
               "  bench     encode/train throughput against a plain PyTorch loop", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    if argv[0] == "bench":  # `vaepipe bench encode|train`
-        return run_job("bench", argv[1:])
+    if argv[0] == "bench":  # `vaepipe bench encode|train`: the positional becomes --what
+        rest = argv[1:]
+        if rest and rest[0] in ("encode", "train"):
+            rest = ["--what", rest[0], *rest[1:]]
+        return run_job("bench", rest)
     return run_job(argv[0], argv[1:])
 
 

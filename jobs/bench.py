@@ -1,0 +1,24 @@
+"""Benchmark vaepipe against a plain single-process PyTorch loop on the same machine, same model,
+same batch size: `vaepipe bench encode --records N [--json FILE]` or `vaepipe bench train --records N`.
+Prints records/s for both, the ratio vaepipe/baseline and the peak RSS of the process tree
+(docs/performance.md explains every figure)."""
+import sys
+
+from pipeline.bench import BenchConfig as Config, run_bench, summary
+
+
+def run(cfg: Config):
+    figures = run_bench(cfg)
+    print(summary(figures))
+    if cfg.json:
+        print(f"figures written to {cfg.json}")
+    return figures
+
+
+if __name__ == "__main__":
+    from jobs.cli import run_job
+
+    argv = sys.argv[1:]
+    if argv and argv[0] in ("encode", "train"):
+        argv = ["--what", argv[0], *argv[1:]]
+    sys.exit(run_job("bench", argv))

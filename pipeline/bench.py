@@ -1,0 +1,441 @@
+"""`vaepipe bench encode|train`: vaepipe against a plain single-process PyTorch loop, in one process,
+on the same generated input, with the same model and batch size.
+
+Input: MNIST-like records (id, label, image = fixed_size_list<uint8>[784]) tiled from
+../shared/data/mnist_8k.npz and written to Parquet (zstd, row groups of `row_group_rows`), kept under
+WORKDIR/bench/ and reused by later runs with the same shape.
+
+encode  (a) baseline: pyarrow `read_row_group` → `FixedSizeList.flatten().to_numpy().reshape` (no copy)
+            → torch (all cores as intra-op threads) → `model.embed(...).mean` → Parquet with a
+            fixed_size_list μ column, one output file per input file;
+        (b) vaepipe: `pipeline.encode.run_encode` (Ray Data, one single-threaded actor per core,
+            units of whole row groups, atomic commit).
+        Both sides run once on a small input first (warm-up: imports, kernels, Ray start), then
+        are timed on the full input. `pipeline_records_per_s` is the whole `run_encode` call (plan,
+        footers, actor start and model load, encode, commit) with Ray already running;
+        `pipeline_steady_records_per_s` is records over the span from the first unit's start to the
+        last unit's end (no actor start); both are reported.
+train   (a) baseline: the Parquet read once into a uint8 tensor, then `vae.train_step.train_epoch`
+            over shuffled batches (randperm), AdamW, all cores as threads;
+        (b) vaepipe: `pipeline.train.run_train` with 1 Ray Train worker (Ray Data shard, local
+            shuffle buffer, checkpoints and MLflow logging every epoch).
+        Steady state = records/s over the epochs after the first (the warm-up epoch) on each side;
+        the end-to-end walls are reported too.
+
+Peak memory is the RSS of this process and every descendant (Ray's raylet, GCS and workers included)
+sampled from /proc during each timed side."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import RuntimeConfig, opt
+from pipeline.errors import ConfigError
+
+WHATS = ("encode", "train")
+SCHEMA = pa.schema([("id", pa.int64()), ("label", pa.int64()), ("image", pa.list_(pa.uint8(), 784))])
+
+
+@dataclass
+class BenchConfig(RuntimeConfig):
+    what: str = opt("encode", "what to benchmark: encode or train (`vaepipe bench encode|train`)", choices=WHATS)
+    records: int = opt(1_000_000, "records in the generated input (MNIST images tiled)")
+    json: str = opt("", "also write the figures to this JSON file")
+    batch_size: int | None = opt(None, "records per batch, both sides (default: encode 4096, train 128)")
+    row_group_rows: int = opt(65_536, "records per row group of the generated input")
+    file_rows: int = opt(524_288, "records per generated Parquet file")
+    concurrency: int | None = opt(None, "encode: Ray Data actors (default: one per core)")
+    threads: int | None = opt(None, "baseline torch threads (default: all cores)")
+    epochs: int = opt(3, "train: epochs on each side; the first is the warm-up")
+    repeats: int = opt(1, "encode: timed runs per side, alternating; the best of each is reported")
+    latent_dim: int = opt(16, "latent size of the benchmark model")
+    hidden: list[int] = opt(help="MLP widths of the benchmark model", factory=lambda: [512, 256])
+
+    def __post_init__(self) -> None:
+        self.choice("what", WHATS)
+        for name in ("records", "row_group_rows", "file_rows", "epochs", "repeats", "latent_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.what == "train" and self.epochs < 2:
+            raise ConfigError("train: epochs must be ≥ 2 (the first is the warm-up)")
+        for name in ("batch_size", "concurrency", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+
+    @property
+    def bs(self) -> int:
+        return self.batch_size or (4096 if self.what == "encode" else 128)
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+def tree_rss_bytes(root: int | None = None) -> int:
+    """RSS summed over `root` (default: this process) and every descendant, from /proc (no psutil)."""
+    root = os.getpid() if root is None else root
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(parts[1]), []).append(int(d))
+            rss[int(d)] = int(parts[21]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+    total, stack = 0, [root]
+    while stack:
+        p = stack.pop()
+        total += rss.get(p, 0)
+        stack.extend(children.get(p, []))
+    return total
+
+
+class PeakRSS:
+    """`with PeakRSS() as m: ...` samples the process tree's RSS every `interval` s; `m.peak_mb`."""
+
+    def __init__(self, interval: float = 0.2, root: int | None = None):
+        self.interval, self.root, self.peak = interval, root, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, tree_rss_bytes(self.root))
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_rss_bytes(self.root))
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+
+# --- input --------------------------------------------------------------------------------------
+
+def make_input(folder: str, records: int, row_group_rows: int = 65_536, file_rows: int = 524_288) -> list[str]:
+    """MNIST images tiled to `records` rows, streamed to Parquet one row group at a time (flat memory).
+    A folder already holding this exact input (its `_bench_input.json`) is reused."""
+    from pipeline.datasets import mnist
+
+    marker = os.path.join(folder, "_bench_input.json")
+    want = {"records": records, "row_group_rows": row_group_rows, "file_rows": file_rows, "version": 1}
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == want:
+                return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".parquet"))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    images, labels = mnist()
+    flat = np.ascontiguousarray(images.reshape(len(images), -1).astype(np.uint8))
+    labels = labels.astype(np.int64)
+    files = []
+    for i, start in enumerate(range(0, records, file_rows)):
+        stop = min(records, start + file_rows)
+        path = os.path.join(folder, f"part-{i:05d}.parquet")
+        with pq.ParquetWriter(path, SCHEMA, compression="zstd") as w:
+            for lo in range(start, stop, row_group_rows):
+                hi = min(stop, lo + row_group_rows)
+                idx = np.arange(lo, hi) % len(flat)
+                w.write_table(pa.table({"id": pa.array(np.arange(lo, hi, dtype=np.int64)),
+                                        "label": pa.array(labels[idx]),
+                                        "image": pa.FixedSizeListArray.from_arrays(pa.array(flat[idx].ravel()), 784)},
+                                       schema=SCHEMA), row_group_size=row_group_rows)
+        files.append(path)
+    with open(marker, "w") as f:
+        json.dump(want, f)
+    return files
+
+
+def bench_model(cfg: BenchConfig):
+    """The model both sides run: the MLP VAE `vaepipe train --arch mlp` builds for these records
+    (784 → hidden → 2×latent, uint8 scaling, Bernoulli), randomly initialised (seed 0)."""
+    from vae.config import VAEConfig
+    from vae.model import VAE
+    from vae.preprocess import Preprocessing
+
+    torch.manual_seed(0)
+    pre = Preprocessing(features=["image"], layout="list", scaling="uint8", offset=[0.0] * 784, scale=[1 / 255] * 784)
+    return VAE(VAEConfig(input_shape=(784,), arch="mlp", latent_dim=cfg.latent_dim, hidden=tuple(cfg.hidden),
+                         likelihood="bernoulli", preprocessing=pre)).eval()
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"cpu: {os.cpu_count()} cores ({model}), no GPU"
+
+
+def _load() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+# --- encode -------------------------------------------------------------------------------------
+
+def baseline_encode(files: list[str], out_dir: str, model, batch_size: int, threads: int) -> int:
+    """The plain single-process loop a good engineer writes: no per-row Python, no extra copies,
+    inference mode, all cores as torch threads. Returns the records written."""
+    from pipeline.features import fixed_size_list
+
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    os.makedirs(out_dir, exist_ok=True)
+    dim, rows = model.config.input_dim, 0
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")   # Arrow buffers are read-only
+        for i, path in enumerate(files):
+            pf = pq.ParquetFile(path, pre_buffer=True)
+            with pq.ParquetWriter(os.path.join(out_dir, f"part-{i:05d}.parquet"),
+                                  pa.schema([("id", pa.int64()), ("mu", pa.list_(pa.float32(), model.config.latent_dim))]),
+                                  compression="zstd") as w:
+                for rg in range(pf.num_row_groups):
+                    t = pf.read_row_group(rg, columns=["id", "image"])
+                    x = torch.from_numpy(t.column("image").combine_chunks().flatten().to_numpy().reshape(-1, dim))
+                    if device.type == "cuda":
+                        x = x.pin_memory()
+                    mu = torch.empty(len(x), model.config.latent_dim)
+                    for j in range(0, len(x), batch_size):
+                        mu[j:j + batch_size] = model.embed(x[j:j + batch_size].to(device, non_blocking=True)).mean.cpu()
+                    w.write_table(pa.table({"id": t.column("id"), "mu": fixed_size_list(mu.numpy())}))
+                    rows += t.num_rows
+    return rows
+
+
+def _pipeline_encode(cfg: BenchConfig, input_dir: str, out_dir: str, blob: tuple):
+    from pipeline.encode import EncodeConfig, run_encode
+
+    ecfg = EncodeConfig(model=blob[0].uri, input=input_dir, output=out_dir, keep=["id"], batch_size=cfg.bs,
+                        concurrency=cfg.concurrency, workdir=cfg.workdir, ray_address=cfg.ray_address,
+                        tracking_uri=f"sqlite:///{os.path.abspath(os.path.join(input_dir, '..', 'mlflow.db'))}")
+    return run_encode(ecfg, model_blob=blob)
+
+
+def _compare(base_dir: str, pipe_dir: str, n: int = 2048) -> float:
+    """Max |μ_baseline − μ_vaepipe| over the first `n` ids (the two paths must agree)."""
+    def first(folder):
+        t = pq.read_table(folder, columns=["id", "mu"], filters=[("id", "<", n)]).sort_by("id")
+        return t.column("id").to_numpy(), t.column("mu").combine_chunks().flatten().to_numpy().reshape(t.num_rows, -1)
+
+    (ia, a), (ib, b) = first(base_dir), first(pipe_dir)
+    if len(ia) != len(ib) or not np.array_equal(ia, ib):
+        raise RuntimeError(f"bench: outputs disagree on ids ({len(ia)} vs {len(ib)} rows)")
+    return float(np.abs(a - b).max()) if len(a) else 0.0
+
+
+def bench_encode(cfg: BenchConfig) -> dict[str, Any]:
+    from pipeline.ray_runtime import init_ray
+    from pipeline.registry import ModelRef
+    from vae.checkpoint import checkpoint_bytes
+
+    root = os.path.abspath(os.path.join(cfg.workdir, "bench"))
+    threads = cfg.threads or os.cpu_count() or 1
+    files = make_input(os.path.join(root, f"input-{cfg.records}-{cfg.row_group_rows}-{cfg.file_rows}"),
+                       cfg.records, cfg.row_group_rows, cfg.file_rows)
+    input_dir = os.path.dirname(files[0])
+    warm_n = min(cfg.records, 2 * cfg.row_group_rows, 131_072)
+    warm_files = make_input(os.path.join(root, f"warmup-{warm_n}-{cfg.row_group_rows}"),
+                            warm_n, max(1, cfg.row_group_rows // 2), cfg.file_rows)
+    model = bench_model(cfg)
+    blob = (ModelRef(name="bench", version="1", run_id=None, uri="models:/bench/1", requested="random-init MLP"),
+            checkpoint_bytes(model))
+    out = os.path.join(root, "out")
+    shutil.rmtree(out, ignore_errors=True)
+    # Warm-up: both paths once on a small input (imports, kernels, page cache, Ray start).
+    baseline_encode(warm_files, os.path.join(out, "warm-baseline"), model, cfg.bs, threads)
+    init_ray(cfg.ray_address)
+    _pipeline_encode(cfg, os.path.dirname(warm_files[0]), os.path.join(out, "warm-vaepipe"), blob)
+
+    base, pipe = [], []
+    load_before = _load()
+    for r in range(cfg.repeats):
+        for side in (("baseline", "vaepipe") if r % 2 == 0 else ("vaepipe", "baseline")):
+            dst = os.path.join(out, side)
+            shutil.rmtree(dst, ignore_errors=True)
+            torch_threads = torch.get_num_threads()
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                if side == "baseline":
+                    rows = baseline_encode(files, dst, model, cfg.bs, threads)
+                    res = None
+                else:
+                    res = _pipeline_encode(cfg, input_dir, dst, blob)
+                    rows = res.rows_out
+                wall = time.perf_counter() - t0
+            torch.set_num_threads(torch_threads)
+            if rows != cfg.records:
+                raise RuntimeError(f"bench: {side} wrote {rows} records, expected {cfg.records}")
+            (base if side == "baseline" else pipe).append({"wall": wall, "peak": mem.peak_mb, "res": res})
+    load_after = _load()
+    b = min(base, key=lambda d: d["wall"])
+    p = min(pipe, key=lambda d: d["wall"])
+    span = p["res"].units_span_s or p["wall"]
+    diff = _compare(os.path.join(out, "baseline"), os.path.join(out, "vaepipe"))
+    n = cfg.records
+    figures = {
+        "what": "encode", "records": n, "batch_size": cfg.bs, "device": device_name(),
+        "baseline_records_per_s": n / b["wall"], "pipeline_records_per_s": n / p["wall"],
+        "ratio": b["wall"] / p["wall"],
+        "pipeline_steady_records_per_s": n / span, "steady_ratio": b["wall"] / span,
+        "baseline_wall_s": b["wall"], "pipeline_wall_s": p["wall"], "pipeline_units_span_s": span,
+        "peak_rss_mb": max(d["peak"] for d in pipe), "baseline_peak_rss_mb": max(d["peak"] for d in base),
+        "baseline_threads": threads, "pipeline_actors": cfg.concurrency or os.cpu_count(),
+        "pipeline_files": p["res"].files, "repeats": cfg.repeats,
+        "all_baseline_walls_s": [d["wall"] for d in base], "all_pipeline_walls_s": [d["wall"] for d in pipe],
+        "max_abs_mu_diff": diff, "load_avg_before": load_before, "load_avg_after": load_after,
+        "notes": ("pipeline = whole run_encode call after a warm-up run (Ray already up; includes planning, "
+                  "actor start + model load, encode, atomic commit); steady = first unit start to last unit end; "
+                  "peak_rss_mb = process tree incl. Ray during the vaepipe run"),
+    }
+    shutil.rmtree(out, ignore_errors=True)
+    return figures
+
+
+# --- train --------------------------------------------------------------------------------------
+
+def baseline_train(files: list[str], model, epochs: int, batch_size: int, threads: int, lr: float = 2e-3,
+                   seed: int = 0) -> tuple[list[float], float]:
+    """Plain PyTorch: read the Parquet once into a uint8 tensor, then `train_epoch` over randperm
+    batches with AdamW. Returns the epoch walls and the read time."""
+    from vae.loss import kl_weight
+    from vae.train_step import train_epoch
+
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        parts = [torch.from_numpy(pq.read_table(f, columns=["image"]).column("image").combine_chunks().flatten()
+                                  .to_numpy().reshape(-1, 784)) for f in files]
+    x = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+    read_s = time.perf_counter() - t0
+    torch.manual_seed(seed)
+    model = model.to(device).train()
+    opt_ = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    walls = []
+    for epoch in range(epochs):
+        lr_e = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs - 1, 1)))) if epochs > 1 else lr
+        for g in opt_.param_groups:
+            g["lr"] = lr_e
+        t = time.perf_counter()
+        perm = torch.randperm(len(x))
+        batches = (x[perm[i:i + batch_size]] for i in range(0, len(x), batch_size))
+        stats = train_epoch(model, batches, opt_, kl_weight(1.0, epoch + 1, 0.0), 0.0, device)
+        walls.append(time.perf_counter() - t)
+        if stats.records != len(x):
+            raise RuntimeError(f"bench: baseline trained on {stats.records} records, expected {len(x)}")
+    return walls, read_s
+
+
+def bench_train(cfg: BenchConfig) -> dict[str, Any]:
+    from pipeline.ray_runtime import init_ray
+    from pipeline.train import TrainConfig, run_train
+
+    root = os.path.abspath(os.path.join(cfg.workdir, "bench"))
+    files = make_input(os.path.join(root, f"input-{cfg.records}-{cfg.row_group_rows}-{cfg.file_rows}"),
+                       cfg.records, cfg.row_group_rows, cfg.file_rows)
+    threads = cfg.threads or os.cpu_count() or 1
+    run_root = os.path.join(root, "train-run")
+    shutil.rmtree(run_root, ignore_errors=True)
+    os.makedirs(run_root)
+    n = cfg.records
+    load_before = _load()
+    with PeakRSS() as bmem:
+        t0 = time.perf_counter()
+        walls, read_s = baseline_train(files, bench_model(cfg), cfg.epochs, cfg.bs, threads)
+        b_e2e = time.perf_counter() - t0
+    init_ray(cfg.ray_address, reserve_cpus=1 * 1.0 + 1)   # as run_train sizes it: Ray start not timed
+    tcfg = TrainConfig(input=os.path.dirname(files[0]), features=["image"], arch="mlp", latent_dim=cfg.latent_dim,
+                       hidden=list(cfg.hidden), scaling="uint8", likelihood="bernoulli", epochs=cfg.epochs,
+                       batch_size=cfg.bs, val_fraction=0.0, workers=1, promote="never", model_name="bench",
+                       experiment="bench", run_name="bench-train", storage_path=os.path.join(run_root, "ray"),
+                       workdir=run_root, tracking_uri=f"sqlite:///{os.path.join(run_root, 'mlflow.db')}",
+                       ray_address=cfg.ray_address, max_failures=0)
+    with PeakRSS() as pmem:
+        t0 = time.perf_counter()
+        res = run_train(tcfg)
+        p_e2e = time.perf_counter() - t0
+    load_after = _load()
+    with open(os.path.join(os.path.dirname(os.path.dirname(res.checkpoint)), "journal.jsonl")) as f:
+        journal = [json.loads(line) for line in f if line.strip()]
+    p_walls = [j["epoch_time_s"] for j in sorted(journal, key=lambda j: j["epoch"])]
+    if len(p_walls) != cfg.epochs:
+        raise RuntimeError(f"bench: vaepipe ran {len(p_walls)} epochs, expected {cfg.epochs}")
+    base_sps = n * (len(walls) - 1) / sum(walls[1:])
+    pipe_sps = n * (len(p_walls) - 1) / sum(p_walls[1:])
+    figures = {
+        "what": "train", "records": n, "batch_size": cfg.bs, "epochs": cfg.epochs, "device": device_name(),
+        "baseline_records_per_s": base_sps, "pipeline_records_per_s": pipe_sps, "ratio": pipe_sps / base_sps,
+        "baseline_epoch_s": walls, "pipeline_epoch_s": p_walls,
+        "baseline_end_to_end_s": b_e2e, "pipeline_end_to_end_s": p_e2e, "end_to_end_ratio": b_e2e / p_e2e,
+        "baseline_read_s": read_s, "final_train_neg_elbo": journal[-1].get("train_neg_elbo"),
+        "peak_rss_mb": pmem.peak_mb, "baseline_peak_rss_mb": bmem.peak_mb,
+        "baseline_threads": threads, "pipeline_workers": 1, "load_avg_before": load_before, "load_avg_after": load_after,
+        "notes": ("records/s = steady state over epochs 2..E (epoch 1 is warm-up) on each side; end-to-end: "
+                  "baseline = read + all epochs, vaepipe = whole run_train (Ray already up; includes Ray Data "
+                  "read, Train worker start, per-epoch checkpoints + MLflow, registration, figures)"),
+    }
+    shutil.rmtree(run_root, ignore_errors=True)
+    return figures
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    figures = bench_encode(cfg) if cfg.what == "encode" else bench_train(cfg)
+    figures["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    figures["torch"] = torch.__version__
+    if cfg.json:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
+        with open(cfg.json, "w") as f:
+            json.dump(figures, f, indent=2)
+    return figures
+
+
+def summary(f: dict[str, Any]) -> str:
+    lines = [f"bench {f['what']}: {f['records']:,} records, batch {f['batch_size']}, {f['device']}",
+             f"  baseline (plain PyTorch, {f['baseline_threads']} threads): {f['baseline_records_per_s']:>10,.0f} records/s",
+             f"  vaepipe:                              {f['pipeline_records_per_s']:>10,.0f} records/s",
+             f"  ratio vaepipe/baseline: {f['ratio']:.2f}"]
+    if f["what"] == "encode":
+        lines += [f"  (vaepipe = whole run_encode after warm-up: {f['pipeline_wall_s']:.1f} s vs baseline "
+                  f"{f['baseline_wall_s']:.1f} s; steady state, first unit start → last unit end: "
+                  f"{f['pipeline_steady_records_per_s']:,.0f} records/s, ratio {f['steady_ratio']:.2f})",
+                  f"  max |μ baseline − μ vaepipe| = {f['max_abs_mu_diff']:.2e}"]
+    else:
+        lines += [f"  (steady state over epochs 2..{f['epochs']}; end to end: baseline {f['baseline_end_to_end_s']:.1f} s, "
+                  f"vaepipe run_train {f['pipeline_end_to_end_s']:.1f} s, ratio {f['end_to_end_ratio']:.2f})"]
+    lines += [f"  peak RSS (process tree incl. Ray): vaepipe {f['peak_rss_mb']:,.0f} MiB, "
+              f"baseline {f['baseline_peak_rss_mb']:,.0f} MiB",
+              f"  load average before/after: {f['load_avg_before']} / {f['load_avg_after']}"]
+    return "\n".join(lines)

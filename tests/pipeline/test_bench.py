@@ -1,0 +1,71 @@
+"""`vaepipe bench encode|train` at a tiny size through the real code (local Ray, MLflow store): the
+figures are there, finite and positive, and both sides produced the right output. Nothing here is
+timed: the figures themselves are for docs/performance.md, not for a test on a shared machine."""
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from pipeline.bench import BenchConfig, PeakRSS, make_input, tree_rss_bytes
+from pipeline.errors import ConfigError
+
+KEYS = ("baseline_records_per_s", "pipeline_records_per_s", "ratio", "peak_rss_mb", "records", "device")
+
+
+def check_figures(f: dict, records: int) -> None:
+    for k in KEYS:
+        assert k in f, k
+    assert f["records"] == records
+    for k in ("baseline_records_per_s", "pipeline_records_per_s", "ratio", "peak_rss_mb"):
+        assert math.isfinite(f[k]) and f[k] > 0, (k, f[k])
+    assert f["device"].startswith(("cpu", "cuda"))
+
+
+def test_make_input_writes_tiled_mnist_in_row_groups_and_reuses_it(tmp_path):
+    files = make_input(str(tmp_path / "in"), 10_000, row_group_rows=3_000, file_rows=6_000)
+    assert len(files) == 2
+    md = [pq.read_metadata(f) for f in files]
+    assert [m.num_rows for m in md] == [6_000, 4_000] and md[0].num_row_groups == 2
+    t = pq.read_table(files[1])
+    assert t.column("id").to_pylist() == list(range(6_000, 10_000))
+    assert t.schema.field("image").type.list_size == 784
+    assert make_input(str(tmp_path / "in"), 10_000, row_group_rows=3_000, file_rows=6_000) == files
+
+
+def test_bench_encode_cli_writes_the_figures_and_both_outputs_agree(ray_local, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert main(["bench", "encode", "--records", "5000", "--row-group-rows", "1000", "--workdir", str(tmp_path),
+                 "--json", str(out)]) == 0
+    f = json.loads(out.read_text())
+    check_figures(f, 5000)
+    assert f["what"] == "encode" and f["pipeline_files"] >= 1
+    assert f["max_abs_mu_diff"] < 1e-5            # baseline and vaepipe wrote the same μ (first ids)
+    assert 0 < f["pipeline_units_span_s"] <= f["pipeline_wall_s"]
+    text = capsys.readouterr().out
+    assert "records/s" in text and "ratio vaepipe/baseline" in text
+
+
+def test_bench_train_cli_writes_the_figures(ray_local, tmp_path):
+    out = tmp_path / "t.json"
+    assert main(["bench", "train", "--records", "3000", "--epochs", "2", "--hidden", "32,16",
+                 "--workdir", str(tmp_path), "--json", str(out)]) == 0
+    f = json.loads(out.read_text())
+    check_figures(f, 3000)
+    assert f["what"] == "train" and len(f["baseline_epoch_s"]) == len(f["pipeline_epoch_s"]) == 2
+    assert math.isfinite(f["final_train_neg_elbo"])
+
+
+def test_bench_config_checks_and_rss_helpers():
+    with pytest.raises(ConfigError, match="epochs must be ≥ 2"):
+        BenchConfig(what="train", epochs=1)
+    with pytest.raises(ConfigError, match="records"):
+        BenchConfig(records=0)
+    assert BenchConfig(what="train").bs == 128 and BenchConfig().bs == 4096
+    with PeakRSS(interval=0.01) as m:
+        blob = bytearray(64 * 2**20)
+    assert m.peak >= tree_rss_bytes() - 2**30 and m.peak_mb > 64
+    del blob

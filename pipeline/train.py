@@ -2,7 +2,6 @@
 version → `production` alias when it beats the current one on the same validation data."""
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
@@ -20,8 +19,8 @@ from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError, InputError
 from pipeline.features import FeatureSpec, check_finite, infer_spec, to_matrix
 from pipeline.parquet_io import check_inputs, list_parquet_files, read_table
-from pipeline.train_loop import CHECKPOINT_FILE, content_split_mask, train_loop_per_worker
-from pipeline.uris import Location, resolve
+from pipeline.train_loop import CHECKPOINT_FILE, RunStore, content_split_mask, train_loop_per_worker
+from pipeline.uris import Location, arrow_filesystem, resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
 from vae.config import VAEConfig
 from vae.model import VAE
@@ -64,9 +63,12 @@ class TrainConfig(RuntimeConfig):
     cpus_per_worker: float = opt(1.0, "CPUs each train worker reserves")
     amp: str = opt("off", "mixed precision: off, bf16, fp16", choices=("off", "bf16", "fp16"))
     compile: bool = opt(False, "torch.compile the model")
-    storage_path: str | None = opt(None, "checkpoint storage (local path or URI; default: WORKDIR/ray_results)")
-    run_name: str | None = opt(None, "Ray Train run name (default: MODEL_NAME-TIMESTAMP)")
-    resume: bool = opt(False, "continue the latest (or --run-name) run from its last checkpoint")
+    storage_path: str | None = opt(None, "checkpoint storage (local path or any fsspec URI; default: WORKDIR/ray_results)")
+    storage_options: str = opt("", "fsspec storage options for --storage-path as JSON, e.g. "
+                                   '\'{"endpoint_url": "http://minio:9000"}\'')
+    run_name: str | None = opt(None, "run name: the folder under --storage-path (default: MODEL_NAME-TIMESTAMP)")
+    resume: bool = opt(False, "continue the latest run of --model-name (or --run-name) from its newest complete "
+                              "checkpoint, as a new Ray Train run in the same folder and the same MLflow run")
     max_failures: int = opt(1, "worker-group restarts after a failure (from the last checkpoint)")
     fail_at_epoch: int | None = opt(None, "fault injection: rank --fail-rank exits once at this epoch")
     fail_rank: int = opt(0, "fault injection: which rank exits")
@@ -95,6 +97,18 @@ class TrainConfig(RuntimeConfig):
             raise ConfigError("beta and free_bits must be ≥ 0 and lr > 0")
         if self.image_shape and len(self.image_shape) != 3:
             raise ConfigError(f"image_shape must be C,H,W, got {self.image_shape}")
+        self.storage_options_dict()
+
+    def storage_options_dict(self) -> dict:
+        if not self.storage_options:
+            return {}
+        try:
+            so = json.loads(self.storage_options) if isinstance(self.storage_options, str) else dict(self.storage_options)
+        except ValueError as e:
+            raise ConfigError(f"storage_options must be a JSON object: {e}") from None
+        if not isinstance(so, dict):
+            raise ConfigError(f"storage_options must be a JSON object, got {self.storage_options!r}")
+        return so
 
 
 @dataclass
@@ -104,9 +118,10 @@ class TrainResult:
     version: str
     promoted: bool
     metrics: dict[str, float]
-    checkpoint: str
+    checkpoint: str          # a local checkpoint file (downloaded when the storage is remote)
     epochs_run: int
     wall_s: float
+    run_dir: str = ""        # the run folder (local path or URI): vaepipe_run.json, journal.jsonl, checkpoints
 
 
 def _model_config(cfg: TrainConfig, pre: Preprocessing, dim: int, layout: str, sample_in_unit: bool) -> VAEConfig:
@@ -172,9 +187,15 @@ def build_datasets(data: dict, cfg: TrainConfig):
     import ray.data
 
     def read(loc: Location, files: list[str]):
-        return ray.data.read_parquet([loc.full(p) if not loc.is_local else p for p in files],
-                                     filesystem=loc.arrow_fs() if not loc.is_local else None,
-                                     columns=data["cols"], shuffle=None)
+        ds = ray.data.read_parquet([loc.full(p) if not loc.is_local else p for p in files],
+                                   filesystem=loc.arrow_fs() if not loc.is_local else None,
+                                   columns=data["cols"], shuffle=None)
+        # Blocks in file order, in every execution (materialize() included, which runs with the
+        # dataset's own context, not DataConfig's): with the seeded local shuffle, a 1-worker run
+        # then sees the same batches in the same order every time. The context is this dataset's
+        # private copy (read_parquet copies DataContext.get_current()), shared by its map_batches.
+        ds.context.execution_options.preserve_order = True
+        return ds
 
     ds = read(data["loc"], data["files"])
     if data["val"] is not None:
@@ -187,14 +208,24 @@ def build_datasets(data: dict, cfg: TrainConfig):
     return train, val
 
 
-def _latest_run(storage: str, model_name: str) -> str | None:
-    runs = [p for p in glob.glob(os.path.join(storage, f"{model_name}-*")) if os.path.exists(os.path.join(p, "vaepipe_run.json"))]
-    return max(runs, key=os.path.getmtime) if runs else None
+def _latest_run(storage: RunStore, model_name: str) -> str | None:
+    """The name of the newest run of `model_name` under the storage root (by its creation time)."""
+    best = None
+    for meta_path in storage.fs.glob(storage.join("*", RunStore.META)):
+        try:
+            meta = json.loads(storage.fs.cat_file(meta_path))
+        except Exception:
+            continue
+        if meta.get("model_name") == model_name:
+            key = (meta.get("created", 0.0), meta_path)
+            best = max(best, key) if best else key
+    return best[1].rstrip("/").split("/")[-2] if best else None
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    ckpts = sorted(glob.glob(os.path.join(run_dir, "epoch_*", CHECKPOINT_FILE)))
-    return os.path.dirname(ckpts[-1]) if ckpts else None
+def latest_checkpoint(run_dir: str, storage_options: dict | None = None) -> str | None:
+    """The newest complete checkpoint file of a run folder (any attempt), or None."""
+    found = RunStore(run_dir, storage_options).newest_complete()
+    return found[0] if found else None
 
 
 def run_train(cfg: TrainConfig) -> TrainResult:
@@ -213,19 +244,45 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     quiet_data_progress()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
 
-    storage = os.path.abspath(cfg.storage_path or os.path.join(cfg.workdir, "ray_results"))
-    os.makedirs(storage, exist_ok=True)
+    so = cfg.storage_options_dict()
+    storage_uri = cfg.storage_path or os.path.join(cfg.workdir, "ray_results")
+    if "://" not in storage_uri:
+        storage_uri = os.path.abspath(storage_uri)
+    else:
+        resolve(storage_uri)   # the scheme allowlist and `..` check
+    root = RunStore(storage_uri, so)
+    root.fs.makedirs(root.path, exist_ok=True)
     run_name = cfg.run_name
     if cfg.resume and not run_name:
-        prev = _latest_run(storage, cfg.model_name)
-        if prev is None:
-            raise InputError(f"--resume: no earlier run of {cfg.model_name!r} under {storage}")
-        run_name = os.path.basename(prev)
-    run_name = run_name or f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = os.path.join(storage, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    meta_path = os.path.join(run_dir, "vaepipe_run.json")
-    meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+        run_name = _latest_run(root, cfg.model_name)
+        if run_name is None:
+            raise InputError(f"--resume: no earlier run of {cfg.model_name!r} under {storage_uri}")
+    if not run_name:
+        run_name = f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        while root.exists(run_name):
+            run_name = f"{run_name}-{os.urandom(2).hex()}"
+    run_dir = root.join(run_name) if root.is_local else root.fs.unstrip_protocol(root.join(run_name))
+    store = RunStore(run_dir, so)
+    meta = store.read_meta()
+    if meta and not cfg.resume:
+        raise InputError(f"run {run_name!r} already exists under {storage_uri}: pass --resume to continue it, "
+                         f"or another --run-name")
+    if cfg.resume and not meta:
+        log.warning("--resume: run %s has no vaepipe_run.json; starting it fresh", run_name)
+    attempts = meta.get("attempts", [])
+    # Attempt 0 is the Ray run RUN_NAME (its folder is the run folder); each --resume is a new Ray
+    # run resume-K inside it, so Ray never restores (and re-validates) an earlier run's snapshot.
+    if not meta:
+        attempt, ray_name, ray_parent = 0, run_name, root
+    else:   # (a run folder from before attempts were recorded: its first Ray run is attempt 0)
+        attempt = max([a["attempt"] for a in attempts] or [0]) + 1
+        ray_name, ray_parent = f"resume-{attempt}", store
+    resume_from = None
+    if cfg.resume and meta:
+        found = store.newest_complete()
+        resume_from = found[0] if found else None
+        if found:
+            print(f"resuming {run_name} from epoch {found[1]['epoch'] + 1} ({resume_from}) as Ray run {ray_name}")
 
     # One MLflow run for the whole training, across worker restarts and --resume.
     import mlflow
@@ -243,14 +300,15 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         for k, v in {"input_uri": cfg.input, "data_fingerprint": data["fingerprint"], "git_commit": registry.git_commit(),
                      "input_rows": str(data["rows"]), "ray_run_dir": run_dir, "model_config": json.dumps(data["model"].to_dict())[:5000]}.items():
             client.set_tag(run_id, f"vaepipe.{k}", v)
-    json.dump({"mlflow_run_id": run_id, "model_name": cfg.model_name}, open(meta_path, "w"))
+    attempts.append({"attempt": attempt, "ray_run": ray_name, "resume_from": resume_from, "time": time.time()})
+    store.write_meta({"mlflow_run_id": run_id, "model_name": cfg.model_name, "run_name": run_name,
+                      "created": meta.get("created", time.time()), "attempts": attempts})
 
     train_ds, val_ds = build_datasets(data, cfg)
     if cfg.cache == "on" or (cfg.cache == "auto" and data["rows"] * data["model"].input_dim * 4 < 2**31):
         # Read and split once; later epochs stream blocks from the (distributed) object store.
         train_ds = train_ds.materialize()
         val_ds = val_ds.materialize() if val_ds is not None else None
-    resume_from = latest_checkpoint(run_dir) if cfg.resume else None
     loop_cfg = {
         "model": data["model"].to_dict(), "features": list(data["spec"].columns), "layout": data["spec"].layout,
         "input_dim": data["model"].input_dim, "input": cfg.input, "id_column": cfg.id_column,
@@ -259,7 +317,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         "warmup_epochs": cfg.warmup_epochs, "free_bits": cfg.free_bits, "patience": cfg.patience,
         "min_delta": cfg.min_delta, "shuffle_buffer": cfg.shuffle_buffer, "seed": cfg.seed, "amp": cfg.amp,
         "compile": cfg.compile, "has_val": val_ds is not None, "resume_from": resume_from,
-        "mlflow_run_id": run_id, "tracking_uri": tracking, "run_dir": run_dir,
+        "mlflow_run_id": run_id, "tracking_uri": tracking, "run_dir": run_dir, "storage_options": so,
+        "attempt": attempt,
         "fail_at_epoch": cfg.fail_at_epoch, "fail_rank": cfg.fail_rank,
         "threads": max(1, (os.cpu_count() or 1) // cfg.workers) if not use_gpu else 4,
     }
@@ -268,7 +327,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         train_loop_per_worker, train_loop_config=loop_cfg, datasets=datasets,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=run_name, storage_path=storage,
+        run_config=ray.train.RunConfig(name=ray_name, storage_path=ray_parent.path,
+                                       storage_filesystem=None if root.is_local else arrow_filesystem(root.fs),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"] + (["val"] if val_ds is not None else []),
                                             execution_options=ExecutionOptions(preserve_order=True)),
@@ -278,18 +338,21 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     except Exception as e:
         client.set_terminated(run_id, status="FAILED")
         raise _unwrap_error(e) from None
-    ckpt_dir = latest_checkpoint(run_dir)
-    if ckpt_dir is None:
+    found = store.newest_complete()
+    if found is None:
         client.set_terminated(run_id, status="FAILED")
         raise RuntimeError(f"training {run_name} finished without a checkpoint in {run_dir}")
-    state = load_checkpoint(os.path.join(ckpt_dir, CHECKPOINT_FILE))
+    ckpt_path, state = found
+    ckpts = store.checkpoints()
     best_epoch = state["extra"]["best_epoch"]
-    best_dir = os.path.join(run_dir, f"epoch_{best_epoch:04d}")
-    if os.path.exists(os.path.join(best_dir, CHECKPOINT_FILE)):   # restore the best epoch's weights
-        ckpt_dir, state = best_dir, load_checkpoint(os.path.join(best_dir, CHECKPOINT_FILE))
+    if best_epoch in ckpts and best_epoch != state["epoch"]:   # restore the best epoch's weights
+        try:
+            ckpt_path, state = ckpts[best_epoch], store.load(ckpts[best_epoch])
+        except Exception as e:
+            log.warning("best epoch %d's checkpoint is unreadable (%s); keeping the last", best_epoch, e)
     model = model_from_checkpoint(state)
     metrics = dict(state["extra"]["metrics"])
-    epochs_run = len(glob.glob(os.path.join(run_dir, "epoch_*")))
+    epochs_run = len(ckpts)
 
     # Figures, model, lineage.
     from pipeline import plots
@@ -302,7 +365,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             plots.latent_scatter(mu, None, os.path.join(art, "latent_2d.png"))]
     for p in pngs:
         client.log_artifact(run_id, p, "figures")
-    ckpt_file = os.path.join(ckpt_dir, CHECKPOINT_FILE)
+    ckpt_file = ckpt_path
+    if not store.is_local:   # registry.log_model and callers read a local file
+        ckpt_file = os.path.join(art, CHECKPOINT_FILE)
+        store.fs.get_file(ckpt_path, ckpt_file)
     model_uri = registry.log_model(run_id, ckpt_file, model.config.input_dim, model.config.latent_dim, tracking,
                                    example=data["sample"][:2])
     client.log_metric(run_id, "wall_time_s", time.perf_counter() - t_start)
@@ -315,7 +381,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     client.set_terminated(run_id, status="FINISHED")
     return TrainResult(run_id=run_id, model_uri=f"models:/{cfg.model_name}/{mv.version}", version=str(mv.version),
                        promoted=promoted, metrics=metrics, checkpoint=ckpt_file, epochs_run=epochs_run,
-                       wall_s=time.perf_counter() - t_start)
+                       wall_s=time.perf_counter() - t_start, run_dir=run_dir)
 
 
 def _val_batches(val_ds, data, batch_size=1024):

@@ -70,18 +70,20 @@ def train_loop_per_worker(cfg: dict) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     start_epoch, best, best_epoch, stale = 0, float("inf"), -1, 0
 
-    # Resume: a restarted worker group gets Ray's latest checkpoint; `--resume` passes one explicitly.
+    # Resume: a restarted worker group gets Ray's latest checkpoint of this attempt; `--resume` starts
+    # a new attempt (a new Ray run) and passes our own newest complete checkpoint explicitly.
+    store = RunStore(cfg["run_dir"], cfg.get("storage_options"))
     state = None
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None and cfg.get("resume_from"):
-        ckpt = ray.train.Checkpoint(cfg["resume_from"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+    elif cfg.get("resume_from"):
+        state = store.load(cfg["resume_from"])
     # Ray registers a reported checkpoint asynchronously: a worker that dies right after a report
     # can be restarted with the previous one. Rank 0 persisted the newer one already; use it.
-    newer = newest_complete_checkpoint(cfg["run_dir"], after=state["epoch"] if state else -1)
-    state = newer or state
+    newer = store.newest_complete(after=state["epoch"] if state else -1)
+    state = newer[1] if newer else state
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -142,9 +144,9 @@ def train_loop_per_worker(cfg: dict) -> None:
             print(f"epoch {epoch + 1}/{cfg['epochs']}: train -ELBO {metrics['train_neg_elbo']:.3f}"
                   + (f" val -ELBO {metrics['val_neg_elbo']:.3f}" if "val_neg_elbo" in metrics else "")
                   + f" lr {metrics['lr']:.2e} {metrics['samples_per_s']:.0f} samples/s {wall:.1f}s", flush=True)
-            # An append-only journal of finished epochs beside the checkpoints (ops can see restarts).
-            with open(os.path.join(cfg["run_dir"], "journal.jsonl"), "a") as j:
-                j.write(json.dumps({"epoch": epoch, "time": time.time(), **{k: float(v) for k, v in metrics.items()}}) + "\n")
+            # An append-only journal of finished epochs in the run folder, across restarts and resumes.
+            store.append_journal({"epoch": epoch, "time": time.time(), "attempt": cfg.get("attempt", 0),
+                                  **{k: float(v) for k, v in metrics.items()}})
         else:
             ray.train.report(metrics)
         if stop:
@@ -163,28 +165,102 @@ def _quiet_ray_train_logs() -> None:
         pass
 
 
-def newest_complete_checkpoint(run_dir: str, after: int) -> dict | None:
-    """The newest checkpoint under run_dir with epoch > `after` that loads completely, or None."""
-    import glob
+class RunStore:
+    """A vaepipe run folder on any fsspec filesystem (a local path or a URI):
 
-    for path in sorted(glob.glob(os.path.join(run_dir, "epoch_*", CHECKPOINT_FILE)), reverse=True):
-        try:
-            state = load_checkpoint(path)
-        except Exception:   # a checkpoint cut off mid-copy: fall back to the one before
-            continue
-        return state if state["epoch"] > after else None
-    return None
+        RUN/vaepipe_run.json        the MLflow run id, model name, attempts
+        RUN/journal.jsonl           one line per finished epoch, every attempt appends
+        RUN/epoch_NNNN/             checkpoints of the first attempt (Ray run RUN_NAME)
+        RUN/resume-K/epoch_NNNN/    checkpoints of the K-th `--resume` (a new Ray run, resume-K)
+
+    Each `--resume` is a new Ray Train run under RUN/, so Ray never restores its own snapshot
+    (which refuses to start when a checkpoint it lists was deleted); we pick the checkpoint."""
+
+    META = "vaepipe_run.json"
+    JOURNAL = "journal.jsonl"
+
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        import fsspec
+
+        self.uri = uri
+        self.fs, self.path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        self.path = self.path.rstrip("/")
+
+    @property
+    def is_local(self) -> bool:
+        p = self.fs.protocol
+        return (p[0] if isinstance(p, (tuple, list)) else p) in ("file", "local")
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.path, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.join(*parts))
+
+    def read_meta(self) -> dict:
+        p = self.join(self.META)
+        return json.loads(self.fs.cat_file(p)) if self.fs.exists(p) else {}
+
+    def write_meta(self, meta: dict) -> None:
+        self.fs.makedirs(self.path, exist_ok=True)
+        self.fs.pipe_file(self.join(self.META), json.dumps(meta, indent=1).encode())
+
+    def journal(self) -> list[dict]:
+        p = self.join(self.JOURNAL)
+        self.fs.invalidate_cache()
+        if not self.fs.exists(p):
+            return []
+        return [json.loads(line) for line in self.fs.cat_file(p).decode().splitlines() if line.strip()]
+
+    def append_journal(self, entry: dict) -> None:
+        line = (json.dumps(entry) + "\n").encode()
+        p = self.join(self.JOURNAL)
+        if self.is_local:
+            with open(p, "ab") as f:
+                f.write(line)
+        else:   # object stores cannot append; the journal is small and rank 0 is its only writer
+            old = self.fs.cat_file(p) if self.fs.exists(p) else b""
+            self.fs.pipe_file(p, old + line)
+
+    def checkpoints(self) -> dict[int, str]:
+        """{epoch: path of its checkpoint file}; a later attempt's checkpoint of an epoch wins."""
+        found: dict[int, tuple[int, str]] = {}
+        self.fs.invalidate_cache()   # object-store listings are cached; Ray and rank 0 write meanwhile
+        for pattern in (self.join("epoch_*", CHECKPOINT_FILE), self.join("resume-*", "epoch_*", CHECKPOINT_FILE)):
+            for path in self.fs.glob(pattern):
+                parts = path.rstrip("/").split("/")
+                try:
+                    epoch = int(parts[-2].split("_", 1)[1])
+                    attempt = int(parts[-3].split("-", 1)[1]) if parts[-3].startswith("resume-") else 0
+                except (IndexError, ValueError):
+                    continue
+                if epoch not in found or attempt > found[epoch][0]:
+                    found[epoch] = (attempt, path)
+        return {e: p for e, (_, p) in sorted(found.items())}
+
+    def load(self, path: str) -> dict:
+        return load_checkpoint(path if self.is_local else self.fs.cat_file(path))
+
+    def newest_complete(self, after: int = -1) -> tuple[str, dict] | None:
+        """(path, state) of the newest checkpoint with epoch > `after` that loads completely."""
+        for epoch, path in sorted(self.checkpoints().items(), reverse=True):
+            if epoch <= after:
+                return None
+            try:
+                return path, self.load(path)
+            except Exception:   # a checkpoint cut off mid-copy: fall back to the one before
+                continue
+        return None
 
 
 def _maybe_fail(cfg: dict, rank: int, epoch: int) -> None:
     """Fault injection for tests and drills: rank `fail_rank` exits hard, once, at `fail_at_epoch`."""
     if cfg.get("fail_at_epoch") is None or epoch != cfg["fail_at_epoch"] or rank != cfg["fail_rank"]:
         return
-    marker = os.path.join(cfg["run_dir"], ".fault_injected")
-    if os.path.exists(marker):
+    store = RunStore(cfg["run_dir"], cfg.get("storage_options"))
+    if store.exists(".fault_injected"):
         return
-    os.makedirs(cfg["run_dir"], exist_ok=True)
-    open(marker, "w").close()
+    store.fs.pipe_file(store.join(".fault_injected"), b"")
     os._exit(1)
 
 

@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import pytest
 
 from pipeline.registry import client
 from pipeline.train import TrainConfig, run_train
+from pipeline.train_loop import RunStore
 
 TINY = dict(features=["image"], latent_dim=2, hidden=[8, 16], batch_size=256, epochs=4, seed=3, promote="never")
 
 
-def _journal(checkpoint: str) -> list[int]:
-    """Epochs in the order rank 0 finished them (the run's journal.jsonl)."""
-    with open(os.path.join(os.path.dirname(os.path.dirname(checkpoint)), "journal.jsonl")) as f:
-        return [json.loads(line)["epoch"] for line in f]
+def _journal(run_dir: str) -> list[int]:
+    """Epochs in the order rank 0 finished them (the run folder's journal.jsonl, every attempt)."""
+    return [e["epoch"] for e in RunStore(run_dir).journal()]
 
 
 def test_killed_worker_restarts_from_last_checkpoint_not_from_zero(ray_local, digits_parquet, tmp_path):
@@ -24,11 +23,10 @@ def test_killed_worker_restarts_from_last_checkpoint_not_from_zero(ray_local, di
     # rank 1 of 2 exits hard at the start of epoch 2; max_failures=1 lets Ray restart the group
     r = run_train(TrainConfig(input=digits_parquet, workers=2, max_failures=1, fail_at_epoch=2, fail_rank=1,
                               model_name="faulty", workdir=work, **TINY))
-    run_dir = os.path.dirname(os.path.dirname(r.checkpoint))
-    assert os.path.exists(os.path.join(run_dir, ".fault_injected"))          # the fault did fire
+    assert os.path.exists(os.path.join(r.run_dir, ".fault_injected"))          # the fault did fire
     assert r.epochs_run == 4
     # each epoch was trained once: a restart from zero would have logged epochs 0 and 1 twice
-    assert _journal(r.checkpoint) == [0, 1, 2, 3]
+    assert _journal(r.run_dir) == [0, 1, 2, 3]
 
 
 def test_resume_after_a_stopped_run_matches_an_uninterrupted_run(ray_local, digits_parquet, tmp_path):
@@ -42,11 +40,12 @@ def test_resume_after_a_stopped_run_matches_an_uninterrupted_run(ray_local, digi
     resumed = run_train(TrainConfig(input=digits_parquet, workers=1, resume=True, run_name="stopped-1",
                                     model_name="stopped", workdir=work, **TINY))
     assert resumed.epochs_run == clean.epochs_run == 4
-    assert _journal(resumed.checkpoint) == [0, 1, 2, 3]                     # no epoch trained twice
+    assert _journal(resumed.run_dir) == [0, 1, 2, 3]                       # no epoch trained twice
+    assert glob.glob(f"{work}/ray_results/stopped-1/resume-1/epoch_*")        # a new Ray run in the same folder
     assert resumed.run_id == client(f"sqlite:///{work}/mlflow.db").search_runs(
         [client(f"sqlite:///{work}/mlflow.db").get_experiment_by_name("vaepipe").experiment_id],
         filter_string="attributes.run_name = 'stopped-1'")[0].info.run_id      # one MLflow run across the stop
-    # seeded per (seed, epoch), the resumed run retraces the uninterrupted one up to the noise of
-    # the validation pass: two identical runs differ by up to ~3e-3 nats here (ε is drawn per val
-    # batch, and the val shard's batch order can differ), so "within noise" is 1e-3 relative.
-    assert resumed.metrics["val_neg_elbo"] == pytest.approx(clean.metrics["val_neg_elbo"], rel=1e-3)
+    # seeded per (seed, epoch), fixed block order and per-record validation ε: the resumed run retraces
+    # the uninterrupted one (measured: bitwise equal on CPU; 1e-4 leaves room for BLAS differences)
+    for m in ("val_neg_elbo", "train_neg_elbo"):
+        assert resumed.metrics[m] == pytest.approx(clean.metrics[m], abs=1e-4), m

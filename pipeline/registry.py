@@ -173,8 +173,13 @@ def register(model_uri: str, name: str, tracking_uri: str, run_id: str, tags: di
         c.get_registered_model(name)
     except Exception:
         c.create_registered_model(name)
+    # A logged model (models:/m-ID, what log_model returns in MLflow 3) must be named by model_id
+    # too: a tracking server refuses that source without it (INVALID_PARAMETER_VALUE), and the
+    # SQLite store resolves it through the global tracking URI (hence using_tracking).
+    logged = re.match(r"^models:/(m-[0-9a-f]+)/?$", model_uri)
     with using_tracking(tracking_uri):
-        mv = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags or {})
+        mv = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags or {},
+                                    model_id=logged[1] if logged else None)
     deadline = time.time() + timeout_s
     while mv.status != "READY":
         if mv.status == "FAILED_REGISTRATION" or time.time() > deadline:

@@ -295,7 +295,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     else:
         run_id = client.create_run(exp, run_name=run_name).info.run_id
         params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.to_dict().items()
-                  if k not in ("tracking_uri",)}
+                  if k not in ("tracking_uri", "storage_options")}   # options may hold credentials
         client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
         for k, v in {"input_uri": cfg.input, "data_fingerprint": data["fingerprint"], "git_commit": registry.git_commit(),
                      "input_rows": str(data["rows"]), "ray_run_dir": run_dir, "model_config": json.dumps(data["model"].to_dict())[:5000]}.items():

@@ -56,6 +56,18 @@ def test_probe_and_auc_on_separable_toy():
     assert ev.roc_auc(-x[:, 0], y) == 0.0
 
 
+def test_label_spreading_uses_unlabelled_records_where_logistic_cannot():
+    # Two interleaved half-moons, 10 labels: a line through 10 points cannot separate them, but the
+    # neighbour graph of all 600 records carries each label along its moon (the transductive probe).
+    from sklearn.datasets import make_moons
+
+    x, y = make_moons(600, noise=0.04, random_state=0)
+    xt, yt = make_moons(400, noise=0.04, random_state=1)
+    assert ev.spreading_error(x, y, xt, yt, 10, seed=0) < 0.01
+    assert ev.probe_error(x, y, xt, yt, 10, seed=0) > 0.08
+    assert ev.spreading_error(x, y, xt, yt, 10, seed=0) == ev.spreading_error(x, y, xt, yt, 10, seed=0)
+
+
 def test_evaluate_end_to_end(trained_digits, digits_parquet, workdir, tmp_path):
     from jobs.evaluate import Config, run
     from pipeline import registry
@@ -72,6 +84,8 @@ def test_evaluate_end_to_end(trained_digits, digits_parquet, workdir, tmp_path):
     vals = [r["elbo"], r["iw_log_likelihood"]] + [v for row in rows.values() for k, v in row.items()
                                                   if k.endswith("mse") or k.endswith("db")]
     vals += [e for d in r["probe_error"].values() for e in d.values()]
+    vals += [e for d in r["semi_supervised_error"].values() for e in d.values()]
+    assert set(r["semi_supervised_error"]["100"]) == {"mu", "raw", "pca"}
     assert all(math.isfinite(v) for v in vals)
     assert set(r["probe_error"]) == {"100", "600"}      # 898 training records: no 1,000-label probe
     for f in ("samples_reconstructions.png", "latent_scatter.png", "rate_distortion.png", "probe_accuracy.png"):

@@ -59,8 +59,11 @@ def test_bf16_run_logs_everything_and_promotion_needs_a_better_val_elbo(ray_loca
     forced = run_train(TrainConfig(promote="force", **weak))
     assert forced.promoted and current_alias_version("t3", "production", tr) == forced.version
     assert c.get_model_version("t3", forced.version).tags["vaepipe.promotion_reason"] == "--promote force"
-    # Seen 2026-11-24: 46.4958 vs 46.4924 (not bitwise; val ε-draw order vs Ray Data block order, see report)
-    assert forced.metrics["val_neg_elbo"] == pytest.approx(worse.metrics["val_neg_elbo"], rel=1e-3)
+    # 1-worker CPU reproducibility: fixed block order (preserve_order, also for materialize()), seeded
+    # local shuffle and ε per epoch, validation ε per record. Measured: every metric bitwise equal.
+    for k, v in worse.metrics.items():
+        if k not in ("epoch_time_s", "samples_per_s"):
+            assert forced.metrics[k] == pytest.approx(v, abs=1e-6), k
 
 
 def test_second_validation_uri_streamed_without_cache(ray_local, digits_parquet, workdir, tmp_path):
@@ -74,3 +77,36 @@ def test_second_validation_uri_streamed_without_cache(ray_local, digits_parquet,
     assert run.data.params["val_input"] == val_uri and run.data.params["cache"] == "off"
     assert r.epochs_run == 2 and math.isfinite(r.metrics["val_neg_elbo"])
     assert not r.promoted
+
+
+def test_checkpoints_go_to_an_fsspec_storage_uri_and_resume_from_there(ray_local, digits_parquet, workdir):
+    """--storage-path s3://… (a local S3 server): Ray Train writes the checkpoints through a pyarrow
+    wrapper of the fsspec filesystem, vaepipe lists them, keeps its journal there, and --resume
+    continues from the newest one as a new Ray run in the same run folder."""
+    import json
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        so = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing",
+              "client_kwargs": {"region_name": "us-east-1"}}
+        boto3.client("s3", endpoint_url=so["endpoint_url"], aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="ckpts")
+        common = dict(input=digits_parquet, epochs=2, promote="never", model_name="t3s3", workdir=workdir,
+                      storage_path="s3://ckpts/runs", storage_options=json.dumps(so), run_name="s3run", **TINY)
+        r = run_train(TrainConfig(**common))
+        assert r.run_dir == "s3://ckpts/runs/s3run" and os.path.isfile(r.checkpoint)   # a local copy
+        from pipeline.train_loop import RunStore
+
+        store = RunStore(r.run_dir, so)
+        assert sorted(store.checkpoints()) == [0, 1] and [e["epoch"] for e in store.journal()] == [0, 1]
+        more = run_train(TrainConfig(**(common | {"epochs": 3, "resume": True})))
+        assert more.run_id == r.run_id and more.epochs_run == 3
+        assert [e["epoch"] for e in store.journal()] == [0, 1, 2]
+        assert store.checkpoints()[2].endswith("s3run/resume-1/epoch_0002/checkpoint.pt")
+    finally:
+        server.stop()

@@ -159,6 +159,25 @@ def raw_dtype(schema: pa.Schema, spec: FeatureSpec) -> type:
     return np.float32
 
 
+def release_memory() -> None:
+    """Hand freed row-group buffers back to the OS (Arrow's pool, then glibc's heap), so an actor's
+    RSS stays at one row group's worth instead of the allocators' high-water mark."""
+    pa.default_memory_pool().release_unused()
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:   # not glibc (macOS, musl): nothing to trim
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 class UnitEncoder:
     """A Ray Data actor: loads the model once, then encodes whole units (row groups → one file)."""
 
@@ -247,6 +266,8 @@ class UnitEncoder:
                     writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
                 writer.write_table(table)
                 rows += table.num_rows
+                del t, x, enc, out, table
+                release_memory()
         if writer is not None:
             writer.close()
             sink.close()

@@ -21,63 +21,11 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-import threading
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-def tree_rss_bytes(root: int | None = None) -> int:
-    """RSS summed over `root` (default: this process) and every descendant, from /proc."""
-    root = os.getpid() if root is None else root
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    page = os.sysconf("SC_PAGE_SIZE")
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()      # state ppid … rss is field 24 (index 21 here)
-            children.setdefault(int(fields[1]), []).append(int(d))
-            rss[int(d)] = int(fields[21]) * page
-        except (OSError, IndexError, ValueError):
-            continue
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
-    return total
-
-
-class PeakRSS:
-    """`with PeakRSS() as m: ...` samples the process tree's RSS every `interval` s; `m.peak_mb`."""
-
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while True:
-            self.peak = max(self.peak, tree_rss_bytes())
-            if self._stop.wait(self.interval):
-                return
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, tree_rss_bytes())
-
-    @property
-    def peak_mb(self) -> float:
-        return self.peak / 2**20
+from pipeline.bench import PeakRSS   # RSS of this process and its descendants, sampled from /proc
 
 
 def generate(folder: str, records: int, per_partition: int, seed: int = 0) -> None:

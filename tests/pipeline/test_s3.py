@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-import posixpath
-
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -16,26 +13,10 @@ from pipeline import registry
 from pipeline.decode import DecodeConfig, run_decode
 from pipeline.encode import EncodeConfig, run_encode
 from pipeline.nightly import NightlyConfig, run_nightly
-from pipeline.parquet_io import read_manifest
-from pipeline.uris import resolve
+
+from committed_io import committed, mu
 
 MODEL = "models:/digits@production"
-
-
-def committed(uri: str, **so) -> pa.Table:
-    loc = resolve(uri, **so)
-    m = read_manifest(loc)
-    assert m is not None and loc.fs.exists(posixpath.join(loc.path, "_SUCCESS")), f"{uri} is not committed"
-    tables = []
-    for f in m["files"]:
-        with loc.fs.open(posixpath.join(loc.path, f["path"]), "rb") as fh:
-            tables.append(pq.read_table(fh))
-    return pa.concat_tables(tables)
-
-
-def mu(t: pa.Table) -> np.ndarray:
-    c = t.column("mu").combine_chunks()
-    return c.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(c), c.type.list_size)
 
 
 def upload_days(fs, digits_parquet: str, prefix: str, days: list[int]) -> None:

@@ -25,7 +25,8 @@ import torch
 from pipeline import registry
 from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError, InputError, SchemaError
-from pipeline.features import FeatureSpec, check_finite, fixed_size_list, infer_spec, nonfinite_rows, to_matrix
+from pipeline.features import (FeatureSpec, check_finite, fixed_size_list, infer_spec, nonfinite_rows, raw_dtype,
+                               to_matrix)
 from pipeline.parquet_io import Commit, list_parquet_files, partition_values, read_footer
 from pipeline.uris import Location, resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
@@ -146,17 +147,6 @@ def latent_array(v: np.ndarray, dtype: str, int8_scale: np.ndarray | None) -> pa
         return fixed_size_list(v.astype(np.float16), pa.float16())
     q = np.clip(np.rint(v / int8_scale), -127, 127).astype(np.int8)
     return fixed_size_list(q, pa.int8())
-
-
-def raw_dtype(schema: pa.Schema, spec: FeatureSpec) -> type:
-    """The dtype records are handed to the model in. Integer vectors (uint8 images) stay integers:
-    the model's scaler casts them on the way in, so there is no float32 copy in numpy and no NaN
-    scan (integers cannot hold one), and 4× less to move to a GPU. Anything else becomes float32."""
-    if spec.layout == "list":
-        vt = schema.field(spec.columns[0]).type.value_type
-        if vt in (pa.uint8(), pa.int8(), pa.int16(), pa.int32(), pa.int64()):
-            return vt.to_pandas_dtype()
-    return np.float32
 
 
 def release_memory() -> None:

@@ -39,12 +39,16 @@ class EvaluateConfig(RuntimeConfig):
     iw_samples: int = opt(100, "importance samples K for the log-likelihood estimate")
     iw_records: int = opt(1000, "records (a seeded subset) for the importance-weighted estimate")
     seed: int = opt(0, "seed for sampling z, subsets and probes")
+    label_draws: int = opt(5, "balanced label draws (seeds seed, seed+1, …) each probe is averaged over; "
+                              "at 100 labels one draw moves the error by a point or more")
     log_to_mlflow: bool = opt(True, "log metrics and PNGs to the model version's MLflow run")
 
     def __post_init__(self) -> None:
         self.require("model", "input")
         if self.iw_samples < 1 or self.iw_records < 1:
             raise ConfigError("iw_samples and iw_records must be ≥ 1")
+        if self.label_draws < 1:
+            raise ConfigError(f"label_draws must be ≥ 1, got {self.label_draws}")
 
 
 # --- maths pinned by tests -------------------------------------------------------------------------
@@ -255,14 +259,19 @@ def evaluate_model(model: VAE, test_raw: np.ndarray, train_raw: np.ndarray, cfg:
         ytr, yte = np.asarray(train_cols[cfg.labels]), np.asarray(labels)
         pca = full_pca.top(L)
         feats = {"mu": (mu_train, mu), "raw": (x_train, x_test), "pca": (pca.transform(x_train), pca.transform(x_test))}
-        probes, spread = {}, {}
-        for n in (100, 600, 1000):
-            if n > len(ytr):
-                continue
-            probes[str(n)] = {name: probe_error(a, ytr, b, yte, n, cfg.seed) for name, (a, b) in feats.items()}
-            spread[str(n)] = {name: spreading_error(a, ytr, b, yte, n, cfg.seed) for name, (a, b) in feats.items()}
-        r["probe_error"] = probes                 # logistic regression on the labelled records only
-        r["semi_supervised_error"] = spread       # label spreading over all training records (transductive)
+        seeds = range(cfg.seed, cfg.seed + cfg.label_draws)
+        for key, probe in (("probe_error", probe_error), ("semi_supervised_error", spreading_error)):
+            # probe_error: logistic regression on the labelled records only; semi_supervised_error:
+            # label spreading over all training records (transductive). Mean over the label draws.
+            mean, sd = {}, {}
+            for n in (100, 600, 1000):
+                if n > len(ytr):
+                    continue
+                errs = {name: [probe(a, ytr, b, yte, n, s) for s in seeds] for name, (a, b) in feats.items()}
+                mean[str(n)] = {name: float(np.mean(e)) for name, e in errs.items()}
+                sd[str(n)] = {name: float(np.std(e, ddof=1)) if len(e) > 1 else 0.0 for name, e in errs.items()}
+            r[key], r[f"{key}_sd"] = mean, sd
+        r["label_draws"] = cfg.label_draws
     if cfg.anomaly_label:
         r["anomaly_roc_auc"] = roc_auc(recon + kl, test_cols[cfg.anomaly_label])
     if report_dir:
@@ -306,12 +315,10 @@ def flat_metrics(r: dict) -> dict[str, float]:
     for row in r["compression"]["rows"]:
         for k in ("vae_mse", "pca_mse", "vae_psnr_db", "pca_psnr_db"):
             m[f"{row['precision']}_{k}"] = float(row[k])
-    for n, d in r.get("probe_error", {}).items():
-        for name, e in d.items():
-            m[f"probe_error_{name}_{n}"] = e
-    for n, d in r.get("semi_supervised_error", {}).items():
-        for name, e in d.items():
-            m[f"semi_supervised_error_{name}_{n}"] = e
+    for key in ("probe_error", "probe_error_sd", "semi_supervised_error", "semi_supervised_error_sd"):
+        for n, d in r.get(key, {}).items():
+            for name, e in d.items():
+                m[f"{key}_{name}_{n}"] = e
     return {f"eval_{k}": v for k, v in m.items() if math.isfinite(v)}
 
 
@@ -360,10 +367,11 @@ def table(r: dict) -> str:
         lines.append(f"{row['precision']:>5} {row['bytes_per_record']:>6} {row['compression_ratio']:>6.1f} "
                      f"{row['vae_mse']:>9.5f} {row['vae_psnr_db']:>6.2f} {row['pca_components']:>5} "
                      f"{row['pca_mse']:>9.5f} {row['pca_psnr_db']:>6.2f} {row['vae_over_pca_mse']:>7.3f}")
-    for n, d in r.get("probe_error", {}).items():
-        lines.append(f"logistic probe error, {n:>4} labels: μ {d['mu']:.3f}  PCA {d['pca']:.3f}  raw {d['raw']:.3f}")
-    for n, d in r.get("semi_supervised_error", {}).items():
-        lines.append(f"label-spreading error, {n:>4} labels: μ {d['mu']:.3f}  PCA {d['pca']:.3f}  raw {d['raw']:.3f}")
+    for key, what in (("probe_error", "logistic probe error"), ("semi_supervised_error", "label-spreading error")):
+        for n, d in r.get(key, {}).items():
+            sd = r[f"{key}_sd"][n]
+            lines.append(f"{what}, {n:>4} labels (mean ± sd of {r['label_draws']} draws): "
+                         + "  ".join(f"{name} {d[k]:.3f} ± {sd[k]:.3f}" for name, k in (("μ", "mu"), ("PCA", "pca"), ("raw", "raw"))))
     if "anomaly_roc_auc" in r:
         lines.append(f"anomaly ROC AUC (-ELBO): {r['anomaly_roc_auc']:.3f}")
     return "\n".join(lines)

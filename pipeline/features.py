@@ -91,6 +91,17 @@ def to_matrix(table: pa.Table | pa.RecordBatch, spec: FeatureSpec, dim: int | No
     return x.reshape(n, width)
 
 
+def raw_dtype(schema: pa.Schema, spec: FeatureSpec) -> type:
+    """The dtype records are handed to the model in. Integer vectors (uint8 images) stay integers:
+    the model's scaler casts them on the way in, so there is no float32 copy in numpy and no NaN
+    scan (integers cannot hold one), and 4× less to move to a GPU. Anything else becomes float32."""
+    if spec.layout == "list":
+        vt = schema.field(spec.columns[0]).type.value_type
+        if vt in (pa.uint8(), pa.int8(), pa.int16(), pa.int32(), pa.int64()):
+            return vt.to_pandas_dtype()
+    return np.float32
+
+
 def nonfinite_rows(x: np.ndarray) -> np.ndarray:
     """Boolean mask (N,) of records holding NaN or ±inf."""
     if np.issubdtype(x.dtype, np.integer):

@@ -56,7 +56,8 @@ class TrainConfig(RuntimeConfig):
     grad_clip: float = opt(0.0, "gradient-norm clip (0 = off)")
     patience: int = opt(0, "early stopping: epochs without val ELBO improvement (0 = off)")
     min_delta: float = opt(0.0, "early stopping: improvement smaller than this (nats) does not count")
-    shuffle_buffer: int = opt(4096, "Ray Data local shuffle buffer, records (0 = no shuffle)")
+    shuffle_buffer: int = opt(4096, "Ray Data local shuffle buffer when streaming (cache off), records; "
+                                     "0 = no shuffle (with the cache as well)")
     seed: int = opt(0, "seed: a 1-worker CPU run is reproducible")
     workers: int = opt(1, "Ray Train workers (DDP); one per GPU with --use-gpu")
     use_gpu: bool | None = opt(None, "train on GPUs (default: when the cluster has them)")
@@ -78,8 +79,10 @@ class TrainConfig(RuntimeConfig):
     promote: str = opt("auto", "auto: move the alias if val ELBO beats it; force; never",
                        choices=("auto", "force", "never"))
     sample_rows: int = opt(10_000, "records read up front to fit the preprocessing")
-    cache: str = opt("auto", "keep the decoded input in Ray's object store across epochs: auto (when "
-                             "under 2 GB as float32), on, off", choices=("auto", "on", "off"))
+    cache: str = opt("auto", "read the input once: Ray's object store keeps it across epochs and each "
+                             "worker holds its shard on its device, shuffled by a seeded permutation per "
+                             "epoch; auto (when under 2 GB as float32), on, off (stream every epoch through "
+                             "the local shuffle buffer)", choices=("auto", "on", "off"))
 
     def __post_init__(self) -> None:
         self.require("input", "features")
@@ -305,7 +308,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                       "created": meta.get("created", time.time()), "attempts": attempts})
 
     train_ds, val_ds = build_datasets(data, cfg)
-    if cfg.cache == "on" or (cfg.cache == "auto" and data["rows"] * data["model"].input_dim * 4 < 2**31):
+    cache = cfg.cache == "on" or (cfg.cache == "auto" and data["rows"] * data["model"].input_dim * 4 < 2**31)
+    if cache:
         # Read and split once; later epochs stream blocks from the (distributed) object store.
         train_ds = train_ds.materialize()
         val_ds = val_ds.materialize() if val_ds is not None else None
@@ -316,7 +320,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "beta": cfg.beta,
         "warmup_epochs": cfg.warmup_epochs, "free_bits": cfg.free_bits, "patience": cfg.patience,
         "min_delta": cfg.min_delta, "shuffle_buffer": cfg.shuffle_buffer, "seed": cfg.seed, "amp": cfg.amp,
-        "compile": cfg.compile, "has_val": val_ds is not None, "resume_from": resume_from,
+        "compile": cfg.compile, "has_val": val_ds is not None, "resume_from": resume_from, "worker_cache": cache,
         "mlflow_run_id": run_id, "tracking_uri": tracking, "run_dir": run_dir, "storage_options": so,
         "attempt": attempt,
         "fail_at_epoch": cfg.fail_at_epoch, "fail_rank": cfg.fail_rank,

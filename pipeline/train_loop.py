@@ -9,11 +9,12 @@ import math
 import os
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
 
-from pipeline.features import FeatureSpec, check_finite, to_matrix
+from pipeline.features import FeatureSpec, check_finite, raw_dtype, to_matrix
 from vae.checkpoint import checkpoint_bytes, load_checkpoint
 from vae.config import VAEConfig
 from vae.loss import kl_weight
@@ -32,17 +33,46 @@ def lr_at(cfg: dict, epoch: int) -> float:
 
 
 def batches(shard, cfg: dict, epoch: int, shuffle: bool, rank: int = 0):
-    """Raw feature tensors (B, D) from a Ray Data shard, converted via Arrow (no object arrays)."""
+    """Raw feature tensors (B, D) from a Ray Data shard, converted via Arrow (no object arrays).
+    Integer vectors stay integers (`raw_dtype`): the model's scaler casts them, so no float copy here."""
     spec = FeatureSpec(tuple(cfg["features"]), cfg["layout"])
+    dtype = None
     kw = {}
     if shuffle and cfg["shuffle_buffer"] > 0:
         kw = {"local_shuffle_buffer_size": cfg["shuffle_buffer"], "local_shuffle_seed": cfg["seed"] + epoch}
     for i, b in enumerate(shard.iter_batches(batch_size=cfg["batch_size"], batch_format="pyarrow", prefetch_batches=2, **kw)):
         if shuffle and i == 1:
             _maybe_fail(cfg, rank, epoch)   # dies mid-epoch, after checkpoint epoch-1 was reported
-        x = to_matrix(b, spec, cfg["input_dim"], source=cfg["input"], id_column=cfg["id_column"])
+        dtype = dtype or raw_dtype(b.schema, spec)
+        x = to_matrix(b, spec, cfg["input_dim"], source=cfg["input"], id_column=cfg["id_column"], dtype=dtype)
         check_finite(b, x, cfg["id_column"], cfg["input"])
-        yield torch.from_numpy(x)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")   # Arrow's buffers: read-only, never written
+            yield_x = torch.from_numpy(x)
+        yield yield_x
+
+
+def load_shard(shard, cfg: dict, device: torch.device) -> torch.Tensor:
+    """A worker's whole shard as one raw tensor (N, D) on its device, read and checked once, in the
+    shard's (deterministic) block order. Integer images stay integers: 1 byte per value."""
+    parts = list(batches(shard, cfg, epoch=0, shuffle=False))
+    x = torch.cat(parts) if parts else torch.zeros((0, cfg["input_dim"]), dtype=torch.float32)
+    return x.to(device)
+
+
+def cached_batches(x: torch.Tensor, cfg: dict, epoch: int, shuffle: bool, rank: int = 0):
+    """Batches (B, D) of a cached shard, reshuffled each epoch by a permutation that is a pure
+    function of (seed, epoch, rank): a resumed run sees the batches an uninterrupted one saw."""
+    bs = cfg["batch_size"]
+    if not shuffle or cfg["shuffle_buffer"] <= 0:
+        yield from (x[i:i + bs] for i in range(0, len(x), bs))
+        return
+    g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch * 7919 + rank)
+    perm = torch.randperm(len(x), generator=g).to(x.device)
+    for i in range(0, len(x), bs):
+        if i == bs:
+            _maybe_fail(cfg, rank, epoch)   # dies mid-epoch, after checkpoint epoch-1 was reported
+        yield x[perm[i:i + bs]]
 
 
 def _allreduce(stats: EpochStats, world: int, device) -> EpochStats:
@@ -104,20 +134,31 @@ def train_loop_per_worker(cfg: dict) -> None:
 
         mlflow = MlflowClient(tracking_uri=cfg["tracking_uri"])
 
+    # With the cache on, each worker holds its shard on its device (the input fits: the driver checked),
+    # so an epoch is a seeded permutation of one tensor, as in a plain PyTorch loop; otherwise stream.
+    cached = {"train": load_shard(train_shard, cfg, device)} if cfg.get("worker_cache") else None
+    if cached is not None and val_shard is not None:
+        cached["val"] = load_shard(val_shard, cfg, device)
+
+    def epoch_batches(name: str, epoch: int, shuffle: bool):
+        if cached is not None:
+            return cached_batches(cached[name], cfg, epoch, shuffle, rank)
+        return batches(train_shard if name == "train" else val_shard, cfg, epoch, shuffle, rank)
+
     for epoch in range(start_epoch, cfg["epochs"]):
         torch.manual_seed(cfg["seed"] * 100_003 + epoch * 1009 + rank)   # ε draws: a function of (seed, epoch, rank)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(cfg, epoch)
         beta = kl_weight(cfg["beta"], epoch + 1, cfg["warmup_epochs"])
         t0 = time.perf_counter()
-        stats = train_epoch(step_fn, batches(train_shard, cfg, epoch, shuffle=True, rank=rank), optimizer, beta,
+        stats = train_epoch(step_fn, epoch_batches("train", epoch, shuffle=True), optimizer, beta,
                             cfg["free_bits"], device, cfg["amp"], scaler, cfg["grad_clip"])
         wall = time.perf_counter() - t0
         stats = _allreduce(stats, world, device)
         metrics = {"epoch": epoch, "beta": beta, "lr": lr_at(cfg, epoch), "epoch_time_s": wall,
                    "samples_per_s": stats.records / max(wall, 1e-9), **stats.means("train_")}
         if val_shard is not None:
-            vstats, kl_dims = evaluate(model, batches(val_shard, cfg, epoch, shuffle=False), device, seed=cfg["seed"])
+            vstats, kl_dims = evaluate(model, epoch_batches("val", epoch, shuffle=False), device, seed=cfg["seed"])
             vstats = _allreduce(vstats, world, device)
             metrics.update(vstats.means("val_"))
             metrics["active_units"] = active_units(kl_dims)

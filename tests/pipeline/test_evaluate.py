@@ -88,6 +88,10 @@ def test_evaluate_end_to_end(trained_digits, digits_parquet, workdir, tmp_path):
     assert set(r["semi_supervised_error"]["100"]) == {"mu", "raw", "pca"}
     assert all(math.isfinite(v) for v in vals)
     assert set(r["probe_error"]) == {"100", "600"}      # 898 training records: no 1,000-label probe
+    # each probe is the mean of 5 seeded label draws; the draws differ, so the spread is not zero
+    assert r["label_draws"] == 5 and set(r["probe_error_sd"]) == set(r["probe_error"])
+    assert r["probe_error_sd"]["100"]["raw"] > 0 and all(
+        v >= 0 for d in r["semi_supervised_error_sd"].values() for v in d.values())
     for f in ("samples_reconstructions.png", "latent_scatter.png", "rate_distortion.png", "probe_accuracy.png"):
         assert os.path.getsize(os.path.join(rep, f)) > 1000
     c = registry.client(registry_uri(workdir))

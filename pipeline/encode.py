@@ -149,6 +149,17 @@ def latent_array(v: np.ndarray, dtype: str, int8_scale: np.ndarray | None) -> pa
     return fixed_size_list(q, pa.int8())
 
 
+def row_group_slices(pf: pq.ParquetFile, rg: int, columns: list[str], rows: int):
+    """Tables of at most `rows` rows covering row group `rg`; an empty row group gives one empty
+    table (so an empty input file still gets its typed, empty output)."""
+    empty = True
+    for b in pf.iter_batches(batch_size=rows, row_groups=[rg], columns=columns):
+        empty = False
+        yield pa.Table.from_batches([b])
+    if empty:
+        yield pf.read_row_group(rg, columns=columns)
+
+
 def release_memory() -> None:
     """Hand freed row-group buffers back to the OS (Arrow's pool, then glibc's heap), so an actor's
     RSS stays at one row group's worth instead of the allocators' high-water mark."""
@@ -209,6 +220,21 @@ class UnitEncoder:
                     outs["score"][i:i + bs] = self.model.score(raw, generator=g)
         return {k: v.cpu().numpy() for k, v in outs.items()}
 
+    def output_table(self, t: pa.Table, enc: dict[str, np.ndarray], parts: dict, meta: dict) -> pa.Table:
+        """The kept id columns, partition values and the encodings of one slice, as Arrow lists."""
+        p = self.plan
+        out = {c: t.column(c) for c in p["keep"] if c in t.schema.names}
+        for k, v in parts.items():
+            if k in p["keep"] and k not in out:
+                out[k] = pa.array([v] * t.num_rows, pa.string())
+        out["mu"] = latent_array(enc["mu"], p["dtype"], self.scale)
+        if "logvar" in enc:
+            out["logvar"] = fixed_size_list(enc["logvar"].astype(np.float16 if p["dtype"] != "float32" else np.float32),
+                                            pa.float16() if p["dtype"] != "float32" else pa.float32())
+        if "score" in enc:
+            out["score"] = pa.array(enc["score"].astype(np.float32))
+        return pa.table(out).replace_schema_metadata(meta)
+
     def run_unit(self, unit: dict) -> dict:
         p = self.plan
         source = self.loc.full(unit["file"])
@@ -219,45 +245,42 @@ class UnitEncoder:
         meta = {k.encode(): v.encode() for k, v in p["metadata"].items()}
         meta[b"vaepipe.source_file"] = source.encode()
         rows = skipped = 0
-        writer = None
+        writer, quarantined = None, []
         t_start = time.time()
+        # Decode a row group in slices of ~16 MiB of values: Parquet list columns carry repetition and
+        # definition levels per value, so decoding a whole 64k-row group of 784-byte images at once
+        # peaks at ~15x its size; slices keep an actor's transient memory small (and decode faster).
+        read_rows = max(1024, min(65_536, 2**24 // max(1, p["input_dim"])))
         with self.loc.fs.open(unit["file"], "rb") as f:
             pf = pq.ParquetFile(f, pre_buffer=True)   # one coalesced read per row group
             for rg in unit["row_groups"]:
-                t = pf.read_row_group(rg, columns=cols)
-                x = to_matrix(t, self.spec, p["input_dim"], source=source, id_column=p["id_column"],
-                              dtype=raw_dtype(t.schema, self.spec))
-                bad = nonfinite_rows(x)
-                if bad.any():
-                    if p["on_bad_record"] == "fail":
-                        check_finite(t, x, p["id_column"], source)
-                    ids = t.filter(pa.array(bad)).select([c for c in (p["id_column"],) if c in t.schema.names])
-                    ids = ids.append_column("source_file", pa.array([source] * ids.num_rows))
-                    self.out.fs.makedirs(posixpath.dirname(skipped_path), exist_ok=True)
-                    with self.out.fs.open(skipped_path, "wb") as sf:
-                        pq.write_table(ids, sf)
-                    skipped += int(bad.sum())
-                    t, x = t.filter(pa.array(~bad)), x[~bad]
-                enc = self.encode(x)
-                out = {c: t.column(c) for c in p["keep"] if c in t.schema.names}
-                for k, v in parts.items():
-                    if k in p["keep"] and k not in out:
-                        out[k] = pa.array([v] * t.num_rows, pa.string())
-                out["mu"] = latent_array(enc["mu"], p["dtype"], self.scale)
-                if "logvar" in enc:
-                    out["logvar"] = fixed_size_list(enc["logvar"].astype(np.float16 if p["dtype"] != "float32" else np.float32),
-                                                    pa.float16() if p["dtype"] != "float32" else pa.float32())
-                if "score" in enc:
-                    out["score"] = pa.array(enc["score"].astype(np.float32))
-                table = pa.table(out).replace_schema_metadata(meta)
+                pieces = []
+                for t in row_group_slices(pf, rg, cols, read_rows):
+                    x = to_matrix(t, self.spec, p["input_dim"], source=source, id_column=p["id_column"],
+                                  dtype=raw_dtype(t.schema, self.spec))
+                    bad = nonfinite_rows(x)
+                    if bad.any():
+                        if p["on_bad_record"] == "fail":
+                            check_finite(t, x, p["id_column"], source)
+                        ids = t.filter(pa.array(bad)).select([c for c in (p["id_column"],) if c in t.schema.names])
+                        quarantined.append(ids.append_column("source_file", pa.array([source] * ids.num_rows)))
+                        skipped += int(bad.sum())
+                        t, x = t.filter(pa.array(~bad)), x[~bad]
+                    pieces.append(self.output_table(t, self.encode(x), parts, meta))
+                    del t, x
+                table = pa.concat_tables(pieces)   # one output row group per input row group
                 if writer is None:
                     self.out.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
                     sink = self.out.fs.open(staged, "wb")
                     writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
                 writer.write_table(table)
                 rows += table.num_rows
-                del t, x, enc, out, table
+                del pieces, table
                 release_memory()
+        if quarantined:   # every bad record of the unit, all row groups
+            self.out.fs.makedirs(posixpath.dirname(skipped_path), exist_ok=True)
+            with self.out.fs.open(skipped_path, "wb") as sf:
+                pq.write_table(pa.concat_tables(quarantined), sf)
         if writer is not None:
             writer.close()
             sink.close()

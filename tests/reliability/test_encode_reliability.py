@@ -199,7 +199,8 @@ def test_08_nan_inf_rejected_or_quarantined_never_in_output(trained_digits, work
     x[7, 3], x[123, 60] = bad, -bad if np.isinf(bad) else bad
     t = t.set_column(2, "image", pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 64))
     inp = str(tmp_path / "in")
-    _write(t, inp, "floats.parquet")
+    # rows 7 and 123 sit in different row groups of one work unit: both must reach the quarantine file
+    _write(t, inp, "floats.parquet", row_group_size=100)
     out_fail, out_skip = str(tmp_path / "fail"), str(tmp_path / "skip")
     with pytest.raises(BadRecordError) as e:
         _enc(workdir, inp, out_fail, on_bad_record="fail")

@@ -92,7 +92,7 @@ def resolve_model(model_uri: str, tracking_uri: str) -> ModelRef:
     c = client(tracking_uri)
     try:
         mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
-    except MlflowException as e:  # whatever the store's error code (404, RESOURCE_DOES_NOT_EXIST, 400…)
+    except MlflowException:  # whatever the store's error code (404, RESOURCE_DOES_NOT_EXIST, 400…)
         what = f"alias {alias!r}" if alias else f"version {version}"
         known = _known_aliases(c, name)
         raise ModelNotFoundError(f"model {model_uri!r}: registered model {name!r} has no {what} in "

@@ -25,7 +25,7 @@ from vae.checkpoint import load_checkpoint, model_from_checkpoint
 from vae.config import VAEConfig
 from vae.model import VAE
 from vae.preprocess import Preprocessing
-from vae.train_step import active_units, evaluate
+from vae.train_step import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                                             execution_options=ExecutionOptions(preserve_order=True)),
     )
     try:
-        result = trainer.fit()
+        trainer.fit()
     except Exception as e:
         client.set_terminated(run_id, status="FAILED")
         raise _unwrap_error(e) from None
@@ -399,7 +399,7 @@ def promote(cfg: TrainConfig, version: str, model: VAE, data: dict, val_ds, trac
     model's validation -ELBO is lower than the current alias holder's on the same validation data."""
     client = registry.client(tracking)
     current = registry.current_alias_version(cfg.model_name, cfg.alias, tracking)
-    decision, new_s, cur_s = cfg.promote, None, None
+    new_s, cur_s = None, None
     if val_ds is not None and cfg.promote != "never":
         new_s = evaluate(model, _val_batches(val_ds, data), seed=cfg.seed)[0].means()["neg_elbo"]
     if current is not None and cfg.promote == "auto" and val_ds is not None:

@@ -50,9 +50,6 @@ def generate(folder: str, records: int, per_partition: int, seed: int = 0) -> No
 
 
 def register_tiny_model(work: str) -> str:
-    import mlflow
-    import torch
-
     from pipeline import registry
     from vae.checkpoint import save_checkpoint
     from vae.config import VAEConfig

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -76,7 +75,6 @@ def _failing_input(folder: str) -> str:
 
 
 def test_03_encode_actor_killed_mid_job_no_loss_no_duplicates(trained_digits, workdir, tmp_path):
-    import ray
     from ray.util.state import list_actors
 
     inp = _write(_digits_table(), str(tmp_path / "in"), "all.parquet", row_group_size=60)   # 30 units
@@ -251,8 +249,6 @@ def test_10_truncated_or_corrupt_parquet_error_names_the_file(trained_digits, wo
 
 
 def test_11_model_data_dimension_mismatch_fails_at_model_load_not_mid_job(trained_digits, workdir, tmp_path):
-    import ray
-
     x = np.zeros((50, 784), np.uint8)
     t = pa.table({"id": pa.array(np.arange(50)), "image": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 784)})
     inp = str(tmp_path / "in")

@@ -133,3 +133,25 @@ def fixed_size_list(x: np.ndarray, value_type: pa.DataType = pa.float32()) -> pa
     x = np.ascontiguousarray(x)
     flat = pa.array(x.reshape(-1), type=value_type)
     return pa.FixedSizeListArray.from_arrays(flat, x.shape[1])
+
+
+def content_split_mask(x: np.ndarray, fraction: float, salt: int = 0) -> np.ndarray:
+    """Stable pseudo-random split by record content: True for about `fraction` of records. The same
+    record always lands on the same side, whatever the file layout or order."""
+    words = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)   # (N, D)
+    rng = np.random.default_rng(12345 + salt)
+    mult = rng.integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | np.uint64(1)
+    with np.errstate(over="ignore"):
+        h = (words * mult).sum(axis=1, dtype=np.uint64)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+    return (h % np.uint64(1_000_000)) < np.uint64(int(fraction * 1_000_000))
+
+
+def split_table(batch: pa.Table, spec: FeatureSpec, fraction: float, want_val: bool) -> pa.Table:
+    """The validation (or training) side of a batch, by `content_split_mask`. It lives here, not in
+    pipeline.train, so the Ray Data tasks that run it need pyarrow and numpy only, not torch."""
+    x = to_matrix(batch, spec, source="input")
+    mask = content_split_mask(x, fraction)
+    return batch.filter(pa.array(mask if want_val else ~mask))

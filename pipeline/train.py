@@ -11,15 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from pipeline import registry
 from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError, InputError
-from pipeline.features import FeatureSpec, check_finite, infer_spec, to_matrix
+from pipeline.features import check_finite, infer_spec, split_table, to_matrix
 from pipeline.parquet_io import check_inputs, list_parquet_files, read_table
-from pipeline.train_loop import CHECKPOINT_FILE, RunStore, content_split_mask, train_loop_per_worker
+from pipeline.train_loop import CHECKPOINT_FILE, RunStore, train_loop_per_worker
 from pipeline.uris import Location, arrow_filesystem, resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
 from vae.config import VAEConfig
@@ -180,12 +179,6 @@ def prepare_data(cfg: TrainConfig) -> dict[str, Any]:
             "sample": x, "fingerprint": fp, "val": val}
 
 
-def _split(batch: pa.Table, spec: FeatureSpec, fraction: float, want_val: bool) -> pa.Table:
-    x = to_matrix(batch, spec, source="input")
-    mask = content_split_mask(x, fraction)
-    return batch.filter(pa.array(mask if want_val else ~mask))
-
-
 def build_datasets(data: dict, cfg: TrainConfig):
     import ray.data
 
@@ -206,8 +199,8 @@ def build_datasets(data: dict, cfg: TrainConfig):
     if cfg.val_fraction == 0:
         return ds, None
     spec, f = data["spec"], cfg.val_fraction
-    train = ds.map_batches(_split, batch_format="pyarrow", fn_kwargs=dict(spec=spec, fraction=f, want_val=False))
-    val = ds.map_batches(_split, batch_format="pyarrow", fn_kwargs=dict(spec=spec, fraction=f, want_val=True))
+    train = ds.map_batches(split_table, batch_format="pyarrow", fn_kwargs=dict(spec=spec, fraction=f, want_val=False))
+    val = ds.map_batches(split_table, batch_format="pyarrow", fn_kwargs=dict(spec=spec, fraction=f, want_val=True))
     return train, val
 
 

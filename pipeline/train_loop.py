@@ -11,7 +11,6 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
 
 from pipeline.features import FeatureSpec, check_finite, raw_dtype, to_matrix
@@ -303,17 +302,3 @@ def _maybe_fail(cfg: dict, rank: int, epoch: int) -> None:
         return
     store.fs.pipe_file(store.join(".fault_injected"), b"")
     os._exit(1)
-
-
-def content_split_mask(x: np.ndarray, fraction: float, salt: int = 0) -> np.ndarray:
-    """Stable pseudo-random split by record content: True for about `fraction` of records. The same
-    record always lands on the same side, whatever the file layout or order."""
-    words = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)   # (N, D)
-    rng = np.random.default_rng(12345 + salt)
-    mult = rng.integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | np.uint64(1)
-    with np.errstate(over="ignore"):
-        h = (words * mult).sum(axis=1, dtype=np.uint64)
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(0xFF51AFD7ED558CCD)
-        h ^= h >> np.uint64(33)
-    return (h % np.uint64(1_000_000)) < np.uint64(int(fraction * 1_000_000))

@@ -62,10 +62,25 @@ def workdir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("work"))
 
 
-@pytest.fixture(scope="module")
-def trained_digits(ray_local, digits_parquet, workdir):
-    """A small model trained once per module on the digits and registered as `digits@production`."""
+@pytest.fixture(scope="session")
+def digits_model_store(ray_local, digits_parquet, tmp_path_factory):
+    """A small model trained once per session on the digits, registered as `digits@production` in
+    its own work folder (MLflow SQLite store + artifacts). Returns (folder, TrainResult)."""
     from pipeline.train import TrainConfig, run_train
 
-    return run_train(TrainConfig(input=digits_parquet, features=["image"], epochs=3, workers=1, latent_dim=4,
-                                 hidden=[8, 16], batch_size=128, model_name="digits", workdir=workdir))
+    work = str(tmp_path_factory.mktemp("digits-model"))
+    return work, run_train(TrainConfig(input=digits_parquet, features=["image"], epochs=3, workers=1, latent_dim=4,
+                                       hidden=[8, 16], batch_size=128, model_name="digits", workdir=work))
+
+
+@pytest.fixture(scope="module")
+def trained_digits(digits_model_store, workdir):
+    """`digits@production` (version 1) in this module's own MLflow store: a copy of the session's
+    SQLite file, so aliases moved and versions added here stay here. Training once per session
+    instead of once per module saves ~40 s per module; the copy's runs keep logging their artifacts
+    under the session folder (unique run ids, nothing shared is rewritten)."""
+    import shutil
+
+    src, result = digits_model_store
+    shutil.copyfile(os.path.join(src, "mlflow.db"), os.path.join(workdir, "mlflow.db"))
+    return result

@@ -247,12 +247,13 @@ class UnitEncoder:
         rows = skipped = 0
         writer, quarantined = None, []
         t_start = time.time()
-        # Decode a row group in slices of ~16 MiB of values: Parquet list columns carry repetition and
-        # definition levels per value, so decoding a whole 64k-row group of 784-byte images at once
-        # peaks at ~15x its size; slices keep an actor's transient memory small (and decode faster).
-        read_rows = max(1024, min(65_536, 2**24 // max(1, p["input_dim"])))
         with self.loc.fs.open(unit["file"], "rb") as f:
             pf = pq.ParquetFile(f, pre_buffer=True)   # one coalesced read per row group
+            # Decode a row group in slices of ~16 MiB of values: Parquet list columns carry repetition
+            # and definition levels per value, so decoding a whole 64k-row group of 784-byte images at
+            # once peaks at ~15x its size; slices keep an actor's transient memory small.
+            itemsize = np.dtype(raw_dtype(pf.schema_arrow, self.spec)).itemsize
+            read_rows = max(1024, min(65_536, 2**24 // max(1, p["input_dim"] * itemsize)))
             for rg in unit["row_groups"]:
                 pieces = []
                 for t in row_group_slices(pf, rg, cols, read_rows):

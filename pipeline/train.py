@@ -303,7 +303,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     train_ds, val_ds = build_datasets(data, cfg)
     cache = cfg.cache == "on" or (cfg.cache == "auto" and data["rows"] * data["model"].input_dim * 4 < 2**31)
     if cache:
-        # Read and split once; later epochs stream blocks from the (distributed) object store.
+        # Read and split once, in a fixed block order; each worker then copies its shard to its device
+        # (train_loop.load_shard), and promotion re-reads the validation set from here.
         train_ds = train_ds.materialize()
         val_ds = val_ds.materialize() if val_ds is not None else None
     loop_cfg = {

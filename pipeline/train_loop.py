@@ -47,8 +47,8 @@ def batches(shard, cfg: dict, epoch: int, shuffle: bool, rank: int = 0):
         check_finite(b, x, cfg["id_column"], cfg["input"])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")   # Arrow's buffers: read-only, never written
-            yield_x = torch.from_numpy(x)
-        yield yield_x
+            t = torch.from_numpy(x)
+        yield t
 
 
 def load_shard(shard, cfg: dict, device: torch.device) -> torch.Tensor:

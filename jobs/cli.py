@@ -77,7 +77,7 @@ def run_job(name: str, argv: list[str]) -> int:
         module.run(cfg)
     except VaepipeError as e:
         print(f"vaepipe {name}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0
 
 

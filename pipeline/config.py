@@ -53,6 +53,18 @@ class RuntimeConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class WriterConfig(RuntimeConfig):
+    """Fields of every job that commits an output folder (one writer per output: pipeline.lease)."""
+
+    wait: float = opt(0.0, "seconds to wait for another run writing the same output (0: exit with status 2 at once)")
+    lease_ttl: float = opt(60.0, "seconds a killed run's lease on the output blocks the next run (renewed every ttl/3)")
+
+    def check_writer(self) -> None:
+        if self.wait < 0 or self.lease_ttl < 3:
+            raise ConfigError(f"{type(self).__name__}: wait must be ≥ 0 and lease_ttl ≥ 3 seconds")
+
+
 def from_mapping(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)

@@ -13,17 +13,19 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import registry
-from pipeline.config import RuntimeConfig, opt
+from pipeline.commit import Commit, control_of
+from pipeline.config import WriterConfig, opt
 from pipeline.errors import InputError, SchemaError
 from pipeline.features import FeatureSpec, fixed_size_list, to_matrix
-from pipeline.parquet_io import Commit, list_parquet_files, read_footer, read_table
-from pipeline.encode import in_process, parse_storage_options
+from pipeline.encode import in_process, parse_storage_options, refuse_partition_of_nightly
+from pipeline.lease import Lease, hold_lease
+from pipeline.parquet_io import list_parquet_files, read_footer, read_table
 from pipeline.uris import resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 @dataclass
-class DecodeConfig(RuntimeConfig):
+class DecodeConfig(WriterConfig):
     model: str = opt("models:/vae@production", "registered model (the one that encoded the latents)")
     input: str = opt("", "latents folder written by encode/nightly")
     output: str = opt("", "output folder for reconstructed records")
@@ -39,6 +41,7 @@ class DecodeConfig(RuntimeConfig):
     def __post_init__(self) -> None:
         self.require("model", "input", "output")
         parse_storage_options(self.storage_options)
+        self.check_writer()
 
 
 def latents_of(table: pa.Table, column: str, source: str) -> np.ndarray:
@@ -95,6 +98,15 @@ class FileDecoder:
 
 
 def run_decode(cfg: DecodeConfig) -> dict:
+    """Take the output's lease, decode every latent, commit atomically."""
+    so = parse_storage_options(cfg.storage_options)
+    out = resolve(cfg.output, **so)
+    refuse_partition_of_nightly(out)
+    with hold_lease(control_of(out), out.uri, "decode", cfg.lease_ttl, cfg.wait) as lease:
+        return _decode(cfg, lease)
+
+
+def _decode(cfg: DecodeConfig, lease: Lease) -> dict:
     import ray
     import ray.data
 
@@ -106,7 +118,7 @@ def run_decode(cfg: DecodeConfig) -> dict:
     files = list_parquet_files(loc)
     total = sum(read_footer(loc, f).num_rows for f in files)   # a corrupt file fails here, named
     ref, blob = registry.load_model_bytes(cfg.model, cfg.resolved_tracking_uri())
-    commit = Commit(out)
+    commit = Commit(out, lease=lease)
     meta = {"vaepipe.decoded_with": ref.uri, "rows_in": total}
     if not files:
         return commit.commit([], meta)

@@ -23,11 +23,13 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import registry
-from pipeline.config import RuntimeConfig, opt
+from pipeline.config import WriterConfig, opt
 from pipeline.errors import ConfigError, InputError, SchemaError
 from pipeline.features import (FeatureSpec, check_finite, fixed_size_list, infer_spec, nonfinite_rows, raw_dtype,
                                to_matrix)
-from pipeline.parquet_io import Commit, list_parquet_files, partition_values, read_footer
+from pipeline.commit import Commit, control_of
+from pipeline.lease import Lease, hold_lease
+from pipeline.parquet_io import list_parquet_files, partition_values, read_footer
 from pipeline.uris import Location, resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
 from vae.model import VAE
@@ -38,7 +40,7 @@ DTYPES = ("float32", "float16", "int8")
 
 
 @dataclass
-class EncodeConfig(RuntimeConfig):
+class EncodeConfig(WriterConfig):
     model: str = opt("models:/vae@production", "registered model: models:/NAME@ALIAS or models:/NAME/VERSION")
     input: str = opt("", "Parquet file or folder (any fsspec URI; hive partitions kept)")
     output: str = opt("", "output folder (committed atomically: manifest + _SUCCESS)")
@@ -52,7 +54,7 @@ class EncodeConfig(RuntimeConfig):
     score: bool = opt(False, "also write an anomaly score: -ELBO per record, nats (higher = more unusual)")
     dtype: str = opt("float32", "latent storage: float32, float16, int8 (per-dimension scale in metadata)",
                      choices=DTYPES)
-    on_bad_record: str = opt("fail", "NaN/inf/null features: fail the job, or skip them (ids to _skipped.parquet)",
+    on_bad_record: str = opt("fail", "NaN/inf/null features: fail the job, or skip them (their ids go to the quarantine file the manifest names)",
                              choices=("fail", "skip"))
     storage_options: str = opt("", "fsspec storage options as JSON, for input and output, e.g. "
                                     "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' for an S3-compatible store")
@@ -66,6 +68,7 @@ class EncodeConfig(RuntimeConfig):
             raise ConfigError("batch_size and unit_rows must be ≥ 1")
         if self.concurrency is not None and self.concurrency < 1:
             raise ConfigError("concurrency must be ≥ 1")
+        self.check_writer()
 
     def storage_options_dict(self) -> dict[str, Any]:
         return parse_storage_options(self.storage_options)
@@ -220,13 +223,11 @@ class UnitEncoder:
                     outs["score"][i:i + bs] = self.model.score(raw, generator=g)
         return {k: v.cpu().numpy() for k, v in outs.items()}
 
-    def output_table(self, t: pa.Table, enc: dict[str, np.ndarray], parts: dict, meta: dict) -> pa.Table:
-        """The kept id columns, partition values and the encodings of one slice, as Arrow lists."""
+    def output_table(self, t: pa.Table, enc: dict[str, np.ndarray], meta: dict) -> pa.Table:
+        """The kept id columns and the encodings of one slice, as Arrow lists. Hive partition values
+        stay in the folder names only (as every hive reader expects), never repeated as a column."""
         p = self.plan
         out = {c: t.column(c) for c in p["keep"] if c in t.schema.names}
-        for k, v in parts.items():
-            if k in p["keep"] and k not in out:
-                out[k] = pa.array([v] * t.num_rows, pa.string())
         out["mu"] = latent_array(enc["mu"], p["dtype"], self.scale)
         if "logvar" in enc:
             out["logvar"] = fixed_size_list(enc["logvar"].astype(np.float16 if p["dtype"] != "float32" else np.float32),
@@ -240,7 +241,7 @@ class UnitEncoder:
         source = self.loc.full(unit["file"])
         staged = posixpath.join(p["staging"], posixpath.dirname(unit["rel"]), f"unit-{unit['index']:06d}.parquet")
         skipped_path = posixpath.join(p["staging"], "_skipped", f"unit-{unit['index']:06d}.parquet")
-        parts = {**p.get("constants", {}), **partition_values(unit["rel"])}
+        parts = partition_values(unit["rel"])
         cols = list(dict.fromkeys([*self.spec.columns, *[c for c in p["keep"] if c not in parts]]))
         meta = {k.encode(): v.encode() for k, v in p["metadata"].items()}
         meta[b"vaepipe.source_file"] = source.encode()
@@ -267,7 +268,7 @@ class UnitEncoder:
                         quarantined.append(ids.append_column("source_file", pa.array([source] * ids.num_rows)))
                         skipped += int(bad.sum())
                         t, x = t.filter(pa.array(~bad)), x[~bad]
-                    pieces.append(self.output_table(t, self.encode(x), parts, meta))
+                    pieces.append(self.output_table(t, self.encode(x), meta))
                     del t, x
                 table = pa.concat_tables(pieces)   # one output row group per input row group
                 if writer is None:
@@ -323,12 +324,47 @@ def int8_scales(model: VAE, loc: Location, units: list[Unit], spec: FeatureSpec,
     return np.maximum(np.abs(mu).max(0), 1e-6) / 127.0
 
 
-def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None,
-               constants: dict[str, str] | None = None) -> EncodeResult:
-    """Check everything, encode on Ray Data, commit atomically. `model_blob` = (ModelRef, bytes) lets a
-    caller that already resolved the model (nightly) pin the version; `constants` are string columns
-    added to every output row (nightly: the partition it encodes, e.g. {"date": "2026-11-24"})."""
-    constants = dict(constants or {})
+@dataclass
+class Target:
+    """Where a run commits, for a caller that already holds the output's lease (nightly)."""
+    control: Location
+    lease: Lease
+
+
+def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None, files: list[str] | None = None,
+               target: Target | None = None) -> EncodeResult:
+    """Take the output's lease, check everything, encode on Ray Data, commit atomically.
+    `model_blob` = (ModelRef, bytes) lets a caller that already resolved the model (nightly) pin the
+    version; `files` = the exact input files to encode (nightly: the file set it records); `target`:
+    the caller holds the lease and names the control folder (a nightly partition's)."""
+    so = cfg.storage_options_dict()
+    loc, out = resolve(cfg.input, **so), resolve(cfg.output, **so)
+    if loc.fs.exists(loc.path) and out.fs is loc.fs and out.path.rstrip("/") == loc.path.rstrip("/"):
+        raise InputError(f"output {cfg.output!r} is the input folder; choose another folder")
+    if target is not None:
+        return _encode(cfg, loc, out, target.control, target.lease, model_blob, files)
+    refuse_partition_of_nightly(out)
+    with hold_lease(control_of(out), out.uri, "encode", cfg.lease_ttl, cfg.wait) as lease:
+        return _encode(cfg, loc, out, control_of(out), lease, model_blob, files)
+
+
+def refuse_partition_of_nightly(out: Location) -> None:
+    """OUT/<p> of a nightly output is written under the nightly run's lease only."""
+    parent, name = posixpath.split(out.path.rstrip("/"))
+    if not parent or not name:
+        return
+    up = Location(out.uri.rstrip("/")[: -len(name)].rstrip("/"), out.fs, parent)
+    try:
+        owned = out.fs.exists(posixpath.join(control_of(up).path, "partitions", name))
+    except ConfigError:
+        return
+    if owned:
+        raise ConfigError(f"output {out.uri!r} is a partition of the nightly output {up.uri!r}; "
+                          f"re-encode it with `vaepipe nightly` (which holds that output's lease)")
+
+
+def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, lease: Lease,
+            model_blob: tuple | None, files: list[str] | None) -> EncodeResult:
     import ray
     import ray.data
 
@@ -337,28 +373,25 @@ def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None,
     t0 = time.perf_counter()
     tracking = cfg.resolved_tracking_uri()
     so = cfg.storage_options_dict()
-    loc, out = resolve(cfg.input, **so), resolve(cfg.output, **so)
-    if loc.fs.exists(loc.path) and out.fs is loc.fs and out.path.rstrip("/") == loc.path.rstrip("/"):
-        raise InputError(f"output {cfg.output!r} is the input folder; choose another folder")
-    files = list_parquet_files(loc)
+    files = list_parquet_files(loc) if files is None else files
     units, schema, total = plan_units(loc, files, cfg.unit_rows)
     ref, blob = model_blob or registry.load_model_bytes(cfg.model, tracking)   # alias resolved once, here
     model = model_from_checkpoint(load_checkpoint(blob))
     if schema is not None:
         spec = check_model_against(model, schema, loc.uri, cfg.id_column)
         keep = cfg.keep or ([cfg.id_column] if cfg.id_column in schema.names else [])
-        part_cols = (set(partition_values(units[0].rel)) if units else set()) | set(constants)
+        part_cols = set(partition_values(units[0].rel)) if units else set()
         for c in keep:
             if c not in schema.names and c not in part_cols:
                 raise SchemaError(f"{loc.uri}: --keep column {c!r} not found; columns present: {schema.names}")
-        keep = list(dict.fromkeys([*keep, *sorted(part_cols)]))
+        keep = [c for c in dict.fromkeys(keep) if c not in part_cols]   # partition values: the folder names
     else:
         spec, keep = None, []
     metadata = {"vaepipe.model_uri": ref.uri, "vaepipe.model_requested": ref.requested,
                 "vaepipe.model_name": ref.name, "vaepipe.model_version": ref.version,
                 "vaepipe.model_run_id": ref.run_id or "", "vaepipe.latent_dim": str(model.config.latent_dim),
                 "vaepipe.dtype": cfg.dtype, "vaepipe.input": loc.uri}
-    commit = Commit(out)
+    commit = Commit(out, control=control, lease=lease)
     if not units:   # empty input: an explicit, committed, empty result
         manifest = commit.commit([], {**metadata, "rows_in": 0, "skipped": 0})
         return EncodeResult(cfg.output, 0, 0, 0, 0, ref.uri, ref.version, time.perf_counter() - t0, manifest)
@@ -381,7 +414,7 @@ def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None,
             "input_dim": model.config.input_dim, "keep": keep, "id_column": cfg.id_column,
             "batch_size": cfg.batch_size, "logvar": cfg.logvar, "score": cfg.score, "dtype": cfg.dtype,
             "int8_scale": scale.tolist() if scale is not None else None, "on_bad_record": cfg.on_bad_record,
-            "metadata": metadata, "use_gpu": use_gpu, "storage_options": so, "constants": constants,
+            "metadata": metadata, "use_gpu": use_gpu, "storage_options": so,
             "threads": 1 if not use_gpu else 2}
     if local:
         res = _run_units_here(blob, plan, units, commit)
@@ -407,9 +440,9 @@ def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None,
     if rows_out + skipped != total:   # validate before the commit point
         commit.abort()
         raise RuntimeError(f"encode wrote {rows_out} rows + {skipped} skipped for {total} input rows; nothing committed")
-    if skipped:
-        _merge_skipped(out, [r["skipped_file"] for r in res if r["skipped_file"]], commit)
-    manifest = commit.commit(staged, {**metadata, "rows_in": total, "skipped": skipped, "dtype": cfg.dtype})
+    quarantine = _merge_skipped(out, [r["skipped_file"] for r in res if r["skipped_file"]], commit) if skipped else None
+    manifest = commit.commit(staged, {**metadata, "rows_in": total, "skipped": skipped, "dtype": cfg.dtype},
+                             quarantine=quarantine)
     span = max(float(r["t_end"]) for r in res) - min(float(r["t_start"]) for r in res)
     return EncodeResult(cfg.output, total, rows_out, skipped, len(staged), ref.uri, ref.version,
                         time.perf_counter() - t0, manifest, span)
@@ -428,14 +461,14 @@ def _run_units_here(blob: bytes, plan: dict[str, Any], units: list[Unit], commit
         torch.set_num_threads(threads)
 
 
-def _merge_skipped(out: Location, paths: list[str], commit: Commit) -> None:
+def _merge_skipped(out: Location, paths: list[str], commit: Commit) -> str:
+    """Every unit's skipped records in one staged file (the commit moves it to the control folder)."""
     tables = []
     for p in paths:
         with out.fs.open(p, "rb") as f:
             tables.append(pq.read_table(f))
-    dst = posixpath.join(out.path, "_skipped.parquet")
-    tmp = commit.staged_path("_skipped_all.parquet")
-    out.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
-    with out.fs.open(tmp, "wb") as f:
+    dst = commit.staged_path("skipped.parquet")
+    out.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+    with out.fs.open(dst, "wb") as f:
         pq.write_table(pa.concat_tables(tables, promote_options="default"), f)
-    out.fs.mv(tmp, dst)
+    return dst

@@ -2,7 +2,9 @@
 
 
 class VaepipeError(Exception):
-    """Base class: the CLI prints these as one clear line and exits with status 2."""
+    """Base class: the CLI prints these as one clear line and exits with `exit_code` (2)."""
+
+    exit_code = 2
 
 
 class InputError(VaepipeError):
@@ -23,3 +25,25 @@ class ModelNotFoundError(VaepipeError):
 
 class ConfigError(VaepipeError):
     """A job configuration that breaks an invariant."""
+
+
+class LeaseHeldError(VaepipeError):
+    """Another run holds the output's lease: one writer per output."""
+
+
+class LeaseLostError(VaepipeError):
+    """This run's lease was taken over (it stopped renewing past its expiry): nothing is committed."""
+
+
+class ManifestError(InputError):
+    """A manifest or state file in an output that is not what vaepipe writes (untrusted input)."""
+
+
+class PartialFailure(VaepipeError):
+    """Some units of a run (nightly partitions) failed; the others committed."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, result: dict | None = None):
+        super().__init__(message)
+        self.result = result or {}

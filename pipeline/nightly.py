@@ -1,25 +1,35 @@
-"""`vaepipe nightly`: encode only the partitions that this model version has not encoded yet.
+"""`vaepipe nightly`: encode the partitions whose input changed, or that another model version encoded.
 
-Partitions are the input's top-level folders (hive style, `date=2026-11-24/`) or, for a flat
-folder, its files. The model alias is resolved once per run; each partition is encoded and
-committed atomically into OUT/<partition>/ (encode's staging → manifest → _SUCCESS), and only then
-recorded in OUT/_vaepipe_state.json (written atomically). A run that dies part-way leaves every
-committed partition recorded and the rest to the next run: re-running is always safe."""
+Partitions are the input's top-level folders (hive style, `date=2026-11-24/`) or, for a flat folder,
+its files. For each partition the state (`state.json` in the output's control folder) records the
+input files it was encoded from (relative path, size and a fingerprint: the ETag on object stores,
+the modification time elsewhere) and the model version. A partition is encoded again when a file is
+added, removed or rewritten, when the model version moves, or when its last run failed; the run
+says why. The whole run holds the output's lease (one writer per output); the model alias is
+resolved once; each partition is encoded and committed atomically into OUT/<partition>/ and only
+then recorded in the state. A failing partition is recorded as failed with its reason and the
+others still commit; the run then exits with status 3, naming the failed ones, and the next run
+retries them. A run that dies part-way leaves every committed partition recorded: re-running is
+always safe."""
 from __future__ import annotations
 
 import json
 import posixpath
 import time
 from dataclasses import dataclass, fields
+from typing import Any
 
 from pipeline import registry
+from pipeline.commit import control_of, partition_control, read_json, safe_name, safe_relpath, write_bytes_atomic
 from pipeline.config import opt
-from pipeline.encode import EncodeConfig, run_encode
-from pipeline.errors import InputError
-from pipeline.parquet_io import write_bytes_atomic
-from pipeline.uris import resolve
+from pipeline.encode import EncodeConfig, Target, run_encode
+from pipeline.errors import InputError, LeaseLostError, ManifestError, PartialFailure, VaepipeError
+from pipeline.lease import hold_lease
+from pipeline.parquet_io import is_parquet_name
+from pipeline.uris import Location, resolve
 
-STATE = "_vaepipe_state.json"
+STATE = "state.json"
+LEGACY_STATE = "_vaepipe_state.json"
 
 
 @dataclass
@@ -27,10 +37,19 @@ class NightlyConfig(EncodeConfig):
     max_partitions: int | None = opt(None, "encode at most this many pending partitions this run")
 
 
-def partitions(uri: str, **storage_options) -> list[str]:
-    loc = resolve(uri, **storage_options)
+# --- what the input holds now ----------------------------------------------------------------------
+
+def _fingerprint(info: dict) -> str:
+    for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "created"):
+        v = info.get(key)
+        if v not in (None, ""):
+            return f"{key}:{v}"
+    return ""
+
+
+def partitions(loc: Location) -> list[str]:
     if not loc.fs.exists(loc.path):
-        raise InputError(f"input {uri!r} does not exist")
+        raise InputError(f"input {loc.uri!r} does not exist")
     names = []
     for entry in loc.fs.ls(loc.path, detail=True):
         name = posixpath.basename(entry["name"].rstrip("/"))
@@ -41,40 +60,137 @@ def partitions(uri: str, **storage_options) -> list[str]:
     return sorted(names)
 
 
-def read_state(out_uri: str, **storage_options) -> dict:
-    out = resolve(out_uri, **storage_options)
-    path = posixpath.join(out.path, STATE)
-    if not out.fs.exists(path):
-        return {"partitions": {}}
-    with out.fs.open(path, "rb") as f:
-        return json.loads(f.read())
+def partition_files(loc: Location, part: str) -> dict[str, dict[str, Any]]:
+    """{path relative to the partition: {size, fingerprint}} of the Parquet files of one partition
+    (one LIST, no reads). A flat partition (a file) is keyed by its own name."""
+    path = posixpath.join(loc.path, part)
+    if loc.fs.isfile(path):
+        info = loc.fs.info(path)
+        return {part: {"size": int(info.get("size") or 0), "fingerprint": _fingerprint(info)}}
+    found = loc.fs.find(path, detail=True)
+    out = {}
+    for p, info in sorted(found.items()):
+        rel = posixpath.relpath(p, path)
+        if info.get("type") == "directory" or any(s.startswith(("_", ".")) for s in rel.split("/")):
+            continue
+        if is_parquet_name(posixpath.basename(rel)):
+            out[rel] = {"size": int(info.get("size") or 0), "fingerprint": _fingerprint(info)}
+    return out
 
 
-def run_nightly(cfg: NightlyConfig) -> dict:
-    tracking = cfg.resolved_tracking_uri()
-    ref, blob = registry.load_model_bytes(cfg.model, tracking)   # one version for the whole run
+def why_encode(prev: dict | None, files: dict[str, dict], model_uri: str) -> str | None:
+    """Why a partition must be (re-)encoded, or None when its committed output is current."""
+    if not prev:
+        return "new partition"
+    if prev.get("status") == "failed":
+        return f"retry (last run failed: {prev.get('error', '?')})"
+    old = prev.get("files")
+    if not isinstance(old, dict):   # written by a version that recorded no file set
+        return "no file set recorded"
+    added = [f for f in files if f not in old]
+    removed = [f for f in old if f not in files]
+    rewritten = [f for f in files if f in old and old[f] != files[f]]
+    plural = lambda n, what: f"{n} {what}{'s' if n > 1 and what.endswith('file') else ''}"
+    changes = [plural(len(v), what) for v, what in ((added, "new file"), (removed, "removed file"),
+                                                     (rewritten, "rewritten")) if v]
+    if prev.get("model_uri") != model_uri:
+        changes.insert(0, f"model {prev.get('model_uri')} → {model_uri}")
+    return ", ".join(changes) or None
+
+
+# --- the state: untrusted input, changed under the lease only ---------------------------------------
+
+def validate_state(state: Any, source: str) -> dict:
+    if not isinstance(state, dict) or not isinstance(state.get("partitions", {}), dict):
+        raise ManifestError(f"{source}: not a vaepipe nightly state (expected an object with 'partitions')")
+    for part, entry in state.get("partitions", {}).items():
+        safe_name(part, f"{source}: partition")
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{source}: partition {part!r} is not an object")
+        files = entry.get("files")
+        if files is not None:
+            if not isinstance(files, dict):
+                raise ManifestError(f"{source}: partition {part!r}: files must be an object")
+            for rel in files:
+                safe_relpath(rel, f"{source}: partition {part!r} file")
+    state.setdefault("partitions", {})
+    return state
+
+
+def read_state(out: Location) -> dict:
+    """The state in the control folder (or a legacy OUT/_vaepipe_state.json), validated."""
+    ctl = control_of(out)
+    for loc, path in ((ctl, posixpath.join(ctl.path, STATE)), (out, posixpath.join(out.path, LEGACY_STATE))):
+        state = read_json(loc, path)
+        if state is not None:
+            return validate_state(state, loc.full(path))
+    return {"partitions": {}}
+
+
+def write_state(out: Location, state: dict) -> None:
+    ctl = control_of(out)
+    out.fs.makedirs(ctl.path, exist_ok=True)
+    write_bytes_atomic(ctl, posixpath.join(ctl.path, STATE), json.dumps(state, indent=1, sort_keys=True).encode())
+    legacy = posixpath.join(out.path, LEGACY_STATE)
+    if out.fs.exists(legacy):
+        out.fs.rm(legacy)
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+def run_nightly(cfg: NightlyConfig, log=print) -> dict:
     so = cfg.storage_options_dict()
-    out = resolve(cfg.output, **so)
-    state = read_state(cfg.output, **so)
-    done, skipped, t0 = [], [], time.perf_counter()
-    pending = []
-    for part in partitions(cfg.input, **so):
-        prev = state["partitions"].get(part)
-        if prev and prev["model_uri"] == ref.uri:
-            skipped.append(part)
-        else:
-            pending.append(part)
+    loc, out = resolve(cfg.input, **so), resolve(cfg.output, **so)
+    ctl = control_of(out)
+    with hold_lease(ctl, out.uri, "nightly", cfg.lease_ttl, cfg.wait) as lease:
+        return _nightly(cfg, loc, out, lease, log)
+
+
+def _nightly(cfg: NightlyConfig, loc: Location, out: Location, lease, log) -> dict:
+    t0 = time.perf_counter()
+    ref, blob = registry.load_model_bytes(cfg.model, cfg.resolved_tracking_uri())   # one version for the run
+    state = read_state(out)
+    pending, current = [], []
+    for part in partitions(loc):
+        safe_name(part, f"{loc.uri}: partition")
+        files = partition_files(loc, part)
+        reason = why_encode(state["partitions"].get(part), files, ref.uri)
+        (pending if reason else current).append((part, files, reason))
     if cfg.max_partitions is not None:
         pending = pending[: cfg.max_partitions]
     base = {f.name: getattr(cfg, f.name) for f in fields(EncodeConfig)}
-    for part in pending:
-        sub_out = posixpath.join(cfg.output.rstrip("/"), part.removesuffix(".parquet"))
-        hive = dict([part.split("=", 1)]) if "=" in part else {}   # keep date=… as a column, like encode
-        r = run_encode(EncodeConfig(**{**base, "input": posixpath.join(cfg.input.rstrip("/"), part), "output": sub_out}),
-                       model_blob=(ref, blob), constants=hive)
-        state["partitions"][part] = {"model_uri": ref.uri, "model_version": ref.version, "rows": r.rows_out,
-                                     "skipped_records": r.skipped, "committed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        out.fs.makedirs(out.path, exist_ok=True)
-        write_bytes_atomic(out, posixpath.join(out.path, STATE), json.dumps(state, indent=1).encode())
-        done.append((part, r.rows_out))
-    return {"model_uri": ref.uri, "encoded": done, "skipped": skipped, "wall_s": time.perf_counter() - t0}
+    done, failed = [], []
+    for part, files, reason in pending:
+        log(f"encoding {part}: {reason}")
+        name = part.removesuffix(".parquet")
+        part_in = loc.join(part)
+        paths = [part_in.path] if loc.fs.isfile(part_in.path) else [posixpath.join(part_in.path, f) for f in files]
+        sub = EncodeConfig(**{**base, "input": part_in.uri, "output": out.join(name).uri})
+        entry = {"files": files, "model_uri": ref.uri, "model_version": ref.version,
+                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            r = run_encode(sub, model_blob=(ref, blob), files=paths,
+                           target=Target(partition_control(control_of(out), name), lease))
+        except LeaseLostError:
+            raise
+        except Exception as e:   # one partition's failure must not stop the night: recorded, retried
+            msg = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
+            if not isinstance(e, VaepipeError):
+                msg = f"{type(e).__name__}: {msg}"
+            entry.update(status="failed", error=msg)
+            failed.append((part, msg))
+            log(f"FAILED   {part}: {msg}")
+        else:
+            entry.update(status="ok", rows=r.rows_out, skipped_records=r.skipped)
+            done.append((part, r.rows_out))
+            log(f"encoded  {part}: {r.rows_out:,} records")
+        lease.check()
+        state = read_state(out)   # re-read under the lease: never drop an entry another run wrote
+        state["partitions"][part] = entry
+        write_state(out, state)
+    result = {"model_uri": ref.uri, "encoded": done, "failed": failed, "reasons": {p: w for p, _, w in pending},
+              "current": [p for p, _, _ in current], "wall_s": time.perf_counter() - t0}
+    if failed:
+        raise PartialFailure(f"{len(failed)} of {len(pending)} partition(s) failed and will be retried by the next "
+                             f"run: " + "; ".join(f"{p}: {m}" for p, m in failed), result=result)
+    return result

@@ -1,4 +1,5 @@
-"""Parquet through fsspec: atomic commits (local and memory://), input listing, footer checks."""
+"""Parquet through fsspec: atomic commits (local and memory://), untrusted manifests, input listing,
+footer checks."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.parquet_io import (MANIFEST, STAGING, SUCCESS, Commit, check_inputs, list_parquet_files, read_manifest,
-                                 read_table, write_table)
+from pipeline.commit import MANIFEST, control_of, partition_control
+from pipeline.errors import ConfigError, InputError, ManifestError
+from pipeline.parquet_io import SUCCESS, Commit, check_inputs, list_parquet_files, read_manifest, read_table, write_table
 from pipeline.uris import resolve
 
 
@@ -23,7 +24,7 @@ def out(request, tmp_path):
         return
     loc = resolve(f"memory://vaepipe-tests/{uuid.uuid4().hex}/out")  # unique: the memory fs is process-global
     yield loc
-    root = posixpath.dirname(loc.path)
+    root = posixpath.dirname(loc.path)   # holds the output and its control folder
     if loc.fs.exists(root):
         loc.fs.rm(root, recursive=True)
 
@@ -44,19 +45,25 @@ def names(loc) -> set[str]:
     return {posixpath.relpath(p, loc.path) for p in loc.fs.find(loc.path)}
 
 
+def control_names(out) -> set[str]:
+    return names(control_of(out))
+
+
 # --- Commit -----------------------------------------------------------------------------------------
 
 def test_commit_moves_staged_files_and_writes_manifest_and_success(out):
     c = Commit(out, run_id="r1")
     staged = [stage(c, "a.parquet", table(3)), stage(c, "b.parquet", table(2, start=3))]
-    assert all(p.startswith(posixpath.join(out.path, STAGING, "r1")) for p, _ in staged)
+    assert all(p.startswith(posixpath.join(control_of(out).path, "staging", "r1")) for p, _ in staged)
+    assert not out.fs.exists(out.path)                              # nothing in OUT while staging
 
     m = c.commit(staged, {"vaepipe.model": "models:/vae/1"})
-    assert names(out) == {"part-00000-r1.parquet", "part-00001-r1.parquet", MANIFEST, SUCCESS}  # staging gone
+    assert names(out) == {"part-00000-r1.parquet", "part-00001-r1.parquet", SUCCESS}  # only data in OUT
+    assert control_names(out) == {MANIFEST}                          # staging gone
     assert (m["run_id"], m["rows"], m["vaepipe.model"]) == ("r1", 5, "models:/vae/1")
     assert m["files"] == [{"path": "part-00000-r1.parquet", "rows": 3}, {"path": "part-00001-r1.parquet", "rows": 2}]
     assert read_manifest(out) == m
-    with out.fs.open(posixpath.join(out.path, MANIFEST), "rb") as f:
+    with out.fs.open(posixpath.join(control_of(out).path, MANIFEST), "rb") as f:
         assert json.loads(f.read()) == m                            # plain JSON on disk
     files = list_parquet_files(out)
     assert [read_table(out, p).column("id").to_pylist() for p in files] == [[0, 1, 2], [3, 4]]
@@ -91,7 +98,7 @@ def test_second_commit_removes_old_files_only_after_the_new_manifest_exists(out,
     monkeypatch.undo()
 
     assert seen == {p: "r2" for p in old}                           # both deleted, each after the commit point
-    assert names(out) == {"part-00000-r2.parquet", MANIFEST, SUCCESS}
+    assert names(out) == {"part-00000-r2.parquet", SUCCESS} and control_names(out) == {MANIFEST}
     assert read_manifest(out)["run_id"] == m["run_id"] == "r2"
     assert [read_table(out, p).num_rows for p in list_parquet_files(out)] == [4]
 
@@ -104,7 +111,7 @@ def test_abort_leaves_the_destination_unchanged(out):
     c2 = Commit(out, run_id="r2")
     stage(c2, "a.parquet", table(5))
     stage(c2, "b.parquet", table(5))
-    assert any(p.startswith(STAGING) for p in names(out))
+    assert any(p.startswith("staging/r2/") for p in control_names(out))
     c2.abort()                                                      # e.g. the job failed after writing parts
 
     assert {p: out.fs.cat_file(posixpath.join(out.path, p)) for p in names(out)} == before
@@ -116,8 +123,8 @@ def test_abort_before_any_commit_leaves_no_output(out):
     c = Commit(out, run_id="r1")
     stage(c, "a.parquet", table(3))
     c.abort()
-    assert names(out) == set() and read_manifest(out) is None
-    with pytest.raises(InputError, match="holds no Parquet files"):
+    assert names(out) == set() and control_names(out) == set() and read_manifest(out) is None
+    with pytest.raises(InputError, match="does not exist"):           # OUT was never created
         check_inputs(out, list_parquet_files(out))
 
 
@@ -127,11 +134,11 @@ class Crash(Exception):
 
 def crash_after_moves(monkeypatch, out, n: int) -> None:
     """Make the commit die after `n` parts have been moved out of staging (the process is gone before
-    the real manifest is written): the next move out of _staging raises."""
+    the real manifest is written): the next move out of staging raises."""
     real_mv, moved = out.fs.mv, []
 
     def mv(src, dst, *args, **kwargs):
-        if f"/{STAGING}/" in src:
+        if "/staging/" in src:
             if len(moved) == n:
                 raise Crash(f"killed while moving {src}")
             moved.append(dst)
@@ -155,7 +162,7 @@ def test_first_commit_crashing_between_the_moves_and_the_manifest_exposes_nothin
 
     c2 = Commit(out, run_id="r2")                                   # the re-run commits and cleans up
     c2.commit([stage(c2, "a.parquet", table(4, start=10))], {})
-    assert names(out) == {"part-00000-r2.parquet", MANIFEST, SUCCESS}
+    assert names(out) == {"part-00000-r2.parquet", SUCCESS} and control_names(out) == {MANIFEST}
     assert [read_table(out, p).column("id").to_pylist() for p in list_parquet_files(out)] == [[10, 11, 12, 13]]
     assert "pending_files" not in read_manifest(out)
 
@@ -175,7 +182,7 @@ def test_rerun_crashing_between_the_moves_and_the_manifest_keeps_the_previous_ou
     assert [posixpath.relpath(p, out.path) for p in list_parquet_files(out)] == ["part-00000-r1.parquet"]
     c3 = Commit(out, run_id="r3")
     c3.commit([stage(c3, "a.parquet", table(1))], {})
-    assert names(out) == {"part-00000-r3.parquet", MANIFEST, SUCCESS}   # r1's and the crashed r2's parts gone
+    assert names(out) == {"part-00000-r3.parquet", SUCCESS} and control_names(out) == {MANIFEST}   # r1's and the crashed r2's parts gone
 
 
 def test_a_staged_but_uncommitted_run_is_invisible_to_readers(out):
@@ -207,14 +214,16 @@ def test_list_parquet_files_reads_a_committed_output_through_its_manifest(out):
 
 
 def test_a_folder_of_committed_outputs_is_read_through_each_manifest(out, monkeypatch):
-    """nightly's OUT/<partition>/: each sub-folder with a manifest is read through it, so a crashed
-    commit in one partition and a stray file there stay invisible; plain files beside them are listed."""
+    """nightly's OUT/<partition>/: each partition is a table whose manifest lives in the root's control
+    folder; a crashed commit in one partition and a stray file there stay invisible; plain files beside
+    them are listed."""
     day1 = out.join("day=1")
-    c = Commit(day1, run_id="r1")
+    c = Commit(day1, run_id="r1", control=partition_control(control_of(out), "day=1"))
     c.commit([stage(c, "a.parquet", table(2))], {})
     write_table(day1, posixpath.join(day1.path, "stray.parquet"), table(1))
+    assert [posixpath.relpath(p, day1.path) for p in list_parquet_files(day1)] == ["part-00000-r1.parquet"]
     day2 = out.join("day=2")
-    c2 = Commit(day2, run_id="r2")
+    c2 = Commit(day2, run_id="r2", control=partition_control(control_of(out), "day=2"))
     staged = [stage(c2, "a.parquet", table(3)), stage(c2, "b.parquet", table(3))]
     crash_after_moves(monkeypatch, day2, 1)
     with pytest.raises(Crash):
@@ -265,3 +274,67 @@ def test_written_tables_are_zstd_parquet_with_metadata(tmp_path):
     md = pq.read_metadata(path)
     assert md.row_group(0).column(0).compression == "ZSTD"
     assert pq.read_schema(path).metadata[b"vaepipe.model"] == b"m"
+
+
+# --- untrusted manifests ----------------------------------------------------------------------------
+
+CRAFTED = [
+    {"files": [{"path": "/etc/passwd", "rows": 1}]},
+    {"files": [{"path": "../canary.txt", "rows": 1}]},
+    {"files": [{"path": "a/../../canary.txt", "rows": 1}]},
+    {"files": [{"path": "s3://other-bucket/key.parquet", "rows": 1}]},
+    {"files": [], "pending_files": ["/abs/file"]},
+    {"files": [], "pending_run_id": "/abs/dir"},
+    {"files": [], "pending_run_id": "../.."},
+    {"files": [], "quarantine": "../../canary.txt"},
+    {"files": "everything"},
+    ["not", "an", "object"],
+]
+
+
+@pytest.mark.parametrize("crafted", CRAFTED, ids=[json.dumps(c)[:40] for c in CRAFTED])
+def test_a_crafted_manifest_is_refused_and_nothing_outside_the_output_is_touched(out, crafted):
+    c1 = Commit(out, run_id="r1")
+    c1.commit([stage(c1, "a.parquet", table(3))], {})
+    canary = posixpath.join(posixpath.dirname(out.path), "canary.txt")
+    out.fs.pipe_file(canary, b"keep me")
+    ctl = control_of(out)
+    out.fs.pipe_file(posixpath.join(ctl.path, MANIFEST), json.dumps(crafted).encode())
+    before = names(out)
+
+    with pytest.raises(ManifestError, match="manifest|relative path|run id|not a vaepipe"):
+        list_parquet_files(out)
+    c2 = Commit(out, run_id="r2")
+    with pytest.raises(ManifestError):
+        c2.commit([stage(c2, "a.parquet", table(1))], {})
+    assert out.fs.cat_file(canary) == b"keep me" and names(out) == before   # nothing moved or deleted
+
+
+def test_a_manifest_that_is_not_json_is_a_clear_error(out):
+    ctl = control_of(out)
+    out.fs.makedirs(ctl.path, exist_ok=True)
+    out.fs.pipe_file(posixpath.join(ctl.path, MANIFEST), b"{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        read_manifest(out)
+
+
+def test_an_output_at_a_bucket_or_filesystem_root_is_refused():
+    with pytest.raises(ConfigError, match="below a bucket or directory root"):
+        control_of(resolve("memory://"))
+    with pytest.raises(ConfigError, match="does not start with"):
+        control_of(resolve("memory://x/_hidden"))
+
+
+def test_a_legacy_output_is_read_through_its_manifest_and_migrated_by_the_next_commit(out):
+    """Outputs committed before the control folder kept _manifest.json, _skipped.parquet and _staging/
+    inside OUT: they are read as before, and the next commit moves to the new layout."""
+    out.fs.makedirs(posixpath.join(out.path, "_staging", "old"), exist_ok=True)
+    write_table(out, posixpath.join(out.path, "part-00000-old.parquet"), table(2))
+    write_table(out, posixpath.join(out.path, "_staging", "old", "unit.parquet"), table(9))
+    write_table(out, posixpath.join(out.path, "_skipped.parquet"), table(1))
+    out.fs.pipe_file(posixpath.join(out.path, "_manifest.json"),
+                     json.dumps({"run_id": "old", "files": [{"path": "part-00000-old.parquet", "rows": 2}]}).encode())
+    assert [posixpath.relpath(p, out.path) for p in list_parquet_files(out)] == ["part-00000-old.parquet"]
+    c = Commit(out, run_id="r1")
+    c.commit([stage(c, "a.parquet", table(3))], {})
+    assert names(out) == {"part-00000-r1.parquet", SUCCESS}

@@ -292,10 +292,13 @@ class Commit:
             fs.rm(posixpath.join(out, "_staging"), recursive=True)
 
     def abort(self) -> None:
-        """Remove this run's staging folder."""
+        """Remove this run's staging folder (and the staging root when nothing else is in it)."""
+        fs, root = self.out.fs, posixpath.dirname(self.staging)
         try:
-            if self.out.fs.exists(self.staging):
-                self.out.fs.rm(self.staging, recursive=True)
+            if fs.exists(self.staging):
+                fs.rm(self.staging, recursive=True)
+            if fs.exists(root) and not fs.ls(root, detail=False):
+                fs.rm(root, recursive=True)
         except FileNotFoundError:
             pass
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import registry
-from pipeline.commit import Commit, control_of
+from pipeline.commit import Commit, control_of, read_table_manifest
 from pipeline.config import WriterConfig, opt
 from pipeline.errors import InputError, SchemaError
 from pipeline.features import FeatureSpec, fixed_size_list, to_matrix
@@ -119,6 +119,7 @@ def _decode(cfg: DecodeConfig, lease: Lease) -> dict:
     total = sum(read_footer(loc, f).num_rows for f in files)   # a corrupt file fails here, named
     ref, blob = registry.load_model_bytes(cfg.model, cfg.resolved_tracking_uri())
     commit = Commit(out, lease=lease)
+    read_table_manifest(out, commit.control)   # an untrusted manifest fails here, before any work
     meta = {"vaepipe.decoded_with": ref.uri, "rows_in": total}
     if not files:
         return commit.commit([], meta)

@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import posixpath
+import queue
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from pipeline.config import WriterConfig, opt
 from pipeline.errors import ConfigError, InputError, SchemaError
 from pipeline.features import (FeatureSpec, check_finite, fixed_size_list, infer_spec, nonfinite_rows, raw_dtype,
                                to_matrix)
-from pipeline.commit import Commit, control_of
+from pipeline.commit import Commit, control_of, pause_point, read_table_manifest
 from pipeline.lease import Lease, hold_lease
 from pipeline.parquet_io import list_parquet_files, partition_values, read_footer
 from pipeline.uris import Location, resolve
@@ -56,6 +58,10 @@ class EncodeConfig(WriterConfig):
                      choices=DTYPES)
     on_bad_record: str = opt("fail", "NaN/inf/null features: fail the job, or skip them (their ids go to the quarantine file the manifest names)",
                              choices=("fail", "skip"))
+    executor: str = opt("auto", "where the units run: ray (an actor pool on the Ray cluster), local (this process, "
+                                "no Ray), auto (local for a job one process serves at full speed: no cluster "
+                                "address, no --concurrency, local or memory:// data under 1.5 GB of features)",
+                        choices=("auto", "ray", "local"))
     storage_options: str = opt("", "fsspec storage options as JSON, for input and output, e.g. "
                                     "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' for an S3-compatible store")
 
@@ -63,6 +69,7 @@ class EncodeConfig(WriterConfig):
         self.require("model", "input", "output")
         self.storage_options_dict()
         self.choice("dtype", DTYPES)
+        self.choice("executor", ("auto", "ray", "local"))
         self.choice("on_bad_record", ("fail", "skip"))
         if self.batch_size < 1 or self.unit_rows < 1:
             raise ConfigError("batch_size and unit_rows must be ≥ 1")
@@ -87,6 +94,33 @@ def parse_storage_options(value: str | dict | None) -> dict[str, Any]:
     if not isinstance(opts, dict):
         raise ConfigError(f"storage_options: expected a JSON object, got {value!r}")
     return opts
+
+
+LOCAL_MAX_BYTES = 1.5e9
+"""auto runs a job in the driver process below this many bytes of features: Ray's start and actor
+start (~4–7 s here) cost more than its parallel actors win back (docs/performance.md)."""
+
+
+def choose_executor(cfg: "EncodeConfig", loc: Location, out: Location, units: list["Unit"], record_bytes: int) -> tuple[str, str]:
+    """(executor, why): 'local' runs the units in this process, 'ray' on a Ray Data actor pool."""
+    if in_process(loc, out):
+        return "local", "memory:// lives in this process"
+    if cfg.executor != "auto":
+        return cfg.executor, f"--executor {cfg.executor}"
+    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+        return "ray", "a Ray cluster address is set"
+    import sys
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return "ray", "Ray is already running in this process"
+    if cfg.concurrency is not None or cfg.use_gpu:
+        return "ray", "--concurrency/--use-gpu asks for actors"
+    if not (loc.is_local and out.is_local):
+        return "ray", "object-store data: actors overlap the transfers"
+    size = sum(u.rows for u in units) * record_bytes
+    if size >= LOCAL_MAX_BYTES:
+        return "ray", f"{size / 1e9:.1f} GB of features: actors in parallel"
+    return "local", f"{size / 1e9:.2f} GB of local features: one process, no Ray start"
 
 
 def in_process(*locs: Location) -> bool:
@@ -161,6 +195,46 @@ def row_group_slices(pf: pq.ParquetFile, rg: int, columns: list[str], rows: int)
         yield pa.Table.from_batches([b])
     if empty:
         yield pf.read_row_group(rg, columns=columns)
+
+
+def prefetched(items, depth: int = 2):
+    """Iterate `items` from a background thread, at most `depth` ahead: Parquet decoding (which
+    releases the GIL) overlaps the forward passes. Errors are raised here, in order; a consumer that
+    stops early stops the producer."""
+    q: queue.Queue = queue.Queue(depth)
+    stop, end = threading.Event(), object()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run():
+        try:
+            for x in items:
+                if not put((x, None)):
+                    return
+            put((end, None))
+        except BaseException as e:   # handed to the consumer, raised there
+            put((end, e))
+
+    th = threading.Thread(target=run, name="vaepipe-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            x, err = q.get()
+            if x is end:
+                if err is not None:
+                    raise err
+                return
+            yield x
+    finally:
+        stop.set()
+        th.join()
 
 
 def release_memory() -> None:
@@ -255,11 +329,18 @@ class UnitEncoder:
             # once peaks at ~15x its size; slices keep an actor's transient memory small.
             itemsize = np.dtype(raw_dtype(pf.schema_arrow, self.spec)).itemsize
             read_rows = max(1024, min(65_536, 2**24 // max(1, p["input_dim"] * itemsize)))
-            for rg in unit["row_groups"]:
-                pieces = []
-                for t in row_group_slices(pf, rg, cols, read_rows):
-                    x = to_matrix(t, self.spec, p["input_dim"], source=source, id_column=p["id_column"],
-                                  dtype=raw_dtype(t.schema, self.spec))
+
+            def slices():   # (table, records) per slice; None closes a row group
+                for rg in unit["row_groups"]:
+                    for t in row_group_slices(pf, rg, cols, read_rows):
+                        yield t, to_matrix(t, self.spec, p["input_dim"], source=source, id_column=p["id_column"],
+                                           dtype=raw_dtype(t.schema, self.spec))
+                    yield None
+
+            pieces = []
+            for item in prefetched(slices()):   # the next slice decodes while this one encodes
+                if item is not None:
+                    t, x = item
                     bad = nonfinite_rows(x)
                     if bad.any():
                         if p["on_bad_record"] == "fail":
@@ -269,7 +350,8 @@ class UnitEncoder:
                         skipped += int(bad.sum())
                         t, x = t.filter(pa.array(~bad)), x[~bad]
                     pieces.append(self.output_table(t, self.encode(x), meta))
-                    del t, x
+                    del t, x, item
+                    continue
                 table = pa.concat_tables(pieces)   # one output row group per input row group
                 if writer is None:
                     self.out.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
@@ -277,7 +359,8 @@ class UnitEncoder:
                     writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
                 writer.write_table(table)
                 rows += table.num_rows
-                del pieces, table
+                del table
+                pieces = []
                 release_memory()
         if quarantined:   # every bad record of the unit, all row groups
             self.out.fs.makedirs(posixpath.dirname(skipped_path), exist_ok=True)
@@ -286,6 +369,7 @@ class UnitEncoder:
         if writer is not None:
             writer.close()
             sink.close()
+            pause_point("unit.written")   # crash tests: a driver killed while its actors work
         return {"index": unit["index"], "staged": staged if writer is not None else "", "rows": rows,
                 "skipped": skipped, "skipped_file": skipped_path if skipped else "",
                 "t_start": t_start, "t_end": time.time()}
@@ -365,14 +449,10 @@ def refuse_partition_of_nightly(out: Location) -> None:
 
 def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, lease: Lease,
             model_blob: tuple | None, files: list[str] | None) -> EncodeResult:
-    import ray
-    import ray.data
-
-    from pipeline.ray_runtime import init_ray, quiet_data_progress
-
     t0 = time.perf_counter()
     tracking = cfg.resolved_tracking_uri()
     so = cfg.storage_options_dict()
+    read_table_manifest(out, control)   # an untrusted manifest fails here, before any work or any write
     files = list_parquet_files(loc) if files is None else files
     units, schema, total = plan_units(loc, files, cfg.unit_rows)
     ref, blob = model_blob or registry.load_model_bytes(cfg.model, tracking)   # alias resolved once, here
@@ -399,10 +479,18 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
     scale = int8_scales(model, loc, units, spec, model.config.input_dim) if cfg.dtype == "int8" else None
     if scale is not None:
         metadata["vaepipe.int8_scale"] = json.dumps([float(s) for s in scale])
-    local = in_process(loc, out)
+    itemsize = np.dtype(raw_dtype(schema, spec)).itemsize
+    executor, why = choose_executor(cfg, loc, out, units, model.config.input_dim * itemsize)
+    log.info("encode: executor %s (%s)", executor, why)
+    local = executor == "local"
     if local:
         use_gpu, n_actors = bool(cfg.use_gpu) and torch.cuda.is_available(), 1
     else:
+        import ray
+        import ray.data
+
+        from pipeline.ray_runtime import init_ray, quiet_data_progress
+
         init_ray(cfg.ray_address)
         quiet_data_progress()
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0

@@ -9,6 +9,9 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.parquet_io import read_manifest
+from pipeline.uris import resolve
+
 pytestmark = pytest.mark.slow
 
 
@@ -44,7 +47,7 @@ def test_train_register_encode_through_tracking_server(ray_local, mlflow_server,
                                 tracking_uri=url, workdir=str(work)))
     assert (e.rows_in, e.rows_out, e.skipped) == (1797, 1797, 0)
     assert (e.model_uri, e.model_version) == (f"models:/digits-http/{r.version}", r.version)
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = read_manifest(resolve(str(out)))
     assert json.dumps(manifest).count(f"models:/digits-http/{r.version}") >= 1
     t = pq.read_table(str(out), partitioning=None)
     assert t.num_rows == 1797 and len(set(t.column("id").to_pylist())) == 1797

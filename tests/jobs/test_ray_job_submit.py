@@ -10,6 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.parquet_io import read_manifest
+from pipeline.uris import resolve
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
@@ -63,7 +66,7 @@ def test_train_then_encode_as_ray_jobs(ray_head, digits_parquet, tmp_path):
     assert info.driver_info is not None
 
     # the committed output: every input id once, a finite 2-d μ each, the version recorded
-    assert (out / "_SUCCESS").exists() and (out / "_manifest.json").exists()
+    assert (out / "_SUCCESS").exists() and read_manifest(resolve(str(out)))["rows"] == 1797
     got = pq.read_table(str(out), partitioning=None)
     want = pq.read_table(str(digits_parquet), columns=["id", "label"], partitioning=None)
     assert got.num_rows == want.num_rows == 1797

@@ -1,7 +1,6 @@
 """Decode, nightly, compact latents and bad records, on the real stack (local Ray, MLflow store)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -14,8 +13,11 @@ import torch
 from pipeline.decode import DecodeConfig, run_decode
 from pipeline.encode import EncodeConfig, run_encode
 from pipeline.errors import BadRecordError
-from pipeline.nightly import NightlyConfig, run_nightly
+from pipeline.nightly import NightlyConfig, read_state, run_nightly
+from pipeline.uris import resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
+
+from committed_io import manifest, quarantine
 
 MODEL = "models:/digits@production"
 
@@ -29,7 +31,7 @@ def _images(path) -> np.ndarray:
 def test_encode_decode_round_trip_at_each_latent_precision(trained_digits, digits_parquet, workdir, tmp_path, dtype):
     lat, rec = str(tmp_path / "lat"), str(tmp_path / "rec")
     run_encode(EncodeConfig(model=MODEL, input=digits_parquet, output=lat, keep=["id"], dtype=dtype, workdir=workdir))
-    first = json.load(open(lat + "/_manifest.json"))["files"][0]["path"]
+    first = manifest(lat)["files"][0]["path"]
     assert pq.read_schema(f"{lat}/{first}").field("mu").type == pa.list_(getattr(pa, dtype)(), 4)
     m = run_decode(DecodeConfig(model=MODEL, input=lat, output=rec, workdir=workdir))
     x, src = _images(digits_parquet)
@@ -50,14 +52,14 @@ def test_nightly_encodes_only_new_partitions_and_reruns_safely(trained_digits, d
         shutil.copy(os.path.join(digits_parquet, f), src / f"date=2026-11-0{i + 1}" / f)
     cfg = NightlyConfig(model=MODEL, input=str(src), output=out, workdir=workdir)
     first = run_nightly(cfg)
-    assert [p for p, _ in first["encoded"]] == ["date=2026-11-01", "date=2026-11-02"] and first["skipped"] == []
+    assert [p for p, _ in first["encoded"]] == ["date=2026-11-01", "date=2026-11-02"] and first["current"] == []
     again = run_nightly(cfg)                                  # idempotent: nothing to do
-    assert again["encoded"] == [] and again["skipped"] == ["date=2026-11-01", "date=2026-11-02"]
+    assert again["encoded"] == [] and again["current"] == ["date=2026-11-01", "date=2026-11-02"]
     (src / "date=2026-11-03").mkdir()
     shutil.copy(os.path.join(digits_parquet, files[2]), src / "date=2026-11-03" / files[2])
     third = run_nightly(cfg)
     assert [p for p, _ in third["encoded"]] == ["date=2026-11-03"]
-    state = json.load(open(os.path.join(out, "_vaepipe_state.json")))
+    state = read_state(resolve(out))
     assert sum(v["rows"] for v in state["partitions"].values()) == 1797
     assert pq.read_table(os.path.join(out, "date=2026-11-03")).num_rows == state["partitions"]["date=2026-11-03"]["rows"]
 
@@ -84,7 +86,7 @@ def test_nan_records_skipped_are_quarantined_with_ids(trained_digits, digits_par
     out = str(tmp_path / "out")
     r = run_encode(EncodeConfig(model=MODEL, input=str(tmp_path / "in"), output=out, on_bad_record="skip", workdir=workdir))
     assert (r.rows_out, r.skipped) == (98, 2)
-    assert sorted(pq.read_table(os.path.join(out, "_skipped.parquet")).column("id").to_pylist()) == [3, 50]
+    assert sorted(quarantine(out).column("id").to_pylist()) == [3, 50]
     mu = pq.read_table(out).column("mu").combine_chunks().flatten().to_numpy()
     assert np.isfinite(mu).all()
 
@@ -94,7 +96,7 @@ def test_rerun_gives_identical_rows_and_replaces_the_previous_commit(trained_dig
     cfg = EncodeConfig(model=MODEL, input=digits_parquet, output=out, keep=["id"], score=True, workdir=workdir)
     run_encode(cfg)
     first = pq.read_table(out)
-    old = set(json.load(open(os.path.join(out, "_manifest.json")))["files"][0]["path"] for _ in [0])
+    old = {manifest(out)["files"][0]["path"]}
     run_encode(cfg)
     second = pq.read_table(out)
     assert first.equals(second)                                  # same rows, same μ and scores

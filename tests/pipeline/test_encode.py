@@ -16,6 +16,7 @@ import pytest
 from pipeline.decode import DecodeConfig, run_decode
 from pipeline.encode import EncodeConfig, run_encode
 from pipeline.errors import ConfigError
+from pipeline.parquet_io import read_manifest
 from pipeline.uris import resolve
 
 from committed_io import committed, mu
@@ -45,10 +46,10 @@ def test_memory_store_encodes_and_decodes_in_process_like_local(trained_digits, 
     m = run_decode(DecodeConfig(model=MODEL, input=f"{root}/lat", output=f"{root}/rec", workdir=workdir))
     rec = committed(f"{root}/rec")
     assert m["rows"] == rec.num_rows == 1797 and rec.schema.field("image").type == pa.list_(pa.float32(), 64)
-    assert not mem.fs.exists(f"{mem.path}/lat/_staging") and not mem.fs.exists(f"{mem.path}/rec/_staging")
+    assert not mem.fs.exists(f"{mem.path}/_lat.vaepipe/staging") and not mem.fs.exists(f"{mem.path}/_rec.vaepipe/staging")
 
 
-def test_hive_partitions_stay_columns_and_folders_and_every_file_names_its_model(trained_digits, digits_parquet, workdir, tmp_path):
+def test_hive_partitions_stay_folders_and_every_file_names_its_model(trained_digits, digits_parquet, workdir, tmp_path):
     src = tmp_path / "in"
     files = sorted(f for f in os.listdir(digits_parquet) if f.endswith(".parquet"))
     days = {}
@@ -61,13 +62,13 @@ def test_hive_partitions_stay_columns_and_folders_and_every_file_names_its_model
     r = run_encode(EncodeConfig(model=MODEL, input=str(src), output=str(out), logvar=True, score=True,
                                 concurrency=1, workdir=workdir))
     assert r.rows_out == 1797
-    manifest = json.load(open(out / "_manifest.json"))
+    manifest = read_manifest(resolve(str(out)))
     assert sorted({posixpath.dirname(f["path"]) for f in manifest["files"]}) == [f"date={d}" for d in sorted(days)]
     for f in manifest["files"]:
         path = out / f["path"]
         t = pq.read_table(path, partitioning=None)
         day = posixpath.dirname(f["path"]).split("=", 1)[1]
-        assert set(t.column("date").to_pylist()) == {day}                       # partition kept as a column
+        assert "date" not in t.schema.names                                     # the folder holds the value…
         assert sorted(t.column("id").to_pylist()) == sorted(days[day])          # rows stay in their partition
         assert {"mu", "logvar", "score"} <= set(t.schema.names)
         assert np.isfinite(t.column("score").to_numpy()).all()
@@ -107,7 +108,7 @@ def test_decode_reference_reports_round_trip_mse_next_to_pca_through_the_cli(tra
     assert pca_mse == pytest.approx(ev[4:].sum() / xs.shape[1], rel=1e-4)
     model = model_from_checkpoint(load_checkpoint(trained_digits.checkpoint))
     z = mu(committed(lat).sort_by("id")) * np.asarray(
-        json.loads(pq.read_schema(os.path.join(lat, json.load(open(os.path.join(lat, "_manifest.json")))["files"][0]["path"]))
+        json.loads(pq.read_schema(os.path.join(lat, read_manifest(resolve(lat))["files"][0]["path"]))
                    .metadata[b"vaepipe.int8_scale"]), np.float32)
     y = model.reconstruct(torch.from_numpy(z)).numpy() / 255.0
     assert vae_mse == pytest.approx(float(((y - xs) ** 2).mean()), rel=1e-3)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import numpy as np
@@ -10,6 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.parquet_io import read_manifest
+from pipeline.uris import resolve
 from pipeline.encode import EncodeConfig, run_encode
 from pipeline.errors import ModelNotFoundError, SchemaError
 from pipeline.query import QueryConfig, run_query
@@ -44,7 +45,7 @@ def test_encode_writes_standard_arrow_lists_with_ids_and_model_version(trained_d
     assert np.isfinite(mu).all()
     md = pq.read_schema(files[0]).metadata
     assert md[b"vaepipe.model_uri"] == b"models:/digits/1" and md[b"vaepipe.model_version"] == b"1"
-    manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    manifest = read_manifest(resolve(out))
     assert manifest["rows"] == 1797 and os.path.exists(os.path.join(out, "_SUCCESS"))
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import threading
@@ -16,7 +15,10 @@ import pytest
 from pipeline import registry
 from pipeline.datasets import digits, images_table
 from pipeline.encode import EncodeConfig, run_encode
+from pipeline.commit import control_of
 from pipeline.errors import BadRecordError, InputError, ModelNotFoundError, SchemaError, VaepipeError
+from pipeline.parquet_io import read_manifest
+from pipeline.uris import resolve
 
 MODEL = "models:/digits@production"
 
@@ -38,7 +40,7 @@ def _snapshot(folder: str) -> dict[str, str]:
 
 
 def _committed(out: str) -> pa.Table:
-    m = json.load(open(os.path.join(out, "_manifest.json")))
+    m = read_manifest(resolve(out))
     assert os.path.exists(os.path.join(out, "_SUCCESS"))
     return pa.concat_tables([pq.read_table(os.path.join(out, f["path"])) for f in m["files"]])
 
@@ -106,7 +108,7 @@ def test_03_encode_actor_killed_mid_job_no_loss_no_duplicates(trained_digits, wo
     ids = t.column("id").to_numpy()
     assert r.rows_in == r.rows_out == t.num_rows == 1797
     assert len(np.unique(ids)) == len(ids) == 1797
-    assert not os.path.exists(os.path.join(out, "_staging"))
+    assert not os.path.exists(os.path.join(control_of(resolve(out)).path, "staging"))
 
 
 def test_04_one_block_raises_job_fails_no_success_destination_unchanged(trained_digits, workdir, tmp_path):
@@ -151,7 +153,7 @@ def test_06_rerun_over_existing_output_never_deletes_good_output_first(trained_d
     _write(_digits_table(), good, "all.parquet")
     out = str(tmp_path / "out")
     _enc(workdir, good, out)
-    m1 = json.load(open(os.path.join(out, "_manifest.json")))
+    m1 = read_manifest(resolve(out))
     before = _snapshot(out)
     # a re-run that fails validation mid-job: the previous commit must survive, readable and complete
     with pytest.raises(VaepipeError):
@@ -159,7 +161,7 @@ def test_06_rerun_over_existing_output_never_deletes_good_output_first(trained_d
     assert _snapshot(out) == before and _committed(out).num_rows == 1797
     # a re-run that succeeds: new parts replace old ones only after its manifest was written
     _enc(workdir, good, out)
-    m2 = json.load(open(os.path.join(out, "_manifest.json")))
+    m2 = read_manifest(resolve(out))
     assert m2["run_id"] != m1["run_id"] and _committed(out).num_rows == 1797
     old = {f["path"] for f in m1["files"]}
     assert not any(os.path.exists(os.path.join(out, p)) for p in old)     # old parts removed after commit
@@ -206,7 +208,7 @@ def test_08_nan_inf_rejected_or_quarantined_never_in_output(trained_digits, work
     assert not os.path.exists(os.path.join(out_fail, "_SUCCESS"))
     r = _enc(workdir, inp, out_skip, on_bad_record="skip")
     assert (r.rows_in, r.rows_out, r.skipped) == (300, 298, 2)
-    q = pq.read_table(os.path.join(out_skip, "_skipped.parquet"))
+    q = pq.read_table(os.path.join(control_of(resolve(out_skip)).path, read_manifest(resolve(out_skip))["quarantine"]))
     assert sorted(q.column("id").to_pylist()) == [7, 123] and "floats.parquet" in q.column("source_file")[0].as_py()
     out = _committed(out_skip)
     assert 7 not in out.column("id").to_pylist()
@@ -219,7 +221,7 @@ def test_09_empty_input_gives_explicit_committed_empty_result(trained_digits, wo
     out = str(tmp_path / "out0")
     r = _enc(workdir, zero, out)
     assert (r.rows_in, r.rows_out, r.files) == (0, 0, 0)
-    m = json.load(open(os.path.join(out, "_manifest.json")))
+    m = read_manifest(resolve(out))
     assert m["rows"] == 0 and m["files"] == [] and os.path.exists(os.path.join(out, "_SUCCESS"))
     # a folder with no Parquet files at all: documented as an explicit error or an explicit empty commit
     none = str(tmp_path / "none")
@@ -289,7 +291,7 @@ def test_12_missing_alias_clear_error_and_alias_resolved_once(trained_digits, wo
     finally:
         c.set_registered_model_alias("digits", "production", v1.version)
     assert r.model_version == str(v1.version)
-    m = json.load(open(os.path.join(out, "_manifest.json")))
+    m = read_manifest(resolve(out))
     versions = {pq.read_schema(os.path.join(out, f["path"])).metadata[b"vaepipe.model_version"].decode()
                 for f in m["files"]}
     assert versions == {str(v1.version)} and len(m["files"]) > 1

@@ -151,7 +151,11 @@ def _nightly(cfg: NightlyConfig, loc: Location, out: Location, lease, log) -> di
     ref, blob = registry.load_model_bytes(cfg.model, cfg.resolved_tracking_uri())   # one version for the run
     state = read_state(out)
     pending, current = [], []
-    for part in partitions(loc):
+    present = partitions(loc)
+    gone = sorted(p for p in state["partitions"] if p not in present and p.removesuffix(".parquet") not in present)
+    for part in gone:   # their outputs stay: an input's retention is not the latents'
+        log(f"kept     {part}: its input is gone; its encoded output stays (delete OUT/{part} to drop it)")
+    for part in present:
         safe_name(part, f"{loc.uri}: partition")
         files = partition_files(loc, part)
         reason = why_encode(state["partitions"].get(part), files, ref.uri)
@@ -189,7 +193,7 @@ def _nightly(cfg: NightlyConfig, loc: Location, out: Location, lease, log) -> di
         state["partitions"][part] = entry
         write_state(out, state)
     result = {"model_uri": ref.uri, "encoded": done, "failed": failed, "reasons": {p: w for p, _, w in pending},
-              "current": [p for p, _, _ in current], "wall_s": time.perf_counter() - t0}
+              "current": [p for p, _, _ in current], "input_gone": gone, "wall_s": time.perf_counter() - t0}
     if failed:
         raise PartialFailure(f"{len(failed)} of {len(pending)} partition(s) failed and will be retried by the next "
                              f"run: " + "; ".join(f"{p}: {m}" for p, m in failed), result=result)

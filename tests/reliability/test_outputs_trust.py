@@ -85,6 +85,10 @@ def test_17_nightly_reencodes_exactly_the_partitions_whose_files_changed(trained
     state = read_state(resolve(str(out)))["partitions"]
     assert sorted(state["date=1"]["files"]) == ["a.parquet", "b.parquet"] and state["date=2"]["status"] == "ok"
     assert _nightly(workdir, src, out)["encoded"] == []                   # and then nothing is left to do
+    shutil.rmtree(src / "date=4")                                         # input retention removed a partition:
+    fourth = _nightly(workdir, src, out)                                  # its latents stay, and the run says so
+    assert fourth["input_gone"] == ["date=4"] and fourth["encoded"] == []
+    assert len(assert_readers_agree(str(out))) == 490
 
 
 # --- case 18: one bad partition does not stop the night ---------------------------------------------

@@ -277,7 +277,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     if cfg.resume and not run_name:
         run_name = _latest_run(root, cfg.model_name)
         if run_name is None:
-            raise InputError(f"--resume: no earlier run of {cfg.model_name!r} under {storage_uri}")
+            raise InputError(f"--resume: no earlier run of {cfg.model_name!r} under {redact_uri(storage_uri)}")
     if not run_name:
         run_name = f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         while root.exists(run_name):
@@ -286,7 +286,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     store = RunStore(run_dir, so)
     meta = store.read_meta()
     if meta and not cfg.resume:
-        raise InputError(f"run {run_name!r} already exists under {storage_uri}: pass --resume to continue it, "
+        raise InputError(f"run {run_name!r} already exists under {redact_uri(storage_uri)}: pass --resume to continue it, "
                          f"or another --run-name")
     if cfg.resume and not meta:
         log.warning("--resume: run %s has no vaepipe_run.json; starting it fresh", run_name)

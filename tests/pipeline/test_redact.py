@@ -115,3 +115,13 @@ def test_train_refuses_non_object_storage_options_without_echoing_them():
     with pytest.raises(ConfigError) as e:
         TrainConfig(input="x", features=["f"], storage_options=json.dumps([KEY, SECRET]))
     assert KEY not in str(e.value) and SECRET not in str(e.value)
+
+
+@pytest.mark.parametrize("uri", [f"http://u:{PW}@evil.example/x.parquet", f"s3://b/../x?sig={PW}"])
+def test_refused_uris_are_named_without_their_password(uri):
+    from pipeline.errors import InputError
+    from pipeline.uris import check_uri
+
+    with pytest.raises(InputError) as e:
+        check_uri(uri)
+    assert PW not in str(e.value) and MASK in str(e.value)

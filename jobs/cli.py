@@ -8,12 +8,14 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 import types
 import typing
 from typing import Any
 
 from pipeline.config import from_mapping, load_yaml
 from pipeline.errors import VaepipeError
+from pipeline.redact import RedactFilter, RedactingStream, redact_text, secrets_in_args, secrets_in_env
 
 JOBS = ("train", "encode", "decode", "nightly", "query", "evaluate", "demo", "bench")
 
@@ -69,15 +71,39 @@ def parse_config(cls: type, argv: list[str], prog: str, description: str = ""):
 
 
 def run_job(name: str, argv: list[str]) -> int:
+    """Run one job. Credentials never reach the terminal or the logs: for the length of the job,
+    stdout, stderr (Ray's forwarded worker output included) and every log record go through
+    pipeline.redact, which masks the storage options and URI passwords found in argv, --config and
+    the environment, and anything else credential-shaped; so does the one-line error (status 2) and,
+    for an unexpected exception, the traceback (status 1)."""
     module = importlib.import_module(f"jobs.{name}")
+    secrets = secrets_in_args(argv) | secrets_in_env()
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingStream(out, secrets), RedactingStream(err, secrets)
     logging.basicConfig(level=os.environ.get("VAEPIPE_LOG", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_filter = RedactFilter(secrets)
+    handlers = list(logging.getLogger().handlers)
+    for h in handlers:
+        h.addFilter(log_filter)
     try:
         cfg = parse_config(module.Config, argv, prog=f"vaepipe {name}", description=module.__doc__ or "")
         module.run(cfg)
     except VaepipeError as e:
-        print(f"vaepipe {name}: error: {e}", file=sys.stderr)
+        print(redact_text(f"vaepipe {name}: error: {e}", secrets), file=sys.stderr)
         return e.exit_code
+    except Exception:
+        print(redact_text(traceback.format_exc(), secrets), end="", file=sys.stderr)
+        return 1
+    finally:
+        for h in handlers:
+            h.removeFilter(log_filter)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        sys.stdout, sys.stderr = out, err
     return 0
 
 

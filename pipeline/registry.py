@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import ModelNotFoundError
+from pipeline.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def resolve_model(model_uri: str, tracking_uri: str) -> ModelRef:
         what = f"alias {alias!r}" if alias else f"version {version}"
         known = _known_aliases(c, name)
         raise ModelNotFoundError(f"model {model_uri!r}: registered model {name!r} has no {what} in "
-                                 f"{tracking_uri} ({known})") from None
+                                 f"{redact_uri(tracking_uri)} ({known})") from None
     return ModelRef(name=name, version=str(mv.version), run_id=mv.run_id,
                     uri=f"models:/{name}/{mv.version}", requested=model_uri)
 

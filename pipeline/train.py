@@ -18,6 +18,7 @@ from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError, InputError
 from pipeline.features import check_finite, infer_spec, split_table, to_matrix
 from pipeline.parquet_io import check_inputs, list_parquet_files, read_table
+from pipeline.redact import redact_uri
 from pipeline.train_loop import CHECKPOINT_FILE, RunStore, train_loop_per_worker
 from pipeline.uris import Location, arrow_filesystem, resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
@@ -108,9 +109,33 @@ class TrainConfig(RuntimeConfig):
             so = json.loads(self.storage_options) if isinstance(self.storage_options, str) else dict(self.storage_options)
         except ValueError as e:
             raise ConfigError(f"storage_options must be a JSON object: {e}") from None
-        if not isinstance(so, dict):
-            raise ConfigError(f"storage_options must be a JSON object, got {self.storage_options!r}")
+        if not isinstance(so, dict):   # (not echoed: it may hold credentials)
+            raise ConfigError(f"storage_options must be a JSON object, got a {type(so).__name__}")
         return so
+
+
+# Never recorded in MLflow: the tracking URI may carry a password, the storage options credentials.
+UNLOGGED_FIELDS = ("tracking_uri", "storage_options")
+
+
+def run_params(cfg: TrainConfig) -> dict[str, str]:
+    """The MLflow params of a training run: its config, less UNLOGGED_FIELDS, URIs redacted
+    (`user:***@`, sensitive query values masked)."""
+    params = {}
+    for k, v in cfg.to_dict().items():
+        if k in UNLOGGED_FIELDS:
+            continue
+        v = [redact_uri(x) for x in v] if isinstance(v, list) else redact_uri(v)
+        params[k] = (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000]
+    return params
+
+
+def lineage_tags(cfg: TrainConfig, data: dict, run_dir: str) -> dict[str, str]:
+    """The run's `vaepipe.*` lineage tags (input URI, data fingerprint, git commit, rows, run folder,
+    model config), URIs redacted."""
+    return {"input_uri": redact_uri(cfg.input), "data_fingerprint": data["fingerprint"],
+            "git_commit": registry.git_commit(), "input_rows": str(data["rows"]), "ray_run_dir": redact_uri(run_dir),
+            "model_config": json.dumps(data["model"].to_dict())[:5000]}
 
 
 @dataclass
@@ -252,7 +277,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     if cfg.resume and not run_name:
         run_name = _latest_run(root, cfg.model_name)
         if run_name is None:
-            raise InputError(f"--resume: no earlier run of {cfg.model_name!r} under {storage_uri}")
+            raise InputError(f"--resume: no earlier run of {cfg.model_name!r} under {redact_uri(storage_uri)}")
     if not run_name:
         run_name = f"{cfg.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         while root.exists(run_name):
@@ -261,7 +286,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     store = RunStore(run_dir, so)
     meta = store.read_meta()
     if meta and not cfg.resume:
-        raise InputError(f"run {run_name!r} already exists under {storage_uri}: pass --resume to continue it, "
+        raise InputError(f"run {run_name!r} already exists under {redact_uri(storage_uri)}: pass --resume to continue it, "
                          f"or another --run-name")
     if cfg.resume and not meta:
         log.warning("--resume: run %s has no vaepipe_run.json; starting it fresh", run_name)
@@ -290,11 +315,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(exp, run_name=run_name).info.run_id
-        params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.to_dict().items()
-                  if k not in ("tracking_uri", "storage_options")}   # options may hold credentials
-        client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
-        for k, v in {"input_uri": cfg.input, "data_fingerprint": data["fingerprint"], "git_commit": registry.git_commit(),
-                     "input_rows": str(data["rows"]), "ray_run_dir": run_dir, "model_config": json.dumps(data["model"].to_dict())[:5000]}.items():
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in run_params(cfg).items()])
+        for k, v in lineage_tags(cfg, data, run_dir).items():
             client.set_tag(run_id, f"vaepipe.{k}", v)
     attempts.append({"attempt": attempt, "ray_run": ray_name, "resume_from": resume_from, "time": time.time()})
     store.write_meta({"mlflow_run_id": run_id, "model_name": cfg.model_name, "run_name": run_name,
@@ -373,7 +395,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
 
     # Registry: register, then move the alias only when the new version wins on the same val data.
     mv = registry.register(model_uri, cfg.model_name, tracking, run_id,
-                           tags={"input_uri": cfg.input, "data_fingerprint": data["fingerprint"],
+                           tags={"input_uri": redact_uri(cfg.input), "data_fingerprint": data["fingerprint"],
                                  "git_commit": registry.git_commit()})
     promoted = promote(cfg, mv.version, model, data, val_ds, tracking)
     client.set_terminated(run_id, status="FINISHED")

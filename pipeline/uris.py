@@ -10,6 +10,7 @@ import fsspec
 import pyarrow.fs as pafs
 
 from pipeline.errors import InputError
+from pipeline.redact import redact_uri
 
 ALLOWED_SCHEMES = ("file", "local", "memory", "s3", "s3a", "gs", "gcs", "abfs", "az", "hdfs")
 """Schemes a user URI may use; anything else (http, ftp, ssh…) is refused."""
@@ -45,13 +46,13 @@ class Location:
 def check_uri(uri: str) -> None:
     """Refuse schemes outside the allowlist and `..` path segments (no escaping a prefix)."""
     if not uri or not isinstance(uri, str):
-        raise InputError(f"expected a URI or path, got {uri!r}")
+        raise InputError(f"expected a URI or path, got {redact_uri(uri)!r}")
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
     if scheme not in ALLOWED_SCHEMES:
-        raise InputError(f"URI {uri!r}: scheme {scheme!r} is not allowed (allowed: {', '.join(ALLOWED_SCHEMES)})")
+        raise InputError(f"URI {redact_uri(uri)!r}: scheme {scheme!r} is not allowed (allowed: {', '.join(ALLOWED_SCHEMES)})")
     path = uri.split("://", 1)[-1]
     if ".." in path.replace("\\", "/").split("/"):
-        raise InputError(f"URI {uri!r}: '..' path segments are not allowed")
+        raise InputError(f"URI {redact_uri(uri)!r}: '..' path segments are not allowed")
 
 
 def resolve(uri: str, **storage_options) -> Location:

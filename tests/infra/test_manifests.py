@@ -1,7 +1,9 @@
-"""infra/ checked offline: every manifest against a hand-written schema (schemas.py), then the rules
-and cross-references a schema can't express: autoscaling bounds, the GPU group, nothing exposed,
-MLflow auth on, no secret values, and every job module, config file, image and COPY source that
-infra/ names actually existing in the repo."""
+"""infra/ checked offline: every manifest against the Kubernetes JSON schemas of kubernetes-validate
+and, for KubeRay's ray.io/v1 kinds, a minimal schema of the fields we use whose pod templates are the
+real Kubernetes ones (schemas.py); then the rules and cross-references a schema can't express:
+the lock-down (token auth, NetworkPolicies, securityContext, no API tokens), autoscaling bounds, the
+GPU group, nothing exposed, MLflow auth on, no secret values or credentials on a command line, and
+every job module, config file, image and COPY source that infra/ names existing in the repo."""
 from __future__ import annotations
 
 import configparser
@@ -17,12 +19,14 @@ import yaml
 from jsonschema import Draft202012Validator
 from packaging.requirements import Requirement
 
-from schemas import SCHEMAS
+import schemas
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 NAMESPACE = "vaepipe"
 IMAGE = "ghcr.io/example/vaepipe:0.1.0"
+RAY_AUTH_SECRET = ("vaepipe-ray-auth", "auth_token")     # the key KubeRay's authOptions.secretName expects
+OPERATOR_NAMESPACE = "kuberay-system"
 
 MANIFEST_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
 DOCS = [(p, i, d) for p in MANIFEST_FILES for i, d in enumerate(yaml.safe_load_all(p.read_text())) if d is not None]
@@ -77,6 +81,20 @@ def all_pod_templates() -> list[dict]:
     return [t for _, _, d in DOCS for t in pod_templates(d)]
 
 
+def job_pod_templates() -> list[dict]:
+    """Pods of a Job: the CronJob's and the RayJob submitters' (both run `ray job submit`)."""
+    return ([d["spec"]["jobTemplate"]["spec"]["template"] for d in of_kind("CronJob")] +
+            [d["spec"]["submitterPodTemplate"] for d in of_kind("RayJob") if "submitterPodTemplate" in d["spec"]])
+
+
+def ray_node_templates() -> list[dict]:
+    return [t for _, spec in ray_cluster_specs() for t in ray_pod_templates(spec)]
+
+
+def component(template: dict) -> str | None:
+    return template["metadata"]["labels"].get("app.kubernetes.io/component")
+
+
 def containers(template: dict) -> list[dict]:
     return template["spec"]["containers"] + template["spec"].get("initContainers", [])
 
@@ -121,54 +139,110 @@ CONFIG_REF = re.compile(r"configs/[\w.-]+\.ya?ml")
 def test_infra_has_the_expected_manifests():
     names = {str(p.relative_to(INFRA)) for p in MANIFEST_FILES}
     assert {"kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml", "kuberay/nightly-cronjob.yaml",
-            "mlflow/mlflow.yaml"} <= names
+            "kuberay/network-policies.yaml", "mlflow/mlflow.yaml"} <= names
     assert {d["kind"] for _, _, d in DOCS} >= {"RayCluster", "RayJob", "CronJob", "Deployment", "Service", "NetworkPolicy"}
 
 
-@pytest.mark.parametrize("schema", SCHEMAS.values(), ids=[k for _, k in SCHEMAS])
-def test_schemas_are_valid_json_schemas(schema):
-    Draft202012Validator.check_schema(schema)
+@pytest.mark.parametrize("kind", sorted(k for _, k in schemas.KUBERAY))
+def test_kuberay_schemas_are_valid_json_schemas(kind):
+    Draft202012Validator.check_schema(schemas.KUBERAY[("ray.io/v1", kind)])
 
 
-def schema_errors(doc: dict) -> list[str]:
-    schema = SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
-    assert schema is not None, f"no offline schema for {doc.get('apiVersion')} {doc.get('kind')}: add one to schemas.py"
-    errors = sorted(Draft202012Validator(schema).iter_errors(doc), key=lambda e: [str(p) for p in e.absolute_path])
-    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+def test_schema_versions_are_the_ones_the_readme_names():
+    assert f"Kubernetes {schemas.K8S_VERSIONS[0].rsplit('.', 1)[0]} or later" in README
+    assert f"KubeRay operator {schemas.KUBERAY_VERSION}" in README
+    assert f"KubeRay operator {schemas.KUBERAY_VERSION}" in (INFRA / "kuberay" / "raycluster.yaml").read_text()
 
 
+@pytest.mark.parametrize("version", schemas.K8S_VERSIONS)
 @pytest.mark.parametrize("item", DOCS, ids=[doc_id(d) for d in DOCS])
-def test_manifest_matches_its_schema(item):
+def test_manifest_matches_its_schema(item, version):
     _, _, doc = item
-    assert schema_errors(doc) == []
+    assert schemas.errors(doc, version) == []
+
+
+@pytest.mark.parametrize("version", schemas.K8S_VERSIONS)
+def test_every_pod_template_is_a_kubernetes_podtemplatespec(version):
+    templates = all_pod_templates()
+    assert len(templates) >= 9          # mlflow, cronjob, 3 in the RayCluster, 3 + submitter in the RayJob
+    for t in templates:
+        assert schemas.pod_template_errors(t, version) == [], t["metadata"]
 
 
 def _rename(d: dict, old: str, new: str) -> None:
     d[new] = d.pop(old)
 
 
+def _ray_container(s: dict, group: int = 0) -> dict:
+    return s["workerGroupSpecs"][group]["template"]["spec"]["containers"][0]
+
+
 BREAKAGES = {
     "workerGroupSpec (typo)": ("RayCluster", lambda s: _rename(s, "workerGroupSpecs", "workerGroupSpec"), "workerGroupSpec"),
     "maxReplica (typo)": ("RayCluster", lambda s: _rename(s["workerGroupSpecs"][0], "maxReplicas", "maxReplica"), "maxReplica"),
     "rayStartParams int": ("RayCluster", lambda s: s["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "num-cpus"),
-    "nvidia.com/gpus": ("RayCluster", lambda s: s["workerGroupSpecs"][-1]["template"]["spec"]["containers"][0]["resources"]["limits"]
-                        .update({"nvidia.com/gpus": 1}), "nvidia.com/gpus"),
+    "authOptions mode Token": ("RayCluster", lambda s: s["authOptions"].update({"mode": "Token"}), "mode"),
+    "readOnlyRootFileSystem (typo, in a worker)": (
+        "RayCluster", lambda s: _rename(_ray_container(s)["securityContext"], "readOnlyRootFilesystem", "readOnlyRootFileSystem"),
+        "readOnlyRootFileSystem"),
+    "seccompProfile as a string": ("RayCluster", lambda s: s["headGroupSpec"]["template"]["spec"]["securityContext"]
+                                   .update({"seccompProfile": "RuntimeDefault"}), "seccompProfile"),
+    "autoscaler volumeMount without mountPath": ("RayCluster", lambda s: s["autoscalerOptions"]["volumeMounts"][0]
+                                                 .pop("mountPath"), "mountPath"),
+    "submitter env valueFrom typo": ("RayJob", lambda s: _rename(s["submitterPodTemplate"]["spec"]["containers"][0]["env"][1],
+                                                                 "valueFrom", "valueFom"), "valueFom"),
     "env value int": ("Deployment", lambda s: s["template"]["spec"]["containers"][0]["env"].append({"name": "PORT", "value": 5000}), "5000"),
     "imagePulPolicy (typo)": ("Deployment", lambda s: _rename(s["template"]["spec"]["containers"][0], "imagePullPolicy", "imagePulPolicy"),
                               "imagePulPolicy"),
-    "nodePort": ("Service", lambda s: s["ports"][0].update({"nodePort": 30500}), "nodePort"),
-    "RayJob without entrypoint": ("RayJob", lambda s: s.pop("entrypoint"), "entrypoint"),
-    "concurrencyPolicy forbid": ("CronJob", lambda s: s.update({"concurrencyPolicy": "forbid"}), "forbid"),
+    "automountServiceAccountToken string": ("CronJob", lambda s: s["jobTemplate"]["spec"]["template"]["spec"]
+                                            .update({"automountServiceAccountToken": "false"}), "automountServiceAccountToken"),
+    "NetworkPolicy matchLabel (typo)": ("NetworkPolicy", lambda s: _rename(s["podSelector"], "matchLabels", "matchLabel"), "matchLabel"),
+    "Service port as a string": ("Service", lambda s: s["ports"][0].update({"port": "5000"}), "port"),
 }
 
 
+@pytest.mark.parametrize("version", schemas.K8S_VERSIONS)
 @pytest.mark.parametrize("kind, breakage, expected", BREAKAGES.values(), ids=BREAKAGES.keys())
-def test_schema_rejects_a_broken_manifest(kind, breakage, expected):
+def test_schema_rejects_a_broken_manifest(kind, breakage, expected, version):
     broken = copy.deepcopy(of_kind(kind)[0])
-    assert schema_errors(broken) == []
+    assert schemas.errors(broken, version) == []
     breakage(broken["spec"])
-    errors = schema_errors(broken)
+    errors = schemas.errors(broken, version)
     assert errors and any(expected in e for e in errors), errors
+
+
+# What the API server checks beyond the OpenAPI schema (which has no enums): the values we use.
+API_ENUMS = {
+    "imagePullPolicy": {"Always", "IfNotPresent", "Never"}, "restartPolicy": {"Always", "OnFailure", "Never"},
+    "concurrencyPolicy": {"Allow", "Forbid", "Replace"}, "protocol": {"TCP", "UDP", "SCTP"},
+    "serviceType": {"ClusterIP"}, "type": {"ClusterIP", "Recreate", "RollingUpdate", "RuntimeDefault"},
+}
+RESOURCE_NAMES = {"cpu", "memory", "ephemeral-storage", "nvidia.com/gpu"}
+
+
+def _walk(node, key=None):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield k, v
+            yield from _walk(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v, key)
+
+
+def test_enum_values_and_resource_names_the_api_server_accepts():
+    for _, _, doc in DOCS:
+        for k, v in _walk(doc["spec"]):
+            if k in API_ENUMS and isinstance(v, str):
+                assert v in API_ENUMS[k], f"{doc['kind']}: {k}: {v!r}"
+            if k == "policyTypes":
+                assert set(v) <= {"Ingress", "Egress"}, v
+    for t in all_pod_templates():
+        for c in containers(t):
+            for part in ("requests", "limits"):
+                assert set(c.get("resources", {}).get(part, {})) <= RESOURCE_NAMES, c["name"]
+    for t in job_pod_templates():   # a Job's pods must not restart in place
+        assert t["spec"]["restartPolicy"] in ("Never", "OnFailure")
 
 
 # --- Kubernetes rules -------------------------------------------------------------------------
@@ -362,27 +436,181 @@ def test_ray_pods_reach_mlflow_through_its_service_with_the_same_env():
         assert "secretKeyRef" in e[name]["valueFrom"], name
 
 
-def test_network_policies_admit_only_vaepipe_pods():
-    ours = {"app.kubernetes.io/part-of": NAMESPACE}
-    mlflow_np, ray_np = one("NetworkPolicy", "mlflow-ingress"), one("NetworkPolicy", "ray-ingress")
-    # mlflow: selects the server's pods; only our pods, only on 5000
-    assert mlflow_np["spec"]["podSelector"]["matchLabels"].items() <= \
+def test_mlflow_admits_only_ray_pods_on_its_port():
+    np = one("NetworkPolicy", "mlflow-ingress")
+    assert np["spec"]["podSelector"]["matchLabels"].items() <= \
         one("Deployment", "mlflow")["spec"]["template"]["metadata"]["labels"].items()
-    assert mlflow_np["spec"]["policyTypes"] == ["Ingress"]
-    for rule in mlflow_np["spec"]["ingress"]:
-        assert rule["from"] == [{"podSelector": {"matchLabels": ours}}]
-        assert rule["ports"] == [{"protocol": "TCP", "port": 5000}]
-    # ray: selects every Ray pod; our pods, plus the KubeRay operator on the job API port alone
-    for _, spec in ray_cluster_specs():
-        for t in ray_pod_templates(spec):
-            assert ray_np["spec"]["podSelector"]["matchLabels"].items() <= t["metadata"]["labels"].items()
-    for rule in ray_np["spec"]["ingress"]:
-        if rule["from"] != [{"podSelector": {"matchLabels": ours}}]:
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+    assert np["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "ray-node"}}}],
+                                      "ports": [{"protocol": "TCP", "port": 5000}]}]
+
+
+def test_pods_carry_the_labels_the_policies_select():
+    assert {component(t) for t in ray_node_templates()} == {"ray-node"}
+    assert {component(t) for t in job_pod_templates()} == {"ray-submitter"}
+    others = [t for t in all_pod_templates() if t not in ray_node_templates() + job_pod_templates()]
+    assert others and all(component(t) not in ("ray-node", "ray-submitter") for t in others)
+
+
+def _selects(policy: dict, template: dict) -> bool:
+    return policy["spec"]["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+
+
+def test_ray_job_api_admits_only_submitters_of_this_namespace_and_the_operator():
+    ray_np = one("NetworkPolicy", "ray-ingress")
+    assert ray_np["spec"]["policyTypes"] == ["Ingress"]
+    assert all(_selects(ray_np, t) for t in ray_node_templates())
+    rules = ray_np["spec"]["ingress"]
+    # Ray nodes among themselves, any port; nothing else reaches a Ray pod without a port list
+    node_rule = {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "ray-node"}}}]}
+    assert node_rule in rules
+    for rule in rules:
+        if rule != node_rule:
             assert rule["ports"] == [{"protocol": "TCP", "port": 8265}], rule
-            assert all(p["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"} for p in rule["from"])
-    for _, _, doc in DOCS:
-        for peer in (p for rule in doc["spec"].get("ingress", []) for p in rule["from"]):
-            assert "ipBlock" not in peer and peer.get("podSelector"), peer
+    peers = [p for r in rules if r != node_rule for p in r["from"]]
+    # the submitters: a podSelector alone (so: this namespace only)
+    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "ray-submitter"}}} in peers
+    # the operator: its pods AND its namespace, in one peer (two peers would mean either)
+    operator = [p for p in peers if "namespaceSelector" in p]
+    assert operator == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": OPERATOR_NAMESPACE}},
+                         "podSelector": {"matchLabels": {"app.kubernetes.io/component": "kuberay-operator"}}}]
+    assert len(peers) == 2
+    assert OPERATOR_NAMESPACE in README and "app.kubernetes.io/component: kuberay-operator" in README
+    # the dashboard port is the head's
+    for _, spec in ray_cluster_specs():
+        [head] = spec["headGroupSpec"]["template"]["spec"]["containers"]
+        assert {"name": "dashboard", "containerPort": 8265} in head["ports"]
+
+
+def test_no_ingress_from_any_namespace_or_address():
+    for np in of_kind("NetworkPolicy"):
+        for peer in (p for rule in np["spec"].get("ingress", []) for p in rule["from"]):
+            assert "ipBlock" not in peer and peer.get("podSelector", {}).get("matchLabels"), (np["metadata"]["name"], peer)
+            if "namespaceSelector" in peer:
+                assert peer["namespaceSelector"].get("matchLabels"), "an empty namespaceSelector admits every namespace"
+
+
+DNS_PEER = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}
+
+
+def test_every_pod_has_an_egress_policy_with_dns_and_listed_ports():
+    egress = [np for np in of_kind("NetworkPolicy") if "Egress" in np["spec"]["policyTypes"]]
+    for t in all_pod_templates():
+        mine = [np for np in egress if _selects(np, t)]
+        assert mine, f"no egress policy selects {t['metadata']['labels']}"
+        rules = [r for np in mine for r in np["spec"]["egress"]]
+        assert any(r["to"] == [DNS_PEER] and {"protocol": "UDP", "port": 53} in r["ports"] for r in rules)
+    for np in egress:
+        for rule in np["spec"]["egress"]:
+            for peer in rule["to"]:
+                if "ipBlock" in peer:     # outside the cluster: named ports only, never the metadata endpoint
+                    assert rule.get("ports"), (np["metadata"]["name"], rule)
+                    assert "169.254.169.254/32" in peer["ipBlock"].get("except", []), rule
+    # submitters: DNS and the job API, nothing else; no ingress at all
+    sub = one("NetworkPolicy", "ray-submitter")
+    assert sub["spec"]["policyTypes"] == ["Ingress", "Egress"] and sub["spec"]["ingress"] == []
+    assert all(_selects(sub, t) for t in job_pod_templates())
+    assert [r for r in sub["spec"]["egress"] if r["to"] != [DNS_PEER]] == [
+        {"to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "ray-node"}}}],
+         "ports": [{"protocol": "TCP", "port": 8265}]}]
+
+
+# --- lock-down: pods --------------------------------------------------------------------------------
+
+# Containers allowed a writable root filesystem, with the reason. None today: every image write goes
+# to an emptyDir (/tmp, /tmp/ray, /dev/shm).
+READ_WRITE_ROOT: dict[str, str] = {}
+WRITABLE = {"/tmp", "/tmp/ray", "/dev/shm"}
+
+
+def security_contexts() -> list[tuple[str, dict, dict]]:
+    """(where, pod securityContext, container securityContext) for every container of ours, the
+    autoscaler sidecars KubeRay adds (autoscalerOptions.securityContext) included."""
+    found = []
+    for t in all_pod_templates():
+        for c in containers(t):
+            found.append((c["name"], t["spec"].get("securityContext", {}), c.get("securityContext", {})))
+    for where, spec in ray_cluster_specs():
+        head_pod = spec["headGroupSpec"]["template"]["spec"].get("securityContext", {})
+        found.append((f"{where} autoscaler", head_pod, spec.get("autoscalerOptions", {}).get("securityContext", {})))
+    return found
+
+
+def test_every_container_is_non_root_unprivileged_with_a_read_only_root():
+    checked = security_contexts()
+    assert len(checked) >= 11
+    for where, pod, ctr in checked:
+        assert ctr.get("runAsNonRoot", pod.get("runAsNonRoot")) is True, where
+        assert ctr.get("runAsUser", pod.get("runAsUser")) == 10001, where     # the image's USER
+        assert ctr.get("allowPrivilegeEscalation") is False, where
+        assert not ctr.get("privileged", False), where
+        assert ctr.get("capabilities", {}).get("drop") == ["ALL"] and not ctr["capabilities"].get("add"), where
+        assert ctr.get("readOnlyRootFilesystem") is True or where in READ_WRITE_ROOT, where
+        assert pod.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+
+
+def test_read_only_pods_get_emptydirs_where_they_write():
+    for t in all_pod_templates():
+        volumes = {v["name"]: v for v in t["spec"].get("volumes", [])}
+        for c in containers(t):
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts and "emptyDir" in volumes[mounts["/tmp"]], c["name"]
+            for path in WRITABLE & set(mounts):
+                assert "emptyDir" in volumes[mounts[path]], (c["name"], path)
+    for t in ray_node_templates():   # Ray's session dir and object store
+        [c] = t["spec"]["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert {"/tmp", "/tmp/ray", "/dev/shm"} <= set(mounts)
+        assert mounts["/tmp/ray"] == "ray-logs"                  # KubeRay's name: the autoscaler shares it
+        assert {v["name"]: v for v in t["spec"]["volumes"]}[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}
+    assert "HOME=/tmp" in DOCKERFILE.read_text()
+
+
+def test_no_service_account_token_but_the_autoscalers():
+    for t in all_pod_templates():
+        assert t["spec"].get("automountServiceAccountToken") is False, t["metadata"]["labels"]
+        for c in containers(t):   # no container mounts an API token, whatever the volume
+            assert all("kubernetes.io/serviceaccount" not in m["mountPath"] for m in c.get("volumeMounts", [])), c["name"]
+    for where, spec in ray_cluster_specs():
+        # the autoscaler sidecar scales the worker groups through the API: it alone mounts a token,
+        # a projected one from the head pod's service account (what automounting would have given)
+        assert spec["enableInTreeAutoscaling"] is True
+        mounts = {m["mountPath"]: m for m in spec["autoscalerOptions"]["volumeMounts"]}
+        sa = mounts["/var/run/secrets/kubernetes.io/serviceaccount"]
+        assert sa["readOnly"] is True
+        [vol] = [v for v in spec["headGroupSpec"]["template"]["spec"]["volumes"] if v["name"] == sa["name"]]
+        sources = {k for src in vol["projected"]["sources"] for k in src}
+        assert sources == {"serviceAccountToken", "configMap", "downwardAPI"}, where
+        assert {"/tmp", "/tmp/ray"} <= set(mounts), where
+
+
+def test_ray_token_auth_on_every_ray_pod_and_submitter():
+    name, key = RAY_AUTH_SECRET
+    for where, spec in ray_cluster_specs():
+        assert spec["authOptions"] == {"mode": "token", "secretName": name}, where
+    ray_containers = [c for t in ray_node_templates() for c in t["spec"]["containers"]]
+    submitters = [c for t in job_pod_templates() for c in t["spec"]["containers"]]
+    assert len(ray_containers) >= 6 and len(submitters) >= 2
+    for c in ray_containers + submitters:
+        e = env(c)
+        assert e["RAY_AUTH_MODE"] == {"name": "RAY_AUTH_MODE", "value": "token"}, c["name"]
+        assert e["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": name, "key": key}}, c["name"]
+    # submitters hold the token and nothing else secret: the job's credentials are the cluster's
+    for c in submitters:
+        assert {n for n in env(c) if SECRET_ENV.search(n)} == {"RAY_AUTH_TOKEN"}, c["name"]
+    assert f"create secret generic {name}" in README
+
+
+def test_no_credentials_on_a_command_line():
+    """The Ray dashboard shows every job's entrypoint to whoever can read it: credentials go through
+    the pods' environment (Secrets), never into an entrypoint, a `ray job submit` or a runtime env."""
+    lines = [d["spec"]["entrypoint"] for d in of_kind("RayJob")] + [d["spec"].get("runtimeEnvYAML", "") for d in of_kind("RayJob")]
+    lines += [a for t in all_pod_templates() for c in containers(t) for a in c.get("command", []) + c.get("args", [])]
+    lines += [w for _, _, argv in job_command_lines() for w in argv]
+    for text in lines:
+        assert "--storage-options" not in text and "env_vars" not in text, text
+        assert not re.search(r"(?i)aws_secret|password|://[^/\s:@]+:[^/\s@]+@", text), text
 
 
 def test_basic_auth_ini_example_has_placeholders_only():
@@ -441,20 +669,21 @@ def test_job_command_line_parses_with_the_jobs_own_flags(where, job, argv, monke
             assert getattr(cfg, field), f"{where}: jobs.{job} without --{field}"
 
 
-def test_rayjob_trains_from_the_image_on_shared_storage():
+def test_rayjob_trains_from_the_image_with_checkpoints_on_s3():
     [job] = of_kind("RayJob")
     spec = job["spec"]
     assert spec["entrypoint"].startswith("python -m jobs.train --config configs/train-mnist.yaml")
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
     assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"working_dir": workdir()}
     opts = cli_options(shlex.split(spec["entrypoint"]))
-    # Ray Train checkpoints: on a ReadWriteMany volume mounted in every Ray pod
-    storage = Path(opts["--storage-path"])
-    pvcs = {p["metadata"]["name"]: p for p in of_kind("PersistentVolumeClaim")}
+    # Ray Train checkpoints: on object storage, which every node reaches with the same credentials
+    # (AWS_* from the vaepipe-s3 Secret); no shared volume
+    assert opts["--storage-path"] == "s3://vaepipe-data/checkpoints"
+    assert not of_kind("PersistentVolumeClaim")
     for t in ray_pod_templates(spec["rayClusterSpec"]):
-        shared = {v["name"] for v in t["spec"]["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") in pvcs}
-        assert any(m["name"] in shared and storage.is_relative_to(m["mountPath"]) for c in containers(t) for m in c["volumeMounts"])
-    assert all("ReadWriteMany" in p["spec"]["accessModes"] for p in pvcs.values())
+        assert not [v for v in t["spec"]["volumes"] if "persistentVolumeClaim" in v]
+        for c in containers(t):
+            assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env(c)), c["name"]
     # --use-gpu: the gpu group can hold every Ray Train worker
     if "--use-gpu" in opts:
         workers = int(opts.get("--workers") or yaml.safe_load((REPO / opts["--config"]).read_text()).get("workers", 1))
@@ -517,14 +746,23 @@ def test_dockerfile_builds_from_the_repo():
             assert (REPO / src).exists(), f"Dockerfile copies {src}, which is not in the repo"
             assert "*" not in ignore or f"!{src.rstrip('/')}/" in ignore or f"!{src}" in ignore, f"{src} is .dockerignored"
             copied.append(src)
-    assert {"pyproject.toml", "README.md", "vae", "pipeline", "jobs", "configs"} <= set(copied)
+    assert {"pyproject.toml", "README.md", "constraints.txt", "vae", "pipeline", "jobs", "configs"} <= set(copied)
     run = " ".join(rest for i, rest in instr if i == "RUN")
     m = re.search(r"--index-url (https://download\.pytorch\.org/whl/cu\d+) torch==([\d.]+)", run)
     assert m and m[1].endswith("cu128"), run
     torch_req = next(Requirement(s) for s in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
                      if s.startswith("torch"))
     assert m[2] in torch_req.specifier, f"torch {m[2]} outside pyproject's {torch_req}"
-    assert re.search(r"pip install \"?/app(\[[\w,]+\])?\"?", run)
+    assert re.search(r"pip install --constraint /app/constraints\.txt \"?/app(\[[\w,]+\])?\"?", run)
+    # every pip install but torch's (the CUDA build, from the PyTorch index) takes the pins
+    installs = [i for rest in (r for x, r in instr if x == "RUN") for i in re.findall(r"pip install [^&]*", rest)]
+    unpinned = [i for i in installs if "--constraint /app/constraints.txt" not in i]
+    assert len(unpinned) == 1 and "torch==" in unpinned[0], unpinned
+    pinned = {Requirement(l).name.lower() for l in (REPO / "constraints.txt").read_text().splitlines()
+              if l.strip() and not l.startswith("#")}
+    image_only = re.findall(r"(?<=\s)\"?([A-Za-z][\w-]*)(?:\[[\w,]+\])?\"?(?=\s|$)",
+                            installs[-1].split("constraints.txt", 1)[1])
+    assert image_only and {n.lower() for n in image_only} <= pinned, image_only
     assert re.search(r"^USER \d+$", DOCKERFILE.read_text(), re.M), "numeric non-root USER (runAsNonRoot)"
 
 
@@ -533,8 +771,9 @@ def test_readme_covers_deploy_order_local_server_and_every_file():
         if path.name not in ("README.md", "Dockerfile.dockerignore"):
             assert str(path.relative_to(INFRA)) in README, f"infra/README.md does not mention {path.relative_to(INFRA)}"
     order = [README.index(f"-f infra/{f}") for f in
-             ("mlflow/mlflow.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml", "kuberay/nightly-cronjob.yaml")]
-    assert order == sorted(order), "deploy MLflow, then the RayCluster (PVC), then the RayJob and the CronJob"
+             ("mlflow/mlflow.yaml", "kuberay/network-policies.yaml", "kuberay/raycluster.yaml",
+              "kuberay/rayjob-train.yaml", "kuberay/nightly-cronjob.yaml")]
+    assert order == sorted(order), "deploy MLflow, the Ray policies, the RayCluster, then the RayJob and the CronJob"
     assert ("mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db "
             "--artifacts-destination ./mlartifacts") in README
     assert "RayCronJob" in README

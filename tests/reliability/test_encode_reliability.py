@@ -83,17 +83,17 @@ def test_03_encode_actor_killed_mid_job_no_loss_no_duplicates(trained_digits, wo
     gcs = ray.get_runtime_context().gcs_address   # this session's Ray, even with other Rays on the host
 
     def workers() -> set[str]:
-        return {a.actor_id for a in list_actors(address=gcs, limit=100_000, raise_on_missing_output=False)
+        return {a.actor_id for a in list_actors(address=gcs, limit=10_000, raise_on_missing_output=False)
                 if "MapWorker" in (a.class_name or "")}
 
     before = workers()
-    inp = _write(_digits_table(), str(tmp_path / "in"), "all.parquet", row_group_size=60)   # 30 units
+    inp = _write(_digits_table(), str(tmp_path / "in"), "all.parquet", row_group_size=6)   # 300 units: seconds of work
     out = str(tmp_path / "out")
     result, error, killed = {}, [], []
 
     def job():
         try:
-            result["r"] = _enc(workdir, inp, out, unit_rows=60)
+            result["r"] = _enc(workdir, inp, out, unit_rows=6)
         except Exception as e:   # pragma: no cover - reported below
             error.append(e)
 
@@ -103,8 +103,7 @@ def test_03_encode_actor_killed_mid_job_no_loss_no_duplicates(trained_digits, wo
     while th.is_alive() and not killed and time.time() < deadline:
         for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
             if "MapWorker" in (a.class_name or "") and a.pid:
-                time.sleep(1.0)               # let it encode a few units first
-                os.kill(a.pid, signal.SIGKILL)
+                os.kill(a.pid, signal.SIGKILL)   # at once: the pool has hundreds of units left
                 killed.append(a.actor_id)
                 break
         time.sleep(0.2)
@@ -117,10 +116,11 @@ def test_03_encode_actor_killed_mid_job_no_loss_no_duplicates(trained_digits, wo
     assert r.rows_in == r.rows_out == t.num_rows == 1797
     assert len(np.unique(ids)) == len(ids) == 1797
     assert not os.path.exists(os.path.join(control_of(resolve(out)).path, "staging"))
-    # the killed actor died mid-job and its work was redone by another actor (concurrency 1: a second
-    # encoder exists only because the first one died), not merely outlived by a finished job
+    # the killed actor died mid-job and its work was redone, by a new actor (concurrency 1: a second encoder
+    # exists only because the first one died) or by the same actor restarted in place; not merely outlived
     new = workers() - before
-    assert killed[0] in new and len(new) >= 2, new
+    dead = list_actors(address=gcs, filters=[("actor_id", "=", killed[0])], detail=True, raise_on_missing_output=False)
+    assert killed[0] in new and (len(new) >= 2 or dead[0].num_restarts >= 1), (new, dead)
 
 
 def test_04_one_block_raises_job_fails_no_success_destination_unchanged(trained_digits, workdir, tmp_path):

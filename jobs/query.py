@@ -1,12 +1,12 @@
 """Nearest neighbours by Euclidean distance on μ over latent Parquet, printed as a table."""
 import sys
 
-from pipeline.query import QueryConfig as Config, format_table, run_query
+from pipeline.query import QueryConfig as Config, format_rows, run_query
 
 
 def run(cfg: Config):
     t = run_query(cfg)
-    print(format_table(t))
+    print(format_rows(t, cfg.format))
     return t
 
 

@@ -157,6 +157,8 @@ class PeakRSS:
 
 def make_input(folder: str, records: int, row_group_rows: int = 65_536, file_rows: int = 524_288) -> list[str]:
     """MNIST images tiled to `records` rows, streamed to Parquet one row group at a time (flat memory).
+    `row_group_rows=0`: pyarrow's default layout instead (each file written by one `pq.write_table`,
+    so one row group of up to 1 Mi rows per file; generation then holds one file's table).
     A folder already holding this exact input (its `_bench_input.json`) is reused."""
     from pipeline.datasets import mnist
 
@@ -175,6 +177,14 @@ def make_input(folder: str, records: int, row_group_rows: int = 65_536, file_row
     for i, start in enumerate(range(0, records, file_rows)):
         stop = min(records, start + file_rows)
         path = os.path.join(folder, f"part-{i:05d}.parquet")
+        if row_group_rows == 0:   # pyarrow's defaults: one write_table call per file
+            idx = np.arange(start, stop) % len(flat)
+            pq.write_table(pa.table({"id": pa.array(np.arange(start, stop, dtype=np.int64)),
+                                     "label": pa.array(labels[idx]),
+                                     "image": pa.FixedSizeListArray.from_arrays(pa.array(flat[idx].ravel()), 784)},
+                                    schema=SCHEMA), path, compression="zstd")
+            files.append(path)
+            continue
         with pq.ParquetWriter(path, SCHEMA, compression="zstd") as w:
             for lo in range(start, stop, row_group_rows):
                 hi = min(stop, lo + row_group_rows)

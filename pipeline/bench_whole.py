@@ -216,3 +216,141 @@ def bench_query(cfg) -> dict[str, Any]:
                  "alternating repeats after one warm-up run of each; ratio = duckdb wall / vaepipe wall "
                  "(> 1: vaepipe faster); peak RSS = each process's own ru_maxrss (wait4), the max over the runs",
     }
+
+
+# --- encode as whole processes --------------------------------------------------------------------
+
+PLAIN_ENCODE = r"""
+import glob, os, sys
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+model_uri, tracking, src, dst, batch, device = sys.argv[1:7]
+mlflow.set_tracking_uri(tracking)
+model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model.eval().to(device)
+torch.set_num_threads(os.cpu_count())
+os.makedirs(dst, exist_ok=True)
+schema = pa.schema([("id", pa.int64()), ("mu", pa.list_(pa.float32(), model.config.latent_dim))])
+rows = 0
+with torch.inference_mode():
+    for i, path in enumerate(sorted(glob.glob(os.path.join(src, "*.parquet")))):
+        with pq.ParquetWriter(os.path.join(dst, f"part-{i:05d}.parquet"), schema, compression="zstd") as w:
+            for b in pq.ParquetFile(path).iter_batches(batch_size=int(batch), columns=["id", "image"]):
+                x = np.asarray(b.column("image").flatten().to_numpy()).reshape(b.num_rows, -1)
+                mu = model.embed(torch.from_numpy(x).to(device)).mean.cpu().numpy()
+                w.write_batch(pa.record_batch(
+                    [b.column("id"), pa.FixedSizeListArray.from_arrays(pa.array(mu.ravel()), mu.shape[1])],
+                    schema=schema))
+                rows += b.num_rows
+print(rows)
+"""
+
+
+def register_bench_model(cfg, root: str) -> tuple[str, str]:
+    """The benchmark model (random init, seed 0) logged and registered as `bench` version 1 in a
+    SQLite MLflow store under `root` (reused when present): (tracking URI, model URI)."""
+    from pipeline import registry
+    from pipeline.bench import bench_model
+    from vae.checkpoint import save_checkpoint
+
+    os.makedirs(root, exist_ok=True)
+    tracking = f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+    marker = os.path.join(root, "_bench_model.json")
+    want = {"latent_dim": cfg.latent_dim, "hidden": list(cfg.hidden), "version": 2}
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == want:
+                return tracking, "models:/bench/1"
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    model = bench_model(cfg)
+    ckpt = os.path.join(root, "checkpoint.pt")   # the name registry.download_checkpoint looks for
+    save_checkpoint(ckpt, model)
+    exp = registry.experiment_id(tracking, "bench")
+    run_id = registry.client(tracking).create_run(exp).info.run_id
+    uri = registry.log_model(run_id, ckpt, model.config.input_dim, model.config.latent_dim, tracking)
+    registry.register(uri, "bench", tracking, run_id)
+    with open(marker, "w") as f:
+        json.dump(want, f)
+    return tracking, "models:/bench/1"
+
+
+def bench_encode_whole(cfg) -> dict[str, Any]:
+    """`vaepipe encode` and the plain script, each as its own process, on both row-group layouts."""
+    from pipeline.bench import _compare, check_device, device_name, make_input
+
+    device = check_device(cfg)
+    root = os.path.abspath(os.path.join(cfg.workdir, "bench"))
+    tracking, model_uri = register_bench_model(cfg, os.path.join(root, "whole-model"))
+    layouts = {"pyarrow-default": 0, str(cfg.row_group_rows): cfg.row_group_rows}
+    out = os.path.join(root, "whole-out")
+    by_layout = {}
+    load_before = load_avg()
+    for name, rg_rows in layouts.items():
+        files = make_input(os.path.join(root, f"input-{cfg.records}-{rg_rows}-{cfg.file_rows}"),
+                           cfg.records, rg_rows, cfg.file_rows)
+        src = os.path.dirname(files[0])
+        rgs = [pq.read_metadata(f).num_row_groups for f in files]
+        base_dst, pipe_dst = os.path.join(out, "baseline"), os.path.join(out, "vaepipe")
+        ours = [*vaepipe_command(), "encode", "--model", model_uri, "--input", src, "--output", pipe_dst,
+                "--keep", "id", "--batch-size", str(cfg.bs), "--tracking-uri", tracking,
+                "--workdir", os.path.join(root, "whole-work"), "--use-gpu" if device == "cuda" else "--no-use-gpu",
+                *(["--concurrency", str(cfg.concurrency)] if cfg.concurrency else [])]
+        theirs = [sys.executable, "-c", PLAIN_ENCODE, model_uri, tracking, src, base_dst, str(cfg.bs), device]
+        base, pipe = [], []
+        for r in range(cfg.n_repeats):
+            for side in (("baseline", "vaepipe") if r % 2 == 0 else ("vaepipe", "baseline")):
+                shutil.rmtree(base_dst if side == "baseline" else pipe_dst, ignore_errors=True)
+                res = timed_run(theirs if side == "baseline" else ours, peak_tree=True)
+                if side == "baseline" and int(res["stdout"].split()[-1]) != cfg.records:
+                    raise RuntimeError(f"bench: the plain script wrote {res['stdout'].split()[-1]} records")
+                (base if side == "baseline" else pipe).append(res)
+        rows_out = sum(f["rows"] for f in json.load(open(os.path.join(pipe_dst, "_manifest.json")))["files"])
+        if rows_out != cfg.records:
+            raise RuntimeError(f"bench: vaepipe encode committed {rows_out} records, expected {cfg.records}")
+        diff = _compare(base_dst, pipe_dst)
+        bw = statistics.median(d["wall"] for d in base)
+        pw = statistics.median(d["wall"] for d in pipe)
+        n = cfg.records
+        by_layout[name] = {
+            "what": "encode", "records": n, "batch_size": cfg.bs, "device": device_name(device),
+            "whole_process": True, "layout": name, "row_groups_per_file": rgs,
+            "baseline_records_per_s": n / bw, "pipeline_records_per_s": n / pw, "ratio": bw / pw,
+            "pipeline_steady_records_per_s": None, "steady_ratio": None,
+            "baseline_wall_s": bw, "pipeline_wall_s": pw, "pipeline_units_span_s": None,
+            "peak_rss_mb": max(d["tree_peak_mb"] for d in pipe),
+            "baseline_peak_rss_mb": max(d["tree_peak_mb"] for d in base),
+            "baseline_threads": os.cpu_count(), "pipeline_actors": cfg.concurrency or os.cpu_count(),
+            "pipeline_files": len(json.load(open(os.path.join(pipe_dst, "_manifest.json")))["files"]),
+            "repeats": cfg.n_repeats, "all_baseline_walls_s": [d["wall"] for d in base],
+            "all_pipeline_walls_s": [d["wall"] for d in pipe], "max_abs_mu_diff": diff,
+        }
+    shutil.rmtree(out, ignore_errors=True)
+    load_after = load_avg()
+    main = dict(by_layout[str(cfg.row_group_rows)])
+    main.update({"layouts": by_layout, "load_avg_before": load_before, "load_avg_after": load_after,
+                 "notes": ("whole processes, median of the alternating repeats: vaepipe = `vaepipe encode` "
+                           "(Python start, imports, its own local Ray start, model from the registry, encode, "
+                           "commit, Ray shutdown); baseline = the plain pyarrow iter_batches → model.embed → "
+                           "ParquetWriter script (model via mlflow.pyfunc.load_model().unwrap_python_model()); "
+                           "steady-state figures are not measurable from outside the process (null); "
+                           "peak_rss_mb = the process tree (Ray included), sampled every 0.2 s")})
+    return main
+
+
+def summary_encode_whole(f: dict[str, Any]) -> str:
+    lines = [f"bench encode --whole-process: {f['records']:,} records, batch {f['batch_size']}, {f['device']}, "
+             f"median of {f['repeats']}"]
+    for name, g in f["layouts"].items():
+        lines += [f"  layout {name} (row groups per file {g['row_groups_per_file']}):",
+                  f"    plain script process:   {g['baseline_wall_s']:7.1f} s  {g['baseline_records_per_s']:>9,.0f} "
+                  f"records/s  runs {', '.join(f'{w:.1f}' for w in g['all_baseline_walls_s'])}",
+                  f"    vaepipe encode process: {g['pipeline_wall_s']:7.1f} s  {g['pipeline_records_per_s']:>9,.0f} "
+                  f"records/s  runs {', '.join(f'{w:.1f}' for w in g['all_pipeline_walls_s'])}",
+                  f"    ratio vaepipe/baseline: {g['ratio']:.2f}; max |Δμ| {g['max_abs_mu_diff']:.2e}; peak RSS "
+                  f"(tree) vaepipe {g['peak_rss_mb']:,.0f} MiB, baseline {g['baseline_peak_rss_mb']:,.0f} MiB"]
+    lines.append(f"  load average before/after: {f['load_avg_before']} / {f['load_avg_after']}")
+    return "\n".join(lines)

@@ -30,7 +30,7 @@ from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError, InputError, SchemaError
 from pipeline.knn import BlockSearch, exact_sq, from_np, latent_matrix
 from pipeline.parquet_io import Commit, list_parquet_files
-from pipeline.query import Latents, prefetch
+from pipeline.query import Latents
 from pipeline.uris import resolve
 
 INDEXES = ("exact", "usearch")
@@ -120,7 +120,7 @@ class NeighbourUnits:
         p = self.plan
         search = BlockSearch(q, p["k"])
         own = first_row + np.arange(len(q))
-        for start, t in prefetch(self.lat.blocks([p["column"]])):
+        for start, t in self.lat.blocks([p["column"]], threads=1):
             x = latent_matrix(t.column(p["column"]), self.lat.metadata, self.loc.uri)
             hit = np.flatnonzero((own >= start) & (own < start + len(x)))
             search.add(x, start, (hit, own[hit] - start))
@@ -196,7 +196,7 @@ def build_index(lat: Latents, column: str, connectivity: int):
     Index = _usearch()
     dim = None
     index = None
-    for start, t in prefetch(lat.blocks([column])):
+    for start, t in lat.blocks([column]):
         x = latent_matrix(t.column(column), lat.metadata, lat.loc.uri)
         if index is None:
             dim = x.shape[1]
@@ -227,7 +227,7 @@ def measure_recall(lat: Latents, cfg: NeighboursConfig, index) -> float:
     t = lat.take(sample, [cfg.column])
     q = latent_matrix(t.column(cfg.column), lat.metadata, lat.loc.uri)
     search = BlockSearch(q, cfg.k)
-    for start, b in prefetch(lat.blocks([cfg.column])):
+    for start, b in lat.blocks([cfg.column]):
         x = latent_matrix(b.column(cfg.column), lat.metadata, lat.loc.uri)
         hit = np.flatnonzero((sample >= start) & (sample < start + len(x)))
         search.add(x, start, (hit, sample[hit] - start))

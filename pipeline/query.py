@@ -3,7 +3,7 @@ one or many query records (`--id`, repeated, or `--ids-file`) or vectors, in one
 
 The path is kept light on purpose (a query is a short process): numpy, pyarrow and fsspec only; no
 torch, Ray or MLflow import. The latents are read row group by row group (only the id, μ and any
-`--where` columns) by a reader thread while the main thread scores the previous block
+`--where` columns) by reader threads, a few row groups ahead, while the main thread scores
 (`pipeline.knn`: one matrix product per block, then an exact re-score of the few rows that can still
 make the k nearest), so memory is one or two row groups plus k rows per query, whatever the size of
 the input. The kept columns of the winners are read at the end, from their row groups only.
@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-import queue
+import os
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,26 +148,58 @@ class Latents:
     def open(self, i: int) -> pq.ParquetFile:
         return pq.ParquetFile(self.afs.open_input_file(self.files[i]), metadata=self.meta[i], pre_buffer=True)
 
-    def blocks(self, columns: list[str], row_groups: dict[int, list[int]] | None = None):
-        """(global first row, table) for every row group (or slice of a large one), in order."""
+    def pieces(self, row_groups: dict[int, list[int]] | None = None) -> list[tuple[int, int, int, int]]:
+        """(file, row group, first row in it, rows) for every row group, or slice of a large one."""
+        out = []
         for i, md in enumerate(self.meta):
-            rgs = range(md.num_row_groups) if row_groups is None else row_groups.get(i, [])
-            if not rgs:
-                continue
+            for rg in (range(md.num_row_groups) if row_groups is None else row_groups.get(i, [])):
+                n = md.row_group(rg).num_rows
+                for lo in range(0, max(n, 1), BLOCK_ROWS):
+                    out.append((i, rg, lo, min(n, lo + BLOCK_ROWS) - lo))
+        return out
+
+    def read_piece(self, piece: tuple[int, int, int, int], columns: list[str]) -> tuple[int, pa.Table]:
+        """(global first row, table) of one piece."""
+        i, rg, lo, n = piece
+        start = int(self.file_start[i] + self.rg_start[i][rg]) + lo
+        try:
+            pf = self.open(i)
+            if lo == 0 and n == self.meta[i].row_group(rg).num_rows:
+                return start, pf.read_row_group(rg, columns=columns, use_threads=False)
+            batches = pf.iter_batches(batch_size=BLOCK_ROWS, row_groups=[rg], columns=columns, use_threads=False)
+            for j, b in enumerate(batches):
+                if j * BLOCK_ROWS == lo:
+                    return start, pa.Table.from_batches([b])
+            raise InputError(f"{self.loc.full(self.files[i])}: row group {rg} is shorter than its footer says")
+        except (OSError, pa.ArrowException) as e:
+            raise InputError(f"{self.loc.full(self.files[i])}: cannot read Parquet "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
+
+    def blocks(self, columns: list[str], row_groups: dict[int, list[int]] | None = None, threads: int | None = None):
+        """(global first row, table) for every row group (or slice of a large one), in order, decoded
+        by `threads` reader threads (default: one per core, at most 4) a few pieces ahead of the
+        consumer: pyarrow decodes without the GIL, so the cores decode while the caller scores."""
+        pieces = self.pieces(row_groups)
+        threads = threads or min(4, os.cpu_count() or 1)
+        if threads <= 1 or len(pieces) <= 1:
+            for p in pieces:
+                yield self.read_piece(p, columns)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="vaepipe-read") as ex:
+            window = [ex.submit(self.read_piece, p, columns) for p in pieces[:threads + 1]]
+            nxt = len(window)
             try:
-                pf = self.open(i)
-                for rg in rgs:
-                    start = int(self.file_start[i] + self.rg_start[i][rg])
-                    n = md.row_group(rg).num_rows
-                    if n <= BLOCK_ROWS:
-                        yield start, pf.read_row_group(rg, columns=columns)
-                    else:
-                        for b in pf.iter_batches(batch_size=BLOCK_ROWS, row_groups=[rg], columns=columns):
-                            yield start, pa.Table.from_batches([b])
-                            start += b.num_rows
-            except (OSError, pa.ArrowException) as e:
-                raise InputError(f"{self.loc.full(self.files[i])}: cannot read Parquet "
-                                 f"({type(e).__name__}: {str(e)[:200]})") from None
+                while window:
+                    item = window.pop(0).result()
+                    if nxt < len(pieces):
+                        window.append(ex.submit(self.read_piece, pieces[nxt], columns))
+                        nxt += 1
+                    yield item
+            finally:
+                for f in window:
+                    f.cancel()
 
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Global rows → (file index, row group, row inside the row group)."""
@@ -200,42 +231,6 @@ class Latents:
             order.append(sel)
         t = pa.concat_tables(pieces)
         return t.take(from_np(np.argsort(np.concatenate(order), kind="stable")))
-
-
-def prefetch(gen, depth: int = 2):
-    """Run a generator in a reader thread, `depth` items ahead (pyarrow decodes without the GIL, so
-    reading the next row group overlaps scoring this one)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for item in gen:
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(done)
-        except BaseException as e:   # re-raised in the consumer
-            q.put(e)
-
-    th = threading.Thread(target=work, daemon=True)
-    th.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while th.is_alive():   # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                th.join(0.05)
 
 
 # --- query ids ------------------------------------------------------------------------------------
@@ -367,7 +362,7 @@ def run_query(cfg: QueryConfig) -> pa.Table:
     exclude = ids is not None and cfg.exclude_self
     wanted_np = to_np(ids) if exclude and pa.types.is_integer(ids.type) else None
     cols = list(dict.fromkeys([*([cfg.id_column] if exclude else []), *(c for c, _, _ in clauses), cfg.column]))
-    for start, t in prefetch(lat.blocks(cols)):
+    for start, t in lat.blocks(cols):
         if t.num_rows == 0:
             continue
         x = latent_matrix(t.column(cfg.column), lat.metadata, cfg.latents)

@@ -59,7 +59,8 @@ with open(out, "wb") as f:
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
 with open(res, "w") as f:
-    json.dump({"wall": wall, "rc": os.waitstatus_to_exitcode(status), "maxrss_kb": ru.ru_maxrss}, f)
+    json.dump({"wall": wall, "rc": os.waitstatus_to_exitcode(status), "maxrss_kb": ru.ru_maxrss,
+               "cpu": ru.ru_utime + ru.ru_stime}, f)
 """
 
 
@@ -95,7 +96,7 @@ def timed_run(cmd: list[str], env: dict | None = None, peak_tree: bool = False) 
             raise RuntimeError(f"bench: {' '.join(cmd[:3])} … exited {r['rc']}:\n{stderr[-3000:]}")
         with open(out, "rb") as f:
             stdout = f.read().decode()
-    res = {"wall": r["wall"], "stdout": stdout, "own_peak_mb": r["maxrss_kb"] / 1024}
+    res = {"wall": r["wall"], "stdout": stdout, "own_peak_mb": r["maxrss_kb"] / 1024, "cpu": r["cpu"]}
     if sampler is not None:
         res["tree_peak_mb"] = sampler.peak_mb
     return res
@@ -207,6 +208,8 @@ def bench_query(cfg) -> dict[str, Any]:
         "baseline": f"duckdb {duckdb.__version__} SQL in its own process", "pipeline": "vaepipe query process",
         "baseline_wall_s": bw, "pipeline_wall_s": pw, "ratio": bw / pw,
         "baseline_records_per_s": n / bw, "pipeline_records_per_s": n / pw,
+        "baseline_cpu_s": statistics.median(d["cpu"] for d in base),
+        "pipeline_cpu_s": statistics.median(d["cpu"] for d in pipe),
         "pipeline_many_ids": len(many), "pipeline_many_ids_wall_s": statistics.median(many_walls),
         "peak_rss_mb": max(d["own_peak_mb"] for d in pipe), "baseline_peak_rss_mb": max(d["own_peak_mb"] for d in base),
         "repeats": cfg.n_repeats, "all_baseline_walls_s": [d["wall"] for d in base],
@@ -214,7 +217,8 @@ def bench_query(cfg) -> dict[str, Any]:
         "same_answer": same, "answer": a, "load_avg_before": load_before, "load_avg_after": load_after,
         "notes": "walls = whole processes (python start, imports, read, search, print), median of the "
                  "alternating repeats after one warm-up run of each; ratio = duckdb wall / vaepipe wall "
-                 "(> 1: vaepipe faster); peak RSS = each process's own ru_maxrss (wait4), the max over the runs",
+                 "(> 1: vaepipe faster); cpu = user + system seconds of the process (all its threads; wait4), "
+                 "the more robust figure on a shared machine; peak RSS = each process's own ru_maxrss (wait4), the max over the runs",
     }
 
 

@@ -1,5 +1,7 @@
 """Benchmark vaepipe against a plain single-process PyTorch loop on the same machine, same model,
-same batch size: `vaepipe bench encode --records N [--json FILE]` or `vaepipe bench train --records N`.
+same batch size: `vaepipe bench encode --records N [--json FILE]` or `vaepipe bench train --records N`;
+`vaepipe bench query --records N`: `vaepipe query` against DuckDB's SQL, both as whole processes;
+`vaepipe bench encode --whole-process`: `vaepipe encode` against the plain script, both as processes.
 Prints records/s for both, the ratio vaepipe/baseline and the peak RSS of the process tree
 (docs/performance.md explains every figure)."""
 import sys
@@ -19,6 +21,6 @@ if __name__ == "__main__":
     from jobs.cli import run_job
 
     argv = sys.argv[1:]
-    if argv and argv[0] in ("encode", "train"):
+    if argv and argv[0] in ("encode", "train", "query"):
         argv = ["--what", argv[0], *argv[1:]]
     sys.exit(run_job("bench", argv))

@@ -17,7 +17,7 @@ from pipeline.config import from_mapping, load_yaml
 from pipeline.errors import VaepipeError
 from pipeline.redact import RedactFilter, RedactingStream, redact_text, secrets_in_args, secrets_in_env
 
-JOBS = ("train", "encode", "decode", "nightly", "query", "evaluate", "demo", "bench")
+JOBS = ("train", "encode", "decode", "nightly", "query", "neighbours", "evaluate", "demo", "bench")
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -116,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
               "  decode    reconstruct records from latents (the decompression half)\n"
               "  nightly   incremental, idempotent encode of partitions not yet encoded\n"
               "  query     nearest neighbours over latent Parquet\n"
+              "  neighbours  every record's k nearest neighbours (Ray Data batch job; exact or --index usearch)\n"
               "  evaluate  quality report: ELBO, compression vs PCA, few-label probes\n"
               "  demo      the whole pipeline on bundled data, end to end\n"
-              "  bench     encode/train throughput against a plain PyTorch loop", file=sys.stderr)
+              "  bench     encode/train throughput against a plain PyTorch loop; query against DuckDB", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "bench":  # `vaepipe bench encode|train`: the positional becomes --what
         rest = argv[1:]
-        if rest and rest[0] in ("encode", "train"):
+        if rest and rest[0] in ("encode", "train", "query"):
             rest = ["--what", rest[0], *rest[1:]]
         return run_job("bench", rest)
     return run_job(argv[0], argv[1:])

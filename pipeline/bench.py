@@ -48,13 +48,15 @@ import torch
 from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError
 
-WHATS = ("encode", "train")
+WHATS = ("encode", "train", "query")
+DEVICES = ("auto", "cpu", "cuda")
 SCHEMA = pa.schema([("id", pa.int64()), ("label", pa.int64()), ("image", pa.list_(pa.uint8(), 784))])
 
 
 @dataclass
 class BenchConfig(RuntimeConfig):
-    what: str = opt("encode", "what to benchmark: encode or train (`vaepipe bench encode|train`)", choices=WHATS)
+    what: str = opt("encode", "what to benchmark: encode, train or query (`vaepipe bench encode|train|query`)",
+                    choices=WHATS)
     records: int = opt(1_000_000, "records in the generated input (MNIST images tiled)")
     json: str = opt("", "also write the figures to this JSON file")
     batch_size: int | None = opt(None, "records per batch, both sides (default: encode 4096, train 128)")
@@ -63,20 +65,34 @@ class BenchConfig(RuntimeConfig):
     concurrency: int | None = opt(None, "encode: Ray Data actors (default: one per core)")
     threads: int | None = opt(None, "baseline torch threads (default: all cores)")
     epochs: int = opt(3, "train: epochs on each side; the first is the warm-up")
-    repeats: int = opt(1, "timed runs per side, alternating; the best of each is reported")
+    repeats: int | None = opt(None, "timed runs per side, alternating (default 1; query and --whole-process: 3); "
+                                    "in-process encode/train report the best of each, whole processes the median")
+    device: str = opt("auto", "encode/train: run both sides on cpu or cuda (cuda: exits if no GPU is visible); "
+                              "auto = cuda when available", choices=DEVICES)
+    whole_process: bool = opt(False, "encode: time `vaepipe encode` and the plain script as separate processes "
+                                     "(Python start, imports, Ray start and model load included), on both row-group "
+                                     "layouts (pyarrow's default and --row-group-rows)")
+    k: int = opt(10, "query: neighbours per query")
+    query_ids: int = opt(100, "query: ids in the extra many-ids run of vaepipe query (--ids-file)")
+    query_files: int = opt(8, "query: Parquet files the generated latents are written to")
     latent_dim: int = opt(16, "latent size of the benchmark model")
     hidden: list[int] = opt(help="MLP widths of the benchmark model", factory=lambda: [512, 256])
 
     def __post_init__(self) -> None:
         self.choice("what", WHATS)
-        for name in ("records", "row_group_rows", "file_rows", "epochs", "repeats", "latent_dim"):
+        self.choice("device", DEVICES)
+        for name in ("records", "row_group_rows", "file_rows", "epochs", "latent_dim", "k", "query_ids", "query_files"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.what == "train" and self.epochs < 2:
             raise ConfigError("train: epochs must be ≥ 2 (the first is the warm-up)")
-        for name in ("batch_size", "concurrency", "threads"):
+        for name in ("batch_size", "concurrency", "threads", "repeats"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+
+    @property
+    def n_repeats(self) -> int:
+        return self.repeats or (3 if self.what == "query" or self.whole_process else 1)
 
     @property
     def bs(self) -> int:
@@ -141,6 +157,8 @@ class PeakRSS:
 
 def make_input(folder: str, records: int, row_group_rows: int = 65_536, file_rows: int = 524_288) -> list[str]:
     """MNIST images tiled to `records` rows, streamed to Parquet one row group at a time (flat memory).
+    `row_group_rows=0`: pyarrow's default layout instead (each file written by one `pq.write_table`,
+    so one row group of up to 1 Mi rows per file; generation then holds one file's table).
     A folder already holding this exact input (its `_bench_input.json`) is reused."""
     from pipeline.datasets import mnist
 
@@ -159,6 +177,14 @@ def make_input(folder: str, records: int, row_group_rows: int = 65_536, file_row
     for i, start in enumerate(range(0, records, file_rows)):
         stop = min(records, start + file_rows)
         path = os.path.join(folder, f"part-{i:05d}.parquet")
+        if row_group_rows == 0:   # pyarrow's defaults: one write_table call per file
+            idx = np.arange(start, stop) % len(flat)
+            pq.write_table(pa.table({"id": pa.array(np.arange(start, stop, dtype=np.int64)),
+                                     "label": pa.array(labels[idx]),
+                                     "image": pa.FixedSizeListArray.from_arrays(pa.array(flat[idx].ravel()), 784)},
+                                    schema=SCHEMA), path, compression="zstd")
+            files.append(path)
+            continue
         with pq.ParquetWriter(path, SCHEMA, compression="zstd") as w:
             for lo in range(start, stop, row_group_rows):
                 hi = min(stop, lo + row_group_rows)
@@ -186,8 +212,19 @@ def bench_model(cfg: BenchConfig):
                          likelihood="bernoulli", preprocessing=pre)).eval()
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
+def check_device(cfg: BenchConfig) -> str:
+    """The device both sides run on: `--device cuda` without a visible GPU is an error, not a CPU run
+    reported as a GPU one."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"bench --device cuda: no CUDA GPU is visible to torch {torch.__version__} "
+                          f"(CUDA build: {torch.version.cuda or 'none'}); nothing was measured")
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def device_name(device: str | None = None) -> str:
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda":
         return f"cuda: {torch.cuda.get_device_name(0)}"
     model = platform.processor() or platform.machine()
     try:
@@ -207,13 +244,13 @@ def _load() -> list[float]:
 
 # --- encode -------------------------------------------------------------------------------------
 
-def baseline_encode(files: list[str], out_dir: str, model, batch_size: int, threads: int) -> int:
+def baseline_encode(files: list[str], out_dir: str, model, batch_size: int, threads: int, device: str = "cpu") -> int:
     """The plain single-process loop a good engineer writes: no per-row Python, no extra copies,
     inference mode, all cores as torch threads. Returns the records written."""
     from pipeline.features import fixed_size_list
 
     torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
     model = model.to(device)
     os.makedirs(out_dir, exist_ok=True)
     dim, rows = model.config.input_dim, 0
@@ -237,11 +274,12 @@ def baseline_encode(files: list[str], out_dir: str, model, batch_size: int, thre
     return rows
 
 
-def _pipeline_encode(cfg: BenchConfig, input_dir: str, out_dir: str, blob: tuple):
+def _pipeline_encode(cfg: BenchConfig, input_dir: str, out_dir: str, blob: tuple, device: str = "cpu"):
     from pipeline.encode import EncodeConfig, run_encode
 
     ecfg = EncodeConfig(model=blob[0].uri, input=input_dir, output=out_dir, keep=["id"], batch_size=cfg.bs,
                         concurrency=cfg.concurrency, workdir=cfg.workdir, ray_address=cfg.ray_address,
+                        use_gpu=device == "cuda",
                         tracking_uri=f"sqlite:///{os.path.abspath(os.path.join(input_dir, '..', 'mlflow.db'))}")
     return run_encode(ecfg, model_blob=blob)
 
@@ -264,6 +302,7 @@ def bench_encode(cfg: BenchConfig) -> dict[str, Any]:
     from vae.checkpoint import checkpoint_bytes
 
     root = os.path.abspath(os.path.join(cfg.workdir, "bench"))
+    device = check_device(cfg)
     threads = cfg.threads or os.cpu_count() or 1
     files = make_input(os.path.join(root, f"input-{cfg.records}-{cfg.row_group_rows}-{cfg.file_rows}"),
                        cfg.records, cfg.row_group_rows, cfg.file_rows)
@@ -277,13 +316,13 @@ def bench_encode(cfg: BenchConfig) -> dict[str, Any]:
     out = os.path.join(root, "out")
     shutil.rmtree(out, ignore_errors=True)
     # Warm-up: both paths once on a small input (imports, kernels, page cache, Ray start).
-    baseline_encode(warm_files, os.path.join(out, "warm-baseline"), model, cfg.bs, threads)
+    baseline_encode(warm_files, os.path.join(out, "warm-baseline"), model, cfg.bs, threads, device)
     init_ray(cfg.ray_address)
-    _pipeline_encode(cfg, os.path.dirname(warm_files[0]), os.path.join(out, "warm-vaepipe"), blob)
+    _pipeline_encode(cfg, os.path.dirname(warm_files[0]), os.path.join(out, "warm-vaepipe"), blob, device)
 
     base, pipe = [], []
     load_before = _load()
-    for r in range(cfg.repeats):
+    for r in range(cfg.n_repeats):
         for side in (("baseline", "vaepipe") if r % 2 == 0 else ("vaepipe", "baseline")):
             dst = os.path.join(out, side)
             shutil.rmtree(dst, ignore_errors=True)
@@ -291,10 +330,10 @@ def bench_encode(cfg: BenchConfig) -> dict[str, Any]:
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
                 if side == "baseline":
-                    rows = baseline_encode(files, dst, model, cfg.bs, threads)
+                    rows = baseline_encode(files, dst, model, cfg.bs, threads, device)
                     res = None
                 else:
-                    res = _pipeline_encode(cfg, input_dir, dst, blob)
+                    res = _pipeline_encode(cfg, input_dir, dst, blob, device)
                     rows = res.rows_out
                 wall = time.perf_counter() - t0
             torch.set_num_threads(torch_threads)
@@ -308,14 +347,14 @@ def bench_encode(cfg: BenchConfig) -> dict[str, Any]:
     diff = _compare(os.path.join(out, "baseline"), os.path.join(out, "vaepipe"))
     n = cfg.records
     figures = {
-        "what": "encode", "records": n, "batch_size": cfg.bs, "device": device_name(),
+        "what": "encode", "records": n, "batch_size": cfg.bs, "device": device_name(device),
         "baseline_records_per_s": n / b["wall"], "pipeline_records_per_s": n / p["wall"],
         "ratio": b["wall"] / p["wall"],
         "pipeline_steady_records_per_s": n / span, "steady_ratio": b["wall"] / span,
         "baseline_wall_s": b["wall"], "pipeline_wall_s": p["wall"], "pipeline_units_span_s": span,
         "peak_rss_mb": max(d["peak"] for d in pipe), "baseline_peak_rss_mb": max(d["peak"] for d in base),
         "baseline_threads": threads, "pipeline_actors": cfg.concurrency or os.cpu_count(),
-        "pipeline_files": p["res"].files, "repeats": cfg.repeats,
+        "pipeline_files": p["res"].files, "repeats": cfg.n_repeats,
         "all_baseline_walls_s": [d["wall"] for d in base], "all_pipeline_walls_s": [d["wall"] for d in pipe],
         "max_abs_mu_diff": diff, "load_avg_before": load_before, "load_avg_after": load_after,
         "notes": ("pipeline = whole run_encode call after a warm-up run (Ray already up; includes planning, "
@@ -329,14 +368,14 @@ def bench_encode(cfg: BenchConfig) -> dict[str, Any]:
 # --- train --------------------------------------------------------------------------------------
 
 def baseline_train(files: list[str], model, epochs: int, batch_size: int, threads: int, lr: float = 2e-3,
-                   seed: int = 0) -> tuple[list[float], float]:
+                   seed: int = 0, device: str = "cpu") -> tuple[list[float], float]:
     """Plain PyTorch: read the Parquet once into a uint8 tensor, then `train_epoch` over randperm
     batches with AdamW. Returns the epoch walls and the read time."""
     from vae.loss import kl_weight
     from vae.train_step import train_epoch
 
     torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not writable.*")
@@ -367,6 +406,7 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
     from pipeline.train import TrainConfig, run_train
 
     root = os.path.abspath(os.path.join(cfg.workdir, "bench"))
+    device = check_device(cfg)
     files = make_input(os.path.join(root, f"input-{cfg.records}-{cfg.row_group_rows}-{cfg.file_rows}"),
                        cfg.records, cfg.row_group_rows, cfg.file_rows)
     threads = cfg.threads or os.cpu_count() or 1
@@ -379,13 +419,13 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
     init_ray(cfg.ray_address, reserve_cpus=1 * 1.0 + 1)   # as run_train sizes it
     load_before = _load()
     base, pipe = [], []
-    for r in range(cfg.repeats):
+    for r in range(cfg.n_repeats):
         for side in (("baseline", "vaepipe") if r % 2 == 0 else ("vaepipe", "baseline")):
             torch_threads = torch.get_num_threads()
             with PeakRSS() as mem:
                 t0 = time.perf_counter()
                 if side == "baseline":
-                    walls, read_s = baseline_train(files, bench_model(cfg), cfg.epochs, cfg.bs, threads)
+                    walls, read_s = baseline_train(files, bench_model(cfg), cfg.epochs, cfg.bs, threads, device=device)
                     extra = {"read_s": read_s}
                 else:
                     tcfg = TrainConfig(
@@ -394,7 +434,7 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
                         batch_size=cfg.bs, val_fraction=0.0, workers=1, promote="never", model_name="bench",
                         experiment="bench", run_name=f"bench-train-{r}", storage_path=os.path.join(run_root, "ray"),
                         workdir=run_root, tracking_uri=f"sqlite:///{os.path.join(run_root, 'mlflow.db')}",
-                        ray_address=cfg.ray_address, max_failures=0)
+                        ray_address=cfg.ray_address, max_failures=0, use_gpu=device == "cuda")
                     res = run_train(tcfg)
                     with open(os.path.join(os.path.dirname(os.path.dirname(res.checkpoint)), "journal.jsonl")) as f:
                         journal = [json.loads(line) for line in f if line.strip()]
@@ -411,13 +451,13 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
     b = max(base, key=lambda d: d["sps"])
     p = max(pipe, key=lambda d: d["sps"])
     figures = {
-        "what": "train", "records": n, "batch_size": cfg.bs, "epochs": cfg.epochs, "device": device_name(),
+        "what": "train", "records": n, "batch_size": cfg.bs, "epochs": cfg.epochs, "device": device_name(device),
         "baseline_records_per_s": b["sps"], "pipeline_records_per_s": p["sps"], "ratio": p["sps"] / b["sps"],
         "baseline_epoch_s": b["walls"], "pipeline_epoch_s": p["walls"],
         "baseline_end_to_end_s": b["e2e"], "pipeline_end_to_end_s": p["e2e"], "end_to_end_ratio": b["e2e"] / p["e2e"],
         "baseline_read_s": b["read_s"], "final_train_neg_elbo": p["final_train_neg_elbo"],
         "peak_rss_mb": max(d["peak"] for d in pipe), "baseline_peak_rss_mb": max(d["peak"] for d in base),
-        "repeats": cfg.repeats, "all_baseline_records_per_s": [d["sps"] for d in base],
+        "repeats": cfg.n_repeats, "all_baseline_records_per_s": [d["sps"] for d in base],
         "all_pipeline_records_per_s": [d["sps"] for d in pipe],
         "baseline_threads": threads, "pipeline_workers": 1, "load_avg_before": load_before, "load_avg_after": load_after,
         "notes": ("records/s = steady state over epochs 2..E (epoch 1 is warm-up) on each side, best of the "
@@ -430,7 +470,16 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    figures = bench_encode(cfg) if cfg.what == "encode" else bench_train(cfg)
+    if cfg.what == "query":
+        from pipeline.bench_whole import bench_query
+
+        figures = bench_query(cfg)
+    elif cfg.what == "encode" and cfg.whole_process:
+        from pipeline.bench_whole import bench_encode_whole
+
+        figures = bench_encode_whole(cfg)
+    else:
+        figures = bench_encode(cfg) if cfg.what == "encode" else bench_train(cfg)
     figures["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     figures["torch"] = torch.__version__
     if cfg.json:
@@ -441,6 +490,21 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def summary(f: dict[str, Any]) -> str:
+    if f["what"] == "query":
+        return "\n".join([
+            f"bench query: {f['records']:,} latents × {f['latent_dim']} in {f['files']} files, k={f['k']}, "
+            f"whole processes, median of {f['repeats']}",
+            f"  baseline ({f['baseline']}): {f['baseline_wall_s']:.3f} s   runs {_walls(f['all_baseline_walls_s'])}",
+            f"  vaepipe query process:            {f['pipeline_wall_s']:.3f} s   runs {_walls(f['all_pipeline_walls_s'])}",
+            f"  ratio DuckDB/vaepipe wall: {f['ratio']:.2f} (> 1: vaepipe faster); same answer: {f['same_answer']}",
+            f"  CPU (user+sys, median): DuckDB {f['baseline_cpu_s']:.3f} s, vaepipe {f['pipeline_cpu_s']:.3f} s",
+            f"  vaepipe query, {f['pipeline_many_ids']} ids in one pass (--ids-file): {f['pipeline_many_ids_wall_s']:.3f} s",
+            f"  peak RSS: vaepipe {f['peak_rss_mb']:,.0f} MiB, DuckDB {f['baseline_peak_rss_mb']:,.0f} MiB",
+            f"  load average before/after: {f['load_avg_before']} / {f['load_avg_after']}"])
+    if f.get("whole_process"):
+        from pipeline.bench_whole import summary_encode_whole
+
+        return summary_encode_whole(f)
     lines = [f"bench {f['what']}: {f['records']:,} records, batch {f['batch_size']}, {f['device']}",
              f"  baseline (plain PyTorch, {f['baseline_threads']} threads): {f['baseline_records_per_s']:>10,.0f} records/s",
              f"  vaepipe:                              {f['pipeline_records_per_s']:>10,.0f} records/s",
@@ -457,3 +521,7 @@ def summary(f: dict[str, Any]) -> str:
               f"baseline {f['baseline_peak_rss_mb']:,.0f} MiB",
               f"  load average before/after: {f['load_avg_before']} / {f['load_avg_after']}"]
     return "\n".join(lines)
+
+
+def _walls(ws: list[float]) -> str:
+    return ", ".join(f"{w:.3f}" for w in ws)

@@ -69,3 +69,42 @@ def test_bench_config_checks_and_rss_helpers():
         blob = bytearray(64 * 2**20)
     assert m.peak >= tree_rss_bytes() - 2**30 and m.peak_mb > 64
     del blob
+
+
+def test_bench_query_runs_both_processes_and_they_agree(tmp_path, capsys):
+    pytest.importorskip("duckdb")
+    out = tmp_path / "q.json"
+    assert main(["bench", "query", "--records", "3000", "--query-files", "3", "--query-ids", "5", "--repeats", "1",
+                 "--workdir", str(tmp_path), "--json", str(out)]) == 0
+    f = json.loads(out.read_text())
+    check_figures(f, 3000)
+    assert f["what"] == "query" and f["same_answer"] is True and len(f["answer"]) == 10
+    assert f["pipeline_many_ids"] == 5 and f["pipeline_many_ids_wall_s"] > 0
+    assert "ratio DuckDB/vaepipe" in capsys.readouterr().out
+
+
+def test_bench_device_cuda_without_a_gpu_exits_with_a_message(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the cuda path runs for real")
+    for what in ("encode", "train"):
+        assert main(["bench", what, "--device", "cuda", "--records", "100", "--workdir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "no CUDA GPU is visible" in err and "nothing was measured" in err
+    assert not (tmp_path / "bench").exists()          # refused before generating anything
+
+
+@pytest.mark.slow
+def test_bench_encode_whole_process_times_both_processes_on_both_layouts(tmp_path):
+    out = tmp_path / "w.json"
+    assert main(["bench", "encode", "--whole-process", "--records", "6000", "--row-group-rows", "2048",
+                 "--file-rows", "3000", "--repeats", "1", "--hidden", "32,16", "--workdir", str(tmp_path),
+                 "--json", str(out)]) == 0
+    f = json.loads(out.read_text())
+    check_figures(f, 6000)
+    assert set(f["layouts"]) == {"pyarrow-default", "2048"}
+    assert f["layouts"]["pyarrow-default"]["row_groups_per_file"] == [1, 1]
+    for g in f["layouts"].values():
+        check_figures(g, 6000)
+        assert g["max_abs_mu_diff"] < 1e-5 and g["whole_process"] is True

@@ -22,14 +22,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.parquet_io import Commit, list_parquet_files
+from pipeline.parquet_io import Commit
 from pipeline.uris import resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

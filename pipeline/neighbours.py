@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import RuntimeConfig, opt
+from pipeline.commit import control_of, read_table_manifest
+from pipeline.config import WriterConfig, opt
 from pipeline.errors import ConfigError, InputError, SchemaError
 from pipeline.knn import BlockSearch, exact_sq, from_np, latent_matrix
 from pipeline.parquet_io import Commit, list_parquet_files
@@ -37,7 +38,7 @@ INDEXES = ("exact", "usearch")
 
 
 @dataclass
-class NeighboursConfig(RuntimeConfig):
+class NeighboursConfig(WriterConfig):
     input: str = opt("", "latents folder written by encode/nightly (or any Parquet folder with a latent column)")
     output: str = opt("", "output folder (committed atomically: manifest + _SUCCESS)")
     k: int = opt(10, "neighbours per record")
@@ -57,6 +58,7 @@ class NeighboursConfig(RuntimeConfig):
     def __post_init__(self) -> None:
         self.require("input", "output")
         self.choice("index", INDEXES)
+        self.check_writer()
         for name in ("k", "block_rows", "ef", "connectivity"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -241,11 +243,22 @@ def measure_recall(lat: Latents, cfg: NeighboursConfig, index) -> float:
 
 
 def run_neighbours(cfg: NeighboursConfig) -> NeighboursResult:
-    t0 = time.perf_counter()
+    """Take the output's lease (one writer per output), search, commit atomically."""
+    from pipeline.encode import refuse_partition_of_nightly
+    from pipeline.lease import hold_lease
+
     so = cfg.storage_options_dict()
     loc, out = resolve(cfg.input, **so), resolve(cfg.output, **so)
     if out.fs is loc.fs and out.path.rstrip("/") == loc.path.rstrip("/"):
         raise InputError(f"output {cfg.output!r} is the input folder; choose another folder")
+    refuse_partition_of_nightly(out)
+    with hold_lease(control_of(out), out.uri, "neighbours", cfg.lease_ttl, cfg.wait) as lease:
+        return _neighbours(cfg, loc, out, so, lease)
+
+
+def _neighbours(cfg: NeighboursConfig, loc, out, so: dict, lease) -> NeighboursResult:
+    t0 = time.perf_counter()
+    read_table_manifest(out, control_of(out))   # an untrusted manifest fails here, before any work
     files = list_parquet_files(loc)
     if not files:
         raise InputError(f"input {cfg.input!r} holds no Parquet files")
@@ -253,7 +266,7 @@ def run_neighbours(cfg: NeighboursConfig) -> NeighboursResult:
     for c in (cfg.id_column, cfg.column):
         if c not in lat.schema.names:
             raise SchemaError(f"{loc.uri}: no column {c!r}; columns: {lat.schema.names}")
-    commit = Commit(out)
+    commit = Commit(out, lease=lease)
     units = plan_units(lat, commit)
     metadata = {"vaepipe.neighbours_k": str(cfg.k), "vaepipe.neighbours_index": cfg.index,
                 "vaepipe.input": loc.uri, "vaepipe.distance": "euclidean (float32, as DuckDB array_distance)"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError, InputError, SchemaError
 from pipeline.knn import BlockSearch, from_np, latent_matrix, np_dtype, string_array, to_np
-from pipeline.parquet_io import list_parquet_files
+from pipeline.parquet_io import list_parquet_files, partition_values
 from pipeline.uris import Location, resolve
 
 FORMATS = ("table", "jsonl", "csv")
@@ -138,8 +139,14 @@ class Latents:
         self.rg_start = [np.cumsum([0] + [m.row_group(i).num_rows for i in range(m.num_row_groups)])
                          for m in self.meta]
         first = next((m for m in self.meta if m.num_rows), self.meta[0])
-        self.schema = first.schema.to_arrow_schema()
-        self.metadata = self.schema.metadata or {}
+        schema = first.schema.to_arrow_schema()
+        self.metadata = schema.metadata or {}
+        # hive partition values live in the folder names (nightly's date=…/): string columns, as a hive reader adds
+        self.parts = [partition_values(posixpath.relpath(p, loc.path)) for p in files]
+        self.part_keys = sorted({k for d in self.parts for k in d} - set(schema.names))
+        for k in self.part_keys:
+            schema = schema.append(pa.field(k, pa.string()))
+        self.schema = schema
 
     @property
     def rows(self) -> int:
@@ -159,7 +166,16 @@ class Latents:
         return out
 
     def read_piece(self, piece: tuple[int, int, int, int], columns: list[str]) -> tuple[int, pa.Table]:
-        """(global first row, table) of one piece."""
+        """(global first row, table) of one piece, with any hive partition columns asked for."""
+        parts = [c for c in columns if c in self.part_keys]
+        if not parts:
+            return self._read_piece(piece, columns)
+        start, t = self._read_piece(piece, [c for c in columns if c not in parts])
+        for c in parts:
+            t = t.append_column(c, pa.array([self.parts[piece[0]].get(c)] * t.num_rows, pa.string()))
+        return start, t.select(columns)
+
+    def _read_piece(self, piece: tuple[int, int, int, int], columns: list[str]) -> tuple[int, pa.Table]:
         i, rg, lo, n = piece
         start = int(self.file_start[i] + self.rg_start[i][rg]) + lo
         try:

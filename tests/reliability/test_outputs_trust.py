@@ -225,4 +225,8 @@ def test_22_nightly_partitions_read_by_duckdb_pyarrow_polars_and_pandas(trained_
     assert got.fetchall() == [(values[0], 100), (values[1], 100)]
     for f in out.rglob("*.parquet"):
         assert key not in pq.read_schema(f).names                         # the value lives in the folder name only
+    from pipeline.query import QueryConfig, run_query   # vaepipe's own reader adds it back, as hive readers do
+
+    hits = run_query(QueryConfig(latents=str(out), id=["0"], k=5, where=f"{key} = '{values[1]}'"))
+    assert hits.num_rows == 5 and set(hits.column(key).to_pylist()) == {values[1]}
     shutil.rmtree(src)

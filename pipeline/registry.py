@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,18 +133,66 @@ def load_model_bytes(model_uri: str, tracking_uri: str) -> tuple[ModelRef, bytes
 
 def log_model(run_id: str, checkpoint_path: str, input_dim: int, latent_dim: int, tracking_uri: str,
               example: np.ndarray | None = None) -> str:
-    """Log the pyfunc model (code + checkpoint artifact + signature) into the run; return its URI."""
+    """Log the pyfunc model (code + checkpoint artifact + signature + input example) into the run;
+    return its URI. The signature comes from the preprocessing stored in the checkpoint
+    (`model_signature`); `example` (a few raw training records, (N, D)) becomes the input example."""
     import mlflow
-    from mlflow.models import infer_signature
 
+    from vae.checkpoint import load_checkpoint
+    from vae.config import VAEConfig
+
+    cfg = VAEConfig.from_dict(load_checkpoint(checkpoint_path)["config"])
+    signature = model_signature(cfg.preprocessing, input_dim, latent_dim)
     x = example if example is not None else np.zeros((2, input_dim), np.float32)
-    signature = infer_signature(x.astype(np.float32), np.zeros((len(x), latent_dim), np.float32))
-    with using_tracking(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+    with using_tracking(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=PYFUNC_CODE, artifacts={CHECKPOINT_ARTIFACT: checkpoint_path},
-            signature=signature, pip_requirements=_requirements(), code_paths=None)
+            signature=signature, input_example=input_example(cfg.preprocessing, x),
+            pip_requirements=_requirements(), code_paths=None)
     return info.model_uri
+
+
+def _mlflow_type(dtype: np.dtype):
+    """The widest MLflow column type of dtype's kind, so that every narrower input converts safely
+    (MLflow refuses double → float and long → integer): floats → double, integers → long."""
+    from mlflow.types import DataType
+
+    if dtype.kind == "f":
+        return DataType.double
+    if dtype.kind in "iu":
+        return DataType.long
+    if dtype.kind == "b":
+        return DataType.boolean
+    raise ValueError(f"no MLflow column type for feature dtype {dtype}")
+
+
+def input_example(pre, x: np.ndarray):
+    """Raw records (N, D) as a request carries them: named columns, or {feature: array} in the
+    training value type."""
+    import pandas as pd
+
+    if pre.layout == "scalars" and pre.features:
+        return pd.DataFrame({c: x[:, i].astype(pre.input_dtype(c)) for i, c in enumerate(pre.features)})
+    if pre.features:
+        return {pre.features[0]: np.asarray(x).astype(pre.input_dtype())}
+    return np.asarray(x, np.float32)
+
+
+def model_signature(pre, input_dim: int, latent_dim: int):
+    """What the served model accepts, by name: one column per feature (scalar features, any order,
+    each of its training type or one that converts safely), or one named tensor (N, D) of the
+    training value type (a list feature, e.g. uint8 images). Output: μ, float32 (N, L)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    out = Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim))])
+    if not pre.features:   # a config without preprocessing: an unnamed float32 matrix, as before
+        return ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, input_dim))]), out)
+    if pre.layout == "scalars":
+        inputs = Schema([ColSpec(_mlflow_type(pre.input_dtype(c)), name=c) for c in pre.features])
+    else:
+        inputs = Schema([TensorSpec(pre.input_dtype(), (-1, input_dim), name=pre.features[0])])
+    return ModelSignature(inputs, out)
 
 
 def _requirements() -> list[str]:

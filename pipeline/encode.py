@@ -332,6 +332,7 @@ def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None,
     import ray
     import ray.data
 
+    from pipeline.progress import Progress
     from pipeline.ray_runtime import init_ray, quiet_data_progress
 
     t0 = time.perf_counter()
@@ -391,10 +392,14 @@ def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None,
         ctx.execution_options.preserve_order = True
         ctx.max_errored_blocks = 0   # one failing unit fails the job: never a silent drop
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            UnitEncoder, fn_constructor_args=(blob, plan), batch_size=1, concurrency=n_actors,
+            UnitEncoder, fn_constructor_args=(blob, plan), batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors),
             num_gpus=1 if use_gpu else 0, num_cpus=0.5 if use_gpu else 1)
         try:
-            res = ds.take_all()
+            res = []
+            with Progress("encode", total, units=len(items)) as prog:   # one line per finished unit
+                for r in ds.iter_rows():
+                    res.append(r)
+                    prog.update(int(r["rows"]) + int(r["skipped"]))
         except Exception as e:
             commit.abort()
             from pipeline.train import _unwrap_error

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,11 +110,26 @@ def _known_aliases(c, name: str) -> str:
         return "no registered model of that name"
 
 
+@contextlib.contextmanager
+def _no_download_bars():
+    """MLflow draws a "Downloading artifacts" bar for every download, even into a log file; a job
+    fetches one small checkpoint. MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR set by the user wins."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
 def download_checkpoint(ref: ModelRef, tracking_uri: str, dst: str | None = None) -> str:
     """Local path of the version's checkpoint file (weights + config + preprocessing)."""
     import mlflow
 
-    with using_tracking(tracking_uri):   # models:/m-… sources resolve through the global URI
+    with using_tracking(tracking_uri), _no_download_bars():   # models:/m-… sources resolve through the global URI
         local = mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=dst, tracking_uri=tracking_uri)
     found = glob.glob(os.path.join(local, "**", "checkpoint.pt"), recursive=True)
     if not found:
@@ -133,9 +149,10 @@ def load_model_bytes(model_uri: str, tracking_uri: str) -> tuple[ModelRef, bytes
 
 def log_model(run_id: str, checkpoint_path: str, input_dim: int, latent_dim: int, tracking_uri: str,
               example: np.ndarray | None = None) -> str:
-    """Log the pyfunc model (code + checkpoint artifact + signature + input example) into the run;
-    return its URI. The signature comes from the preprocessing stored in the checkpoint
-    (`model_signature`); `example` (a few raw training records, (N, D)) becomes the input example."""
+    """Log the pyfunc model (code + checkpoint artifact + signature) into the run; return its URI.
+    The signature comes from the preprocessing stored in the checkpoint (`model_signature`).
+    `example` is not used: an input example would cost a model load and a predict at every log, and
+    the signature already says what a request holds (the README shows one)."""
     import mlflow
 
     from vae.checkpoint import load_checkpoint
@@ -143,12 +160,11 @@ def log_model(run_id: str, checkpoint_path: str, input_dim: int, latent_dim: int
 
     cfg = VAEConfig.from_dict(load_checkpoint(checkpoint_path)["config"])
     signature = model_signature(cfg.preprocessing, input_dim, latent_dim)
-    x = example if example is not None else np.zeros((2, input_dim), np.float32)
-    with using_tracking(tracking_uri), mlflow.start_run(run_id=run_id):
+    with using_tracking(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=PYFUNC_CODE, artifacts={CHECKPOINT_ARTIFACT: checkpoint_path},
-            signature=signature, input_example=input_example(cfg.preprocessing, x),
-            pip_requirements=_requirements(), code_paths=None)
+            signature=signature, pip_requirements=_requirements(), code_paths=None)
     return info.model_uri
 
 
@@ -164,18 +180,6 @@ def _mlflow_type(dtype: np.dtype):
     if dtype.kind == "b":
         return DataType.boolean
     raise ValueError(f"no MLflow column type for feature dtype {dtype}")
-
-
-def input_example(pre, x: np.ndarray):
-    """Raw records (N, D) as a request carries them: named columns, or {feature: array} in the
-    training value type."""
-    import pandas as pd
-
-    if pre.layout == "scalars" and pre.features:
-        return pd.DataFrame({c: x[:, i].astype(pre.input_dtype(c)) for i, c in enumerate(pre.features)})
-    if pre.features:
-        return {pre.features[0]: np.asarray(x).astype(pre.input_dtype())}
-    return np.asarray(x, np.float32)
 
 
 def model_signature(pre, input_dim: int, latent_dim: int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import tempfile
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,6 @@ def _quiet_local_ray_env() -> None:
             f.write(_RAY_DATA_LOGGING)
         os.replace(tmp, path)
         os.environ["RAY_DATA_LOGGING_CONFIG"] = path
-    import sys
-
     if "ray.data" in sys.modules:   # imported before the variable was set: configure it again
         from ray.data._internal.logging import configure_logging
 

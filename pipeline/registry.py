@@ -112,8 +112,9 @@ def _known_aliases(c, name: str) -> str:
 
 @contextlib.contextmanager
 def _no_download_bars():
-    """MLflow draws a "Downloading artifacts" bar for every download, even into a log file; a job
-    fetches one small checkpoint. MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR set by the user wins."""
+    """MLflow draws a "Downloading artifacts" bar for every download, even into a log file (logging
+    and registering a model fetch its MLmodel back; a job fetches one small checkpoint). A value of
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR set by the user wins."""
     key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     if key in os.environ:
         yield
@@ -160,7 +161,7 @@ def log_model(run_id: str, checkpoint_path: str, input_dim: int, latent_dim: int
 
     cfg = VAEConfig.from_dict(load_checkpoint(checkpoint_path)["config"])
     signature = model_signature(cfg.preprocessing, input_dim, latent_dim)
-    with using_tracking(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+    with using_tracking(tracking_uri), mlflow.start_run(run_id=run_id), _no_download_bars(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=PYFUNC_CODE, artifacts={CHECKPOINT_ARTIFACT: checkpoint_path},
@@ -228,7 +229,7 @@ def register(model_uri: str, name: str, tracking_uri: str, run_id: str, tags: di
     # too: a tracking server refuses that source without it (INVALID_PARAMETER_VALUE), and the
     # SQLite store resolves it through the global tracking URI (hence using_tracking).
     logged = re.match(r"^models:/(m-[0-9a-f]+)/?$", model_uri)
-    with using_tracking(tracking_uri):
+    with using_tracking(tracking_uri), _no_download_bars():
         mv = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags or {},
                                     model_id=logged[1] if logged else None)
     deadline = time.time() + timeout_s

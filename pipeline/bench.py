@@ -47,6 +47,7 @@ import torch
 
 from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError
+from pipeline.progress import Progress
 
 WHATS = ("encode", "train", "query")
 DEVICES = ("auto", "cpu", "cuda")
@@ -174,6 +175,7 @@ def make_input(folder: str, records: int, row_group_rows: int = 65_536, file_row
     flat = np.ascontiguousarray(images.reshape(len(images), -1).astype(np.uint8))
     labels = labels.astype(np.int64)
     files = []
+    prog = Progress("bench: writing input", records, units=-(-records // row_group_rows))   # one line per row group
     for i, start in enumerate(range(0, records, file_rows)):
         stop = min(records, start + file_rows)
         path = os.path.join(folder, f"part-{i:05d}.parquet")
@@ -193,7 +195,9 @@ def make_input(folder: str, records: int, row_group_rows: int = 65_536, file_row
                                         "label": pa.array(labels[idx]),
                                         "image": pa.FixedSizeListArray.from_arrays(pa.array(flat[idx].ravel()), 784)},
                                        schema=SCHEMA), row_group_size=row_group_rows)
+                prog.update(hi - lo)
         files.append(path)
+    prog.close()
     with open(marker, "w") as f:
         json.dump(want, f)
     return files

@@ -110,6 +110,7 @@ def _decode(cfg: DecodeConfig, lease: Lease) -> dict:
     import ray
     import ray.data
 
+    from pipeline.progress import Progress
     from pipeline.ray_runtime import init_ray, quiet_data_progress
 
     t0 = time.perf_counter()
@@ -144,8 +145,14 @@ def _decode(cfg: DecodeConfig, lease: Lease) -> dict:
     ctx.max_errored_blocks = 0
     n = max(1, min(cfg.concurrency or int(ray.cluster_resources().get("CPU", 1)), len(files), 2 if not cfg.concurrency else 10**6))
     ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(files)], override_num_blocks=len(files))
+    ds = ds.map_batches(FileDecoder, fn_constructor_args=(blob, plan), batch_size=1,
+                        compute=ray.data.ActorPoolStrategy(size=n))
     try:
-        res = ds.map_batches(FileDecoder, fn_constructor_args=(blob, plan), batch_size=1, concurrency=n).take_all()
+        with Progress("decode", total, units=len(files)) as prog:   # one line per decoded file
+            res = []
+            for r in ds.iter_rows():
+                res.append(r)
+                prog.update(int(r["rows"]))
     except Exception as e:
         commit.abort()
         from pipeline.train import _unwrap_error

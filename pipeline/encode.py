@@ -32,6 +32,7 @@ from pipeline.features import (FeatureSpec, check_finite, fixed_size_list, infer
 from pipeline.commit import Commit, control_of, pause_point, read_table_manifest
 from pipeline.lease import Lease, hold_lease
 from pipeline.parquet_io import list_parquet_files, partition_values, read_footer
+from pipeline.progress import Progress
 from pipeline.uris import Location, resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
 from vae.model import VAE
@@ -505,17 +506,21 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
             "metadata": metadata, "use_gpu": use_gpu, "storage_options": so,
             "threads": 1 if not use_gpu else 2}
     if local:
-        res = _run_units_here(blob, plan, units, commit)
+        res = _run_units_here(blob, plan, units, commit, total)
     else:
         items = [{"unit": json.dumps(u.__dict__)} for u in units]
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.max_errored_blocks = 0   # one failing unit fails the job: never a silent drop
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            UnitEncoder, fn_constructor_args=(blob, plan), batch_size=1, concurrency=n_actors,
+            UnitEncoder, fn_constructor_args=(blob, plan), batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors),
             num_gpus=1 if use_gpu else 0, num_cpus=0.5 if use_gpu else 1)
         try:
-            res = ds.take_all()
+            res = []
+            with Progress("encode", total, units=len(items)) as prog:   # one line per finished unit
+                for r in ds.iter_rows():
+                    res.append(r)
+                    prog.update(int(r["rows"]) + int(r["skipped"]))
         except Exception as e:
             commit.abort()
             from pipeline.train import _unwrap_error
@@ -536,12 +541,18 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
                         time.perf_counter() - t0, manifest, span)
 
 
-def _run_units_here(blob: bytes, plan: dict[str, Any], units: list[Unit], commit: Commit) -> list[dict]:
-    """The in-process fallback (memory://): the actor's code, run in the driver; any error aborts."""
+def _run_units_here(blob: bytes, plan: dict[str, Any], units: list[Unit], commit: Commit, total: int) -> list[dict]:
+    """The local executor (and memory://): the actor's code, run in the driver with all its torch
+    threads; any error aborts."""
     threads = torch.get_num_threads()
     try:
         enc = UnitEncoder(blob, {**plan, "threads": threads})
-        return [enc.run_unit(dict(u.__dict__)) for u in units]
+        res = []
+        with Progress("encode", total, units=len(units)) as prog:
+            for u in units:
+                res.append(enc.run_unit(dict(u.__dict__)))
+                prog.update(int(res[-1]["rows"]) + int(res[-1]["skipped"]))
+        return res
     except Exception:
         commit.abort()
         raise

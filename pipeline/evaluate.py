@@ -18,6 +18,7 @@ from pipeline import registry
 from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError, SchemaError
 from pipeline.features import infer_spec, to_matrix
+from pipeline.progress import Progress
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
 from vae.model import VAE
 from vae.train_step import active_units
@@ -194,14 +195,16 @@ def _model_space(model: VAE, raw: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def _elbo(model: VAE, raw: np.ndarray, seed: int, batch: int = 1000):
+def _elbo(model: VAE, raw: np.ndarray, seed: int, batch: int = 1000, what: str = "evaluate: ELBO"):
     gen = torch.Generator().manual_seed(seed)
     recon, kl, kl_dims, mu = [], [], [], []
-    for i in range(0, len(raw), batch):
-        x = model.preprocess(torch.from_numpy(raw[i:i + batch]))
-        out = model(x, generator=gen)
-        recon.append(out.recon.numpy()), kl.append(out.kl.numpy())
-        kl_dims.append(out.posterior.kl_per_dim().numpy()), mu.append(out.posterior.mean.numpy())
+    with Progress(what, len(raw), units=-(-len(raw) // batch)) as prog:
+        for i in range(0, len(raw), batch):
+            x = model.preprocess(torch.from_numpy(raw[i:i + batch]))
+            out = model(x, generator=gen)
+            recon.append(out.recon.numpy()), kl.append(out.kl.numpy())
+            kl_dims.append(out.posterior.kl_per_dim().numpy()), mu.append(out.posterior.mean.numpy())
+            prog.update(len(x))
     return np.concatenate(recon), np.concatenate(kl), np.concatenate(kl_dims), np.concatenate(mu)
 
 
@@ -224,14 +227,18 @@ def evaluate_model(model: VAE, test_raw: np.ndarray, train_raw: np.ndarray, cfg:
     rng = np.random.default_rng(cfg.seed)
     sub = np.sort(rng.choice(len(test_raw), min(cfg.iw_records, len(test_raw)), replace=False))
     gen = torch.Generator().manual_seed(cfg.seed)
-    iw = np.concatenate([model.iw_log_likelihood(torch.from_numpy(test_raw[sub[i:i + 100]]), cfg.iw_samples, gen).numpy()
-                         for i in range(0, len(sub), 100)])
+    iw = []
+    with Progress(f"evaluate: IW log-likelihood (K={cfg.iw_samples})", len(sub), units=-(-len(sub) // 100)) as prog:
+        for i in range(0, len(sub), 100):
+            iw.append(model.iw_log_likelihood(torch.from_numpy(test_raw[sub[i:i + 100]]), cfg.iw_samples, gen).numpy())
+            prog.update(len(iw[-1]))
+    iw = np.concatenate(iw)
     r |= {"iw_log_likelihood": float(iw.mean()), "iw_samples": cfg.iw_samples, "iw_records": int(len(sub)),
           "elbo_on_iw_subset": float(-(recon + kl)[sub].mean())}
 
     # Compression: μ at each precision vs PCA with the same bytes per record.
     x_test, x_train = _model_space(model, test_raw), _model_space(model, train_raw)
-    mu_train = _elbo(model, train_raw, cfg.seed)[3]
+    mu_train = _elbo(model, train_raw, cfg.seed, what="evaluate: μ of the training records")[3]
     L, D = model.config.latent_dim, model.config.input_dim
     full_pca = PCA(min(D, len(x_train))).fit(x_train)
     comp = {"raw_bytes_per_record": int(D), "raw_note": "uint8 records: one byte per value", "rows": []}

@@ -102,6 +102,19 @@ def raw_dtype(schema: pa.Schema, spec: FeatureSpec) -> type:
     return np.float32
 
 
+def feature_dtypes(schema: pa.Schema, spec: FeatureSpec) -> list[str]:
+    """numpy dtype names of the feature columns as stored (a list column: its value type), recorded in
+    the model's preprocessing so that its MLflow signature accepts what training read. Decimals read
+    as float64."""
+    out = []
+    for c in spec.columns:
+        t = schema.field(c).type
+        if spec.layout == "list":
+            t = t.value_type
+        out.append("float64" if pa.types.is_decimal(t) else str(np.dtype(t.to_pandas_dtype())))
+    return out
+
+
 def nonfinite_rows(x: np.ndarray) -> np.ndarray:
     """Boolean mask (N,) of records holding NaN or ±inf."""
     if np.issubdtype(x.dtype, np.integer):

@@ -111,11 +111,27 @@ def _known_aliases(c, name: str) -> str:
         return "no registered model of that name"
 
 
+@contextlib.contextmanager
+def _no_download_bars():
+    """MLflow draws a "Downloading artifacts" bar for every download, even into a log file (logging
+    and registering a model fetch its MLmodel back; a job fetches one small checkpoint). A value of
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR set by the user wins."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
 def download_checkpoint(ref: ModelRef, tracking_uri: str, dst: str | None = None) -> str:
     """Local path of the version's checkpoint file (weights + config + preprocessing)."""
     import mlflow
 
-    with using_tracking(tracking_uri):   # models:/m-… sources resolve through the global URI
+    with using_tracking(tracking_uri), _no_download_bars():   # models:/m-… sources resolve through the global URI
         local = mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=dst, tracking_uri=tracking_uri)
     found = glob.glob(os.path.join(local, "**", "checkpoint.pt"), recursive=True)
     if not found:
@@ -135,18 +151,54 @@ def load_model_bytes(model_uri: str, tracking_uri: str) -> tuple[ModelRef, bytes
 
 def log_model(run_id: str, checkpoint_path: str, input_dim: int, latent_dim: int, tracking_uri: str,
               example: np.ndarray | None = None) -> str:
-    """Log the pyfunc model (code + checkpoint artifact + signature) into the run; return its URI."""
+    """Log the pyfunc model (code + checkpoint artifact + signature) into the run; return its URI.
+    The signature comes from the preprocessing stored in the checkpoint (`model_signature`).
+    `example` is not used: an input example would cost a model load and a predict at every log, and
+    the signature already says what a request holds (the README shows one)."""
     import mlflow
-    from mlflow.models import infer_signature
 
-    x = example if example is not None else np.zeros((2, input_dim), np.float32)
-    signature = infer_signature(x.astype(np.float32), np.zeros((len(x), latent_dim), np.float32))
-    with using_tracking(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+    from vae.checkpoint import load_checkpoint
+    from vae.config import VAEConfig
+
+    cfg = VAEConfig.from_dict(load_checkpoint(checkpoint_path)["config"])
+    signature = model_signature(cfg.preprocessing, input_dim, latent_dim)
+    with using_tracking(tracking_uri), mlflow.start_run(run_id=run_id), _no_download_bars(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=PYFUNC_CODE, artifacts={CHECKPOINT_ARTIFACT: checkpoint_path},
             signature=signature, pip_requirements=_requirements(), code_paths=None)
     return info.model_uri
+
+
+def _mlflow_type(dtype: np.dtype):
+    """The widest MLflow column type of dtype's kind, so that every narrower input converts safely
+    (MLflow refuses double → float and long → integer): floats → double, integers → long."""
+    from mlflow.types import DataType
+
+    if dtype.kind == "f":
+        return DataType.double
+    if dtype.kind in "iu":
+        return DataType.long
+    if dtype.kind == "b":
+        return DataType.boolean
+    raise ValueError(f"no MLflow column type for feature dtype {dtype}")
+
+
+def model_signature(pre, input_dim: int, latent_dim: int):
+    """What the served model accepts, by name: one column per feature (scalar features, any order,
+    each of its training type or one that converts safely), or one named tensor (N, D) of the
+    training value type (a list feature, e.g. uint8 images). Output: μ, float32 (N, L)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    out = Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim))])
+    if not pre.features:   # a config without preprocessing: an unnamed float32 matrix, as before
+        return ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, input_dim))]), out)
+    if pre.layout == "scalars":
+        inputs = Schema([ColSpec(_mlflow_type(pre.input_dtype(c)), name=c) for c in pre.features])
+    else:
+        inputs = Schema([TensorSpec(pre.input_dtype(), (-1, input_dim), name=pre.features[0])])
+    return ModelSignature(inputs, out)
 
 
 def _requirements() -> list[str]:
@@ -178,7 +230,7 @@ def register(model_uri: str, name: str, tracking_uri: str, run_id: str, tags: di
     # too: a tracking server refuses that source without it (INVALID_PARAMETER_VALUE), and the
     # SQLite store resolves it through the global tracking URI (hence using_tracking).
     logged = re.match(r"^models:/(m-[0-9a-f]+)/?$", model_uri)
-    with using_tracking(tracking_uri):
+    with using_tracking(tracking_uri), _no_download_bars():
         mv = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags or {},
                                     model_id=logged[1] if logged else None)
     deadline = time.time() + timeout_s

@@ -16,7 +16,7 @@ import torch
 from pipeline import registry
 from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError, InputError
-from pipeline.features import check_finite, infer_spec, split_table, to_matrix
+from pipeline.features import check_finite, feature_dtypes, infer_spec, split_table, to_matrix
 from pipeline.parquet_io import check_inputs, list_parquet_files, read_table
 from pipeline.redact import redact_uri
 from pipeline.train_loop import CHECKPOINT_FILE, RunStore, train_loop_per_worker
@@ -190,7 +190,7 @@ def prepare_data(cfg: TrainConfig) -> dict[str, Any]:
         if n >= cfg.sample_rows:
             break
     x = np.concatenate(sample)[: cfg.sample_rows]
-    pre = Preprocessing.fit(x, list(spec.columns), spec.layout, cfg.scaling)
+    pre = Preprocessing.fit(x, list(spec.columns), spec.layout, cfg.scaling, dtypes=feature_dtypes(schema, spec))
     model_cfg = _model_config(cfg, pre, x.shape[1], spec.layout, bool(x.min() >= 0 and x.max() <= 1))
     fp = registry.fingerprint([(loc.full(p), r, "") for p, r in zip(files, per_file)])
     val = None

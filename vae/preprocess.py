@@ -25,6 +25,10 @@ class Preprocessing:
     offset: list[float] = field(default_factory=list)
     scale: list[float] = field(default_factory=list)
     """Fitted per-feature transform: model_input = (raw - offset) * scale (empty = identity)."""
+    dtypes: list[str] = field(default_factory=list)
+    """numpy dtype name of each feature column as training read it ('float64' per scalar column; the
+    value type of a list column, e.g. 'uint8'); the served model's signature accepts these. Empty
+    (models trained before it was recorded) = float32."""
 
     def __post_init__(self) -> None:
         if self.layout not in ("list", "scalars"):
@@ -35,6 +39,9 @@ class Preprocessing:
             raise ValueError("offset and scale must have the same length")
         self.offset = [float(v) for v in self.offset]
         self.scale = [float(v) for v in self.scale]
+        self.dtypes = [str(np.dtype(t)) for t in self.dtypes]
+        if self.dtypes and len(self.dtypes) != len(self.features):
+            raise ValueError(f"dtypes {self.dtypes} do not match features {self.features}")
 
     @property
     def unit_interval(self) -> bool:
@@ -42,9 +49,11 @@ class Preprocessing:
         return self.scaling in ("uint8", "minmax")
 
     @classmethod
-    def fit(cls, x: np.ndarray, features: list[str], layout: str, scaling: str = "auto") -> "Preprocessing":
+    def fit(cls, x: np.ndarray, features: list[str], layout: str, scaling: str = "auto",
+            dtypes: list[str] | None = None) -> "Preprocessing":
         """Fit on a sample of raw training records x: (N, D). 'auto' picks uint8 for integer data in
-        [0, 255], none for data already in [0, 1], standardize otherwise."""
+        [0, 255], none for data already in [0, 1], standardize otherwise. `dtypes`: the feature
+        columns' dtypes in the input (recorded, not used by the transform)."""
         x = np.asarray(x)
         if scaling == "auto":
             lo, hi = float(np.min(x)), float(np.max(x))
@@ -70,7 +79,7 @@ class Preprocessing:
         else:
             raise ValueError(f"scaling must be 'auto' or one of {SCALINGS}, got {scaling!r}")
         return cls(features=list(features), layout=layout, scaling=scaling,
-                   offset=offset.tolist(), scale=scale.tolist())
+                   offset=offset.tolist(), scale=scale.tolist(), dtypes=list(dtypes or []))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +87,13 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
         return cls(**d)
+
+    def input_dtype(self, column: str | None = None) -> np.dtype:
+        """The dtype training read `column` (default: the first feature column) in; float32 if unknown."""
+        if not self.dtypes:
+            return np.dtype(np.float32)
+        i = self.features.index(column) if column is not None else 0
+        return np.dtype(self.dtypes[i])
 
 
 class Scaler(torch.nn.Module):

@@ -179,3 +179,12 @@ def test_fixed_size_list_handles_non_contiguous_input_and_other_types():
     arr = fixed_size_list(x, pa.float16())
     assert arr.type == pa.list_(pa.float16(), 3)
     assert arr.to_pylist() == x.tolist()
+
+
+def test_feature_dtypes_as_stored():
+    from pipeline.features import feature_dtypes
+
+    schema = pa.schema([("image", pa.list_(pa.uint8(), 4)), ("a", pa.float64()), ("b", pa.int16()),
+                        ("c", pa.decimal128(5, 2)), ("d", pa.float32())])
+    assert feature_dtypes(schema, infer_spec(schema, ["image"])) == ["uint8"]
+    assert feature_dtypes(schema, infer_spec(schema, ["a", "b", "c", "d"])) == ["float64", "int16", "float64", "float32"]

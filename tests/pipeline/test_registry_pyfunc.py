@@ -16,7 +16,7 @@ from vae.checkpoint import load_checkpoint, model_from_checkpoint
 def test_pyfunc_predict_equals_vaepipe_mu(trained_digits, digits_parquet, workdir):
     tracking = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
     t = pq.read_table(digits_parquet).slice(0, 32)
-    raw = t.column("image").combine_chunks().flatten().to_numpy().reshape(32, 64).astype(np.float32)
+    raw = t.column("image").combine_chunks().flatten().to_numpy().reshape(32, 64)   # uint8, as trained
     ref, blob = load_model_bytes("models:/digits@production", tracking)
     ours = model_from_checkpoint(load_checkpoint(blob)).embed(torch.from_numpy(raw)).mean.numpy()
     with using_tracking(tracking):

@@ -129,3 +129,13 @@ def test_to_dict_from_dict_round_trip_through_json():
     back = Preprocessing.from_dict(d)
     assert back == pre
     assert torch.equal(Scaler(back, 3)(torch.tensor(x)), Scaler(pre, 3)(torch.tensor(x)))
+
+
+def test_input_dtypes_are_recorded_and_old_configs_default_to_float32():
+    pre = Preprocessing.fit(np.zeros((4, 2)), ["a", "b"], "scalars", dtypes=["float64", np.dtype("int32")])
+    back = Preprocessing.from_dict(json.loads(json.dumps(pre.to_dict())))
+    assert back.dtypes == ["float64", "int32"] and back.input_dtype("b") == np.dtype("int32")
+    old = {k: v for k, v in pre.to_dict().items() if k != "dtypes"}     # a model from before the field
+    assert Preprocessing.from_dict(old).input_dtype() == np.dtype("float32")
+    with pytest.raises(ValueError, match="do not match features"):
+        Preprocessing(features=["a", "b"], layout="scalars", dtypes=["uint8"])

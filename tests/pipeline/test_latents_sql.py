@@ -39,8 +39,9 @@ LIMIT 5
 
 
 def committed_files(out: str) -> list[str]:
-    """The files of the committed run, from OUT/_manifest.json (what the README does)."""
-    with open(os.path.join(out, "_manifest.json")) as f:
+    """The files of the committed run, from the manifest in the control folder (what the README does)."""
+    parent, name = os.path.split(out.rstrip("/"))
+    with open(os.path.join(parent, f"_{name}.vaepipe", "manifest.json")) as f:
         return [os.path.join(out, e["path"]) for e in json.load(f)["files"]]
 
 

@@ -392,6 +392,8 @@ def run_query(cfg: QueryConfig) -> pa.Table:
             search.add(x, start, ex)
             continue
         sel = np.flatnonzero(mask)
+        if not len(sel):   # the filter keeps nothing of this block
+            continue
         if ex is not None and len(ex[1]):
             pos = np.searchsorted(sel, ex[1])
             ok = (pos < len(sel)) & (sel[np.minimum(pos, len(sel) - 1)] == ex[1])

@@ -235,8 +235,12 @@ class Latents:
             return self.schema.empty_table().select(columns)
         fi, rg, local = self.locate(rows)
         groups = {}
+        parts = [c for c in columns if c in self.part_keys]
         for f, g in sorted(set(zip(fi.tolist(), rg.tolist()))):
-            groups[f, g] = self.open(f).read_row_group(g, columns=columns)
+            t = self.open(f).read_row_group(g, columns=[c for c in columns if c not in parts])
+            for c in parts:   # hive partition values from the file's folder names
+                t = t.append_column(c, pa.array([self.parts[f].get(c)] * t.num_rows, pa.string()))
+            groups[f, g] = t.select(columns)
         if len(rows) <= 4096:   # one-row slices: no pyarrow.compute import for a few winners
             return pa.concat_tables([groups[f, g].slice(r, 1) for f, g, r in zip(fi.tolist(), rg.tolist(),
                                                                                 local.tolist())])

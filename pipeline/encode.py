@@ -141,14 +141,12 @@ class Unit:
 
 def plan_units(loc: Location, files: list[str], unit_rows: int) -> tuple[list[Unit], pa.Schema | None, int]:
     """Read every footer (a corrupt file fails here, naming it) and group row groups into units."""
-    units, schema, total = [], None, 0
+    units, schema, total, schema_has_rows = [], None, 0, False
     root = loc.path if loc.fs.isdir(loc.path) else posixpath.dirname(loc.path)
     for path in files:
         md = read_footer(loc, path)
-        if schema is None and md.num_rows:
-            schema = md.schema.to_arrow_schema()
-        elif schema is None:
-            schema = md.schema.to_arrow_schema()
+        if schema is None or (not schema_has_rows and md.num_rows):   # an empty first file does not decide it
+            schema, schema_has_rows = md.schema.to_arrow_schema(), md.num_rows > 0
         total += md.num_rows
         rel = posixpath.relpath(path, root)
         cur, rows = [], 0

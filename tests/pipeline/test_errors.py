@@ -1,0 +1,40 @@
+"""Our typed errors come back out of Ray's wrappers by type (cause chain), not by message text."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import BadRecordError, SchemaError, unwrap_ray_error
+
+
+def test_a_typed_error_raised_in_a_ray_task_is_unwrapped_as_itself(ray_local):
+    ray = ray_local
+
+    @ray.remote
+    def bad():
+        raise SchemaError("in.parquet: column 'image' holds vectors of length 10, the model expects 64")
+
+    with pytest.raises(Exception) as e:
+        ray.get(bad.remote())
+    got = unwrap_ray_error(e.value)
+    assert type(got) is SchemaError                       # the cause, not Ray's dual-class wrapper
+    assert str(got) == "in.parquet: column 'image' holds vectors of length 10, the model expects 64"
+
+
+def test_unwrap_follows_causes_not_message_text():
+    inner = BadRecordError("f.parquet: NaN or inf features in 1 record(s), e.g. id=3")
+    try:
+        try:
+            raise inner
+        except BadRecordError as exc:
+            raise RuntimeError("worker failed") from exc
+    except RuntimeError as outer:
+        assert unwrap_ray_error(outer) is inner
+    # a message that merely mentions an error class is not that error
+    plain = RuntimeError("SchemaError: something")
+    assert unwrap_ray_error(plain) is plain
+
+
+def test_train_keeps_the_old_private_name_as_an_alias():
+    from pipeline.train import _unwrap_error
+
+    assert _unwrap_error is unwrap_ray_error

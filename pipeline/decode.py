@@ -132,6 +132,7 @@ def run_decode(cfg: DecodeConfig) -> dict:
     # This dataset's own context (a copy), not the process-wide DataContext other jobs share.
     ds.context.execution_options.preserve_order = True
     ds.context.max_errored_blocks = 0
+    ds.context.raise_original_map_exception = True   # our typed error itself, not UserCodeException
     try:
         res = ds.map_batches(FileDecoder, fn_constructor_args=(blob, plan), batch_size=1, concurrency=n).take_all()
     except Exception as e:   # any failure: nothing is committed, and our own typed error surfaces

@@ -2,7 +2,12 @@
 
 
 class VaepipeError(Exception):
-    """Base class: the CLI prints these as one clear line and exits with status 2."""
+    """Base class: the CLI prints these as one clear line and exits with status 2. Our messages are
+    one line; Ray Data appends lines of retry advice to the message of an error raised in a map
+    UDF (it cannot help with a bad record), so str() keeps the first line, the one we wrote."""
+
+    def __str__(self) -> str:
+        return super().__str__().split("\n", 1)[0]
 
 
 class InputError(VaepipeError):

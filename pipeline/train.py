@@ -416,5 +416,20 @@ def promote(cfg: TrainConfig, version: str, model: VAE, data: PreparedData, val_
     return ok
 
 
-_unwrap_error = unwrap_ray_error
-"""Deprecated alias (pipeline.encode imports it): use pipeline.errors.unwrap_ray_error."""
+def _unwrap_error(e: BaseException) -> BaseException:
+    """Deprecated: only pipeline.encode still calls it. Use pipeline.errors.unwrap_ray_error, and set
+    the dataset's `context.raise_original_map_exception = True` (as decode does): otherwise Ray Data
+    wraps a UDF's error in UserCodeException, whose cause does not survive pickling back to the
+    driver, and only the message still names our error. Until encode does both, this recovers
+    the error from that message, as it always has."""
+    found = unwrap_ray_error(e)
+    if found is not e:
+        return found
+    from pipeline import errors
+
+    text = str(e)
+    for cls_name in ("BadRecordError", "SchemaError", "InputError"):
+        if cls_name + ":" in text:
+            line = next(l for l in text.splitlines() if cls_name + ":" in l)
+            return getattr(errors, cls_name)(line.split(cls_name + ":", 1)[-1].strip())
+    return e

@@ -34,7 +34,30 @@ def test_unwrap_follows_causes_not_message_text():
     assert unwrap_ray_error(plain) is plain
 
 
-def test_train_keeps_the_old_private_name_as_an_alias():
+def test_ray_data_hands_back_the_udf_error_only_with_raise_original_map_exception(ray_local):
+    """Ray Data wraps a UDF's error in UserCodeException, whose cause is lost on the way back to the
+    driver; the dataset's own `raise_original_map_exception` (decode sets it) keeps our error."""
+    import ray.data
+
+    def bad(batch):
+        raise SchemaError("units.parquet: no latent column 'mu'")
+
+    def run(original: bool):
+        ds = ray.data.range(4, override_num_blocks=1)
+        ds.context.raise_original_map_exception = original
+        with pytest.raises(Exception) as e:
+            ds.map_batches(bad).take_all()
+        return unwrap_ray_error(e.value)
+
+    got = run(True)
+    assert type(got) is SchemaError and str(got) == "units.parquet: no latent column 'mu'"
+    assert not isinstance(run(False), SchemaError)        # why decode (and encode) must set it
+
+
+def test_train_keeps_the_old_private_name_for_encode():
     from pipeline.train import _unwrap_error
 
-    assert _unwrap_error is unwrap_ray_error
+    inner = BadRecordError("x")
+    outer = RuntimeError("wrapped")
+    outer.__cause__ = inner
+    assert _unwrap_error(outer) is inner

@@ -9,6 +9,13 @@ import sys
 from pipeline.bench import BenchConfig as Config, run_bench, summary
 
 
+def bench_argv(argv: list[str]) -> list[str]:
+    """`bench encode|train …`: the positional becomes `--what encode|train`."""
+    if argv and argv[0] in ("encode", "train"):
+        return ["--what", argv[0], *argv[1:]]
+    return list(argv)
+
+
 def run(cfg: Config):
     figures = run_bench(cfg)
     print(summary(figures))
@@ -20,7 +27,4 @@ def run(cfg: Config):
 if __name__ == "__main__":
     from jobs.cli import run_job
 
-    argv = sys.argv[1:]
-    if argv and argv[0] in ("encode", "train", "query"):
-        argv = ["--what", argv[0], *argv[1:]]
-    sys.exit(run_job("bench", argv))
+    sys.exit(run_job("bench", bench_argv(sys.argv[1:])))

@@ -22,8 +22,6 @@ JOBS = ("train", "encode", "decode", "nightly", "query", "neighbours", "evaluate
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """(inner type, is_list) for annotations like `int | None`, `list[str]`."""
-    if isinstance(tp, str):
-        tp = eval(tp, vars(typing), {})  # noqa: S307 (annotations from our own dataclasses)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -34,27 +32,28 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 
 
 def _parser_for(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """Flags from the dataclass fields, shown under their `group`. Values stay strings here:
+    `from_mapping` converts flags and YAML alike to the declared types (one error format)."""
+    p = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML file of field: value; flags override it")
     hints = typing.get_type_hints(cls)
+    groups: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         tp, is_list = _base_type(hints[f.name])
+        group_name = f.metadata.get("group") or ""
+        target = groups.setdefault(group_name, p.add_argument_group(group_name) if group_name else p)
         flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_ = f"{help_} [default: {default!r}]"
-        kw: dict[str, Any] = {"help": help_, "dest": f.name}
+        kw: dict[str, Any] = {"help": f"{f.metadata.get('help', '')} [default: {default!r}]", "dest": f.name}
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if tp is bool and not is_list:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif is_list:
-            # comma-separated, and repeatable: --features a,b  or  --id 3 --id 7
-            p.add_argument(flag, action="append", type=lambda s, t=tp: [t(v) for v in s.split(",") if v != ""], **kw)
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif is_list:   # comma-separated, and repeatable: --features a,b  or  --id 3 --id 7
+            target.add_argument(flag, action="append", **kw)
         else:
-            p.add_argument(flag, type=tp, **kw)
+            target.add_argument(flag, **kw)
     return p
 
 
@@ -64,8 +63,8 @@ def parse_config(cls: type, argv: list[str], prog: str, description: str = ""):
     if "config" in args:
         values.update(load_yaml(args.pop("config")))
     for k, v in args.items():
-        if isinstance(v, list) and v and isinstance(v[0], list):  # appended comma lists → one list
-            v = [x for part in v for x in part]
+        if isinstance(v, list):   # appended comma lists → one list (converted by from_mapping)
+            v = [x for part in v for x in part.split(",") if x != ""]
         values[k] = v
     return from_mapping(cls, values, source=prog)
 
@@ -121,11 +120,10 @@ def main(argv: list[str] | None = None) -> int:
               "  demo      the whole pipeline on bundled data, end to end\n"
               "  bench     encode/train throughput against a plain PyTorch loop; query against DuckDB", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    if argv[0] == "bench":  # `vaepipe bench encode|train`: the positional becomes --what
-        rest = argv[1:]
-        if rest and rest[0] in ("encode", "train", "query"):
-            rest = ["--what", rest[0], *rest[1:]]
-        return run_job("bench", rest)
+    if argv[0] == "bench":
+        from jobs.bench import bench_argv
+
+        return run_job("bench", bench_argv(argv[1:]))
     return run_job(argv[0], argv[1:])
 
 

@@ -48,3 +48,14 @@ def write_parquet(table: pa.Table, folder: str, files: int = 1) -> str:
         lo, hi = i * n // files, (i + 1) * n // files
         pq.write_table(table.slice(lo, hi - lo), os.path.join(folder, f"part-{i:05d}.parquet"), compression="zstd")
     return folder
+
+
+def write_mnist_split(folder: str, seed: int = 0, n_train: int = 6000) -> tuple[str, str]:
+    """../shared/data/mnist_8k.npz → FOLDER/train (6,000) and FOLDER/test (the rest), seeded shuffle.
+    python -c "from pipeline.datasets import write_mnist_split as w; print(w('mnist_split'))"."""
+    x, y = mnist()
+    p = np.random.default_rng(seed).permutation(len(x))
+    tr, te = p[:n_train], p[n_train:]
+    a = write_parquet(images_table(x[tr], y[tr]), os.path.join(folder, "train"))
+    b = write_parquet(images_table(x[te], y[te], start_id=n_train), os.path.join(folder, "test"))
+    return a, b

@@ -14,12 +14,13 @@ import torch
 
 from pipeline import registry
 from pipeline.commit import Commit, control_of, read_table_manifest
-from pipeline.config import WriterConfig, opt
-from pipeline.errors import InputError, SchemaError
+from pipeline.config import WriterConfig, opt, parse_storage_options
+from pipeline.errors import InputError, SchemaError, unwrap_ray_error
 from pipeline.features import FeatureSpec, fixed_size_list, to_matrix
-from pipeline.encode import in_process, parse_storage_options, refuse_partition_of_nightly
+from pipeline.encode import in_process, refuse_partition_of_nightly
 from pipeline.lease import Lease, hold_lease
 from pipeline.parquet_io import list_parquet_files, read_footer, read_table
+from pipeline.quantize import dequantize
 from pipeline.uris import resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -31,7 +32,7 @@ class DecodeConfig(WriterConfig):
     output: str = opt("", "output folder for reconstructed records")
     column: str = opt("mu", "latent column")
     batch_size: int = opt(4096, "latents per forward pass")
-    concurrency: int | None = opt(None, "decoder actors (default: CPU cores)")
+    concurrency: int | None = opt(None, "decoder actors (default: the cluster's CPU cores, at most one per file)")
     storage_options: str = opt("", "fsspec storage options as JSON, for input and output (see encode)")
     reference: str = opt("", "the original records: when given, report the reconstruction MSE against them "
                              "(in the model's input units, [0,1] for 8-bit images) next to PCA with as many "
@@ -56,7 +57,7 @@ def latents_of(table: pa.Table, column: str, source: str) -> np.ndarray:
         scale = (table.schema.metadata or {}).get(b"vaepipe.int8_scale")
         if not scale:
             raise SchemaError(f"{source}: int8 latents without vaepipe.int8_scale metadata")
-        x *= np.asarray(json.loads(scale), np.float32)
+        x = dequantize(x, np.asarray(json.loads(scale), np.float32))
     return x
 
 
@@ -140,11 +141,12 @@ def _decode(cfg: DecodeConfig, lease: Lease) -> dict:
         return _finish(commit, res, total, meta, t0)
     init_ray(cfg.ray_address)
     quiet_data_progress()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.max_errored_blocks = 0
-    n = max(1, min(cfg.concurrency or int(ray.cluster_resources().get("CPU", 1)), len(files), 2 if not cfg.concurrency else 10**6))
+    n = max(1, min(cfg.concurrency or int(ray.cluster_resources().get("CPU", 1)), len(files)))
     ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(files)], override_num_blocks=len(files))
+    # This dataset's own context (a copy), not the process-wide DataContext other jobs share.
+    ds.context.execution_options.preserve_order = True
+    ds.context.max_errored_blocks = 0
+    ds.context.raise_original_map_exception = True   # our typed error itself, not UserCodeException
     ds = ds.map_batches(FileDecoder, fn_constructor_args=(blob, plan), batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=n))
     try:
@@ -153,11 +155,9 @@ def _decode(cfg: DecodeConfig, lease: Lease) -> dict:
             for r in ds.iter_rows():
                 res.append(r)
                 prog.update(int(r["rows"]))
-    except Exception as e:
+    except Exception as e:   # any failure: nothing is committed, and our own typed error surfaces
         commit.abort()
-        from pipeline.train import _unwrap_error
-
-        raise _unwrap_error(e) from None
+        raise unwrap_ray_error(e) from None
     return _finish(commit, res, total, meta, t0)
 
 

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import registry
-from pipeline.config import WriterConfig, opt
-from pipeline.errors import ConfigError, InputError, SchemaError
+from pipeline.config import WriterConfig, opt, parse_storage_options
+from pipeline.errors import ConfigError, InputError, SchemaError, unwrap_ray_error
 from pipeline.features import (FeatureSpec, check_finite, fixed_size_list, infer_spec, nonfinite_rows, raw_dtype,
                                to_matrix)
 from pipeline.commit import Commit, control_of, pause_point, read_table_manifest
@@ -80,21 +80,6 @@ class EncodeConfig(WriterConfig):
 
     def storage_options_dict(self) -> dict[str, Any]:
         return parse_storage_options(self.storage_options)
-
-
-def parse_storage_options(value: str | dict | None) -> dict[str, Any]:
-    """`--storage-options` as given (JSON text, a YAML mapping or empty) → a dict for fsspec."""
-    if not value:
-        return {}
-    if isinstance(value, dict):
-        return dict(value)
-    try:
-        opts = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"storage_options: expected a JSON object, got {value!r} ({e.msg})") from None
-    if not isinstance(opts, dict):
-        raise ConfigError(f"storage_options: expected a JSON object, got {value!r}")
-    return opts
 
 
 LOCAL_MAX_BYTES = 1.5e9
@@ -507,10 +492,12 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
         res = _run_units_here(blob, plan, units, commit, total)
     else:
         items = [{"unit": json.dumps(u.__dict__)} for u in units]
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        ctx.max_errored_blocks = 0   # one failing unit fails the job: never a silent drop
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # this dataset's own context (a copy), not the process-wide DataContext other jobs share
+        ds.context.execution_options.preserve_order = True
+        ds.context.max_errored_blocks = 0   # one failing unit fails the job: never a silent drop
+        ds.context.raise_original_map_exception = True   # our typed error itself, not UserCodeException
+        ds = ds.map_batches(
             UnitEncoder, fn_constructor_args=(blob, plan), batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors),
             num_gpus=1 if use_gpu else 0, num_cpus=0.5 if use_gpu else 1)
         try:
@@ -521,9 +508,7 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
                     prog.update(int(r["rows"]) + int(r["skipped"]))
         except Exception as e:
             commit.abort()
-            from pipeline.train import _unwrap_error
-
-            raise _unwrap_error(e) from None
+            raise unwrap_ray_error(e) from None
     res.sort(key=lambda r: r["index"])
     staged = [(r["staged"], int(r["rows"])) for r in res if r["staged"]]
     skipped = int(sum(r["skipped"] for r in res))

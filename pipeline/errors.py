@@ -2,9 +2,14 @@
 
 
 class VaepipeError(Exception):
-    """Base class: the CLI prints these as one clear line and exits with `exit_code` (2)."""
+    """Base class: the CLI prints these as one clear line and exits with `exit_code` (2). Our messages
+    are one line; Ray Data appends lines of retry advice to the message of an error raised in a map
+    UDF (it cannot help with a bad record), so str() keeps the first line, the one we wrote."""
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        return super().__str__().split("\n", 1)[0]
 
 
 class InputError(VaepipeError):
@@ -47,3 +52,59 @@ class PartialFailure(VaepipeError):
     def __init__(self, message: str, result: dict | None = None):
         super().__init__(message)
         self.result = result or {}
+
+
+def _wrapped(e: BaseException) -> list[BaseException | None]:
+    """The exceptions `e` wraps, by type: Python's cause/context chain, Ray's RayTaskError.cause,
+    Ray Train V2's WorkerGroupError.worker_failures / ControllerError.controller_failure, the
+    worker-side UserExceptionWithTraceback, and ExceptionGroup members."""
+    inner: list[BaseException | None] = [e.__cause__, e.__context__]
+    try:
+        from ray.exceptions import RayTaskError
+
+        if isinstance(e, RayTaskError):
+            inner.append(e.cause)
+    except ImportError:   # pragma: no cover (ray is a dependency; pure-python callers need not load it)
+        pass
+    try:
+        from ray.train import ControllerError, WorkerGroupError
+        from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+        if isinstance(e, WorkerGroupError):
+            inner.extend(e.worker_failures.values())
+        elif isinstance(e, ControllerError):
+            inner.append(e.controller_failure)
+        elif isinstance(e, UserExceptionWithTraceback):
+            inner.append(e._base_exc)   # Ray keeps the worker's exception object here
+    except ImportError:   # pragma: no cover
+        pass
+    if isinstance(e, BaseExceptionGroup):
+        inner.extend(e.exceptions)
+    return inner
+
+
+def _is_ray_task_error(e: BaseException) -> bool:
+    try:
+        from ray.exceptions import RayTaskError
+    except ImportError:   # pragma: no cover
+        return False
+    return isinstance(e, RayTaskError)
+
+
+def unwrap_ray_error(e: BaseException) -> BaseException:
+    """Our own typed error from inside Ray's wrappers (a failed task, actor or training worker),
+    found by following what each wrapper holds, never by parsing messages; `e` itself when there
+    is none."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        cur = stack.pop(0)
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        # Ray raises RayTaskError as a subclass of the cause's class too (as_instanceof_cause):
+        # return the cause itself, whose message is ours, not the wrapper with a traceback.
+        if isinstance(cur, VaepipeError) and not _is_ray_task_error(cur):
+            return cur
+        stack.extend(_wrapped(cur))
+    return e

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import BadRecordError, SchemaError
+from vae.hashing import record_hash, splitmix64
 
 
 @dataclass(frozen=True)
@@ -150,15 +151,8 @@ def fixed_size_list(x: np.ndarray, value_type: pa.DataType = pa.float32()) -> pa
 
 def content_split_mask(x: np.ndarray, fraction: float, salt: int = 0) -> np.ndarray:
     """Stable pseudo-random split by record content: True for about `fraction` of records. The same
-    record always lands on the same side, whatever the file layout or order."""
-    words = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)   # (N, D)
-    rng = np.random.default_rng(12345 + salt)
-    mult = rng.integers(1, 2**63, size=words.shape[1], dtype=np.uint64) | np.uint64(1)
-    with np.errstate(over="ignore"):
-        h = (words * mult).sum(axis=1, dtype=np.uint64)
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(0xFF51AFD7ED558CCD)
-        h ^= h >> np.uint64(33)
+    record always lands on the same side, whatever the file layout or order (vae.hashing's key)."""
+    h = splitmix64(record_hash(x) ^ splitmix64(np.array([12345 + salt], dtype=np.uint64)))
     return (h % np.uint64(1_000_000)) < np.uint64(int(fraction * 1_000_000))
 
 

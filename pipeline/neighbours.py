@@ -316,17 +316,18 @@ def _run_on_ray(cfg: NeighboursConfig, plan: dict, units: list[dict], index_byte
     quiet_data_progress()
     cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     n_actors = max(1, min(cfg.concurrency or min(cpus, os.cpu_count() or 1), len(units)))
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.max_errored_blocks = 0
     items = [{"unit": json.dumps(u)} for u in units]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        NeighbourUnits, fn_constructor_args=(plan, index_bytes), batch_size=1, concurrency=n_actors, num_cpus=1)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds.context.execution_options.preserve_order = True   # this dataset's own context, not the process-wide one
+    ds.context.max_errored_blocks = 0
+    ds.context.raise_original_map_exception = True
+    ds = ds.map_batches(NeighbourUnits, fn_constructor_args=(plan, index_bytes), batch_size=1,
+                        compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1)
     try:
         rows = ds.take_all()
     except Exception as e:
         commit.abort()
-        from pipeline.train import _unwrap_error
+        from pipeline.errors import unwrap_ray_error
 
-        raise _unwrap_error(e) from None
+        raise unwrap_ray_error(e) from None
     return rows

@@ -1,7 +1,9 @@
-"""PNG figures (matplotlib, Agg backend): sample/reconstruction grids and 2-D views of μ."""
+"""PNG figures (matplotlib, Agg backend): sample/reconstruction grids, 2-D views of μ and the
+evaluation report's rate–distortion and probe curves."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -52,12 +54,12 @@ def samples_and_reconstructions(model: VAE, raw: torch.Tensor, path: str, n: int
 
 
 def project_2d(mu: np.ndarray) -> np.ndarray:
-    """μ itself when 2-D, else its first two principal components."""
+    """μ itself when 2-D, else its first two principal components (scikit-learn's PCA)."""
     if mu.shape[1] <= 2:
         return np.pad(mu, ((0, 0), (0, 2 - mu.shape[1])))
-    c = mu - mu.mean(0)
-    _, _, vt = np.linalg.svd(c, full_matrices=False)
-    return c @ vt[:2].T
+    from pipeline.eval_metrics import fit_pca, pca_codes
+
+    return pca_codes(fit_pca(mu, 2), mu)
 
 
 def latent_scatter(mu: np.ndarray, labels: np.ndarray | None, path: str) -> str:
@@ -73,3 +75,44 @@ def latent_scatter(mu: np.ndarray, labels: np.ndarray | None, path: str) -> str:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def rate_distortion(comp: dict, path: str) -> str:
+    """MSE against bytes per record: PCA at fp16 for each k, and the VAE's μ at fp32/fp16/int8."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    c = comp["pca_curve_fp16"]
+    ax.plot([p["bytes_fp16"] for p in c], [p["mse"] for p in c], "o-", label="PCA (fp16 components)")
+    ax.plot([p["bytes_per_record"] for p in comp["rows"]], [p["vae_mse"] for p in comp["rows"]], "s-",
+            label="VAE μ (fp32/fp16/int8)")
+    ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("bytes per record"), ax.set_ylabel("MSE (model units)")
+    ax.legend(), ax.set_title("rate–distortion")
+    fig.tight_layout(), fig.savefig(path, dpi=90), plt.close(fig)
+    return path
+
+
+def probe_accuracy(probe: dict, spreading: dict | None, path: str) -> str:
+    """Accuracy against the number of labels for μ, PCA and raw features (logistic; label spreading)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ns = sorted(probe, key=int)
+    for name in ("mu", "pca", "raw"):
+        ax.plot([int(n) for n in ns], [1 - probe[n][name] for n in ns], "o-", label=f"{name}, logistic")
+        if spreading:
+            ax.plot([int(n) for n in ns], [1 - spreading[n][name] for n in ns], "s--", label=f"{name}, label spreading")
+    ax.set_xlabel("labels"), ax.set_ylabel("probe accuracy"), ax.legend()
+    fig.tight_layout(), fig.savefig(path, dpi=90), plt.close(fig)
+    return path
+
+
+def evaluation_figures(model: VAE, r: dict, test_raw: np.ndarray, mu: np.ndarray, labels, out: str) -> list[str]:
+    """The PNGs of an evaluation report `r` in folder `out`."""
+    os.makedirs(out, exist_ok=True)
+    paths = [samples_and_reconstructions(model, torch.from_numpy(test_raw[:16]).float(),
+                                         os.path.join(out, "samples_reconstructions.png")),
+             latent_scatter(mu, labels, os.path.join(out, "latent_scatter.png")),
+             rate_distortion(r["compression"], os.path.join(out, "rate_distortion.png"))]
+    if r.get("probe_error"):
+        paths.append(probe_accuracy(r["probe_error"], r.get("semi_supervised_error"),
+                                    os.path.join(out, "probe_accuracy.png")))
+    return paths

@@ -63,10 +63,15 @@ def experiment_id(tracking_uri: str, name: str, artifact_root: str | None = None
     loc = None
     if artifact_root is None and tracking_uri.startswith("sqlite:///"):
         loc = "file://" + os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts")
+    from mlflow.exceptions import MlflowException
+
     try:
         return c.create_experiment(name, artifact_location=artifact_root or loc)
-    except Exception:  # created concurrently
-        return c.get_experiment_by_name(name).experiment_id
+    except MlflowException:  # created concurrently (RESOURCE_ALREADY_EXISTS); anything else re-raises below
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 @dataclass(frozen=True)
@@ -103,12 +108,14 @@ def resolve_model(model_uri: str, tracking_uri: str) -> ModelRef:
 
 
 def _known_aliases(c, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
     try:
         rm = c.get_registered_model(name)
-        aliases = getattr(rm, "aliases", {}) or {}
-        return f"known aliases: {dict(aliases)}" if aliases else "it has no aliases"
-    except Exception:
+    except MlflowException:
         return "no registered model of that name"
+    aliases = getattr(rm, "aliases", {}) or {}
+    return f"known aliases: {dict(aliases)}" if aliases else "it has no aliases"
 
 
 @contextlib.contextmanager
@@ -219,27 +226,29 @@ def _requirements() -> list[str]:
 
 def register(model_uri: str, name: str, tracking_uri: str, run_id: str, tags: dict[str, str] | None = None,
              timeout_s: float = 120.0):
-    """Register a version and wait until it is READY (an alias must never point at a version that
-    is still pending)."""
+    """Register a version and wait until it is READY (MLflow's own `await_creation_for`): an alias
+    must never point at a version that is still pending."""
+    from mlflow.exceptions import MlflowException
+
     c = client(tracking_uri)
     try:
-        c.get_registered_model(name)
-    except Exception:
         c.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
     # A logged model (models:/m-ID, what log_model returns in MLflow 3) must be named by model_id
     # too: a tracking server refuses that source without it (INVALID_PARAMETER_VALUE), and the
     # SQLite store resolves it through the global tracking URI (hence using_tracking).
     logged = re.match(r"^models:/(m-[0-9a-f]+)/?$", model_uri)
-    with using_tracking(tracking_uri), _no_download_bars():
-        mv = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags or {},
-                                    model_id=logged[1] if logged else None)
-    deadline = time.time() + timeout_s
-    while mv.status != "READY":
-        if mv.status == "FAILED_REGISTRATION" or time.time() > deadline:
-            raise ModelNotFoundError(f"model {name} version {mv.version} is {mv.status}, not READY")
-        time.sleep(0.5)
-        mv = c.get_model_version(name, mv.version)
-    return mv
+    try:   # await_creation_for: MLflow raises unless the version is READY in time (FAILED_REGISTRATION too)
+        with using_tracking(tracking_uri), _no_download_bars():
+            mv = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags or {},
+                                        model_id=logged[1] if logged else None,
+                                        await_creation_for=max(1, int(timeout_s)))
+    except MlflowException as e:
+        raise ModelNotFoundError(f"model {name}: no READY version from {model_uri} within {timeout_s:.0f} s: "
+                                 f"{e.message}") from e
+    return c.get_model_version(name, mv.version)   # the status as of now (READY), not at creation
 
 
 def set_alias_when_ready(name: str, alias: str, version: str, tracking_uri: str) -> None:
@@ -263,8 +272,19 @@ def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except Exception:
+    except (OSError, subprocess.SubprocessError):   # no git binary, or it hung
         return "unknown"
+
+
+def log_evaluation(run_id: str, metrics: dict[str, float], files: list[str], tracking_uri: str) -> None:
+    """An evaluation's metrics (step 0) and files (under `evaluation/`) into the model's run."""
+    from mlflow.entities import Metric
+
+    c = client(tracking_uri)
+    ts = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()])
+    for p in files:
+        c.log_artifact(run_id, p, "evaluation")
 
 
 def fingerprint(entries: list[tuple[str, int, str]]) -> str:

@@ -1,7 +1,13 @@
 """`vaepipe train`: Parquet → Ray Data → Ray Train (TorchTrainer, DDP) → MLflow run → registered
-version → `production` alias when it beats the current one on the same validation data."""
+version → `production` alias when it beats the current one on the same validation data.
+
+`run_train` reads as its steps: prepare the data (check inputs, fit preprocessing) → plan the run
+folder (new, or resumed) → open the MLflow run → fit with Ray Train → pick the checkpoint → log the
+model and figures → register and promote. Whatever fails after the MLflow run is opened closes it
+as FAILED."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -14,104 +20,65 @@ import numpy as np
 import torch
 
 from pipeline import registry
-from pipeline.config import RuntimeConfig, opt
-from pipeline.errors import ConfigError, InputError
-from pipeline.features import check_finite, feature_dtypes, infer_spec, split_table, to_matrix
+from pipeline.errors import ConfigError, InputError, VaepipeError, unwrap_ray_error
+from pipeline.faults import FaultPlan
+from pipeline.features import FeatureSpec, check_finite, feature_dtypes, infer_spec, split_table, to_matrix
 from pipeline.parquet_io import check_inputs, list_parquet_files, read_table
 from pipeline.redact import redact_uri
-from pipeline.train_loop import CHECKPOINT_FILE, RunStore, train_loop_per_worker
+from pipeline.run_store import CHECKPOINT_FILE, RunStore
+from pipeline.train_config import ModelOptions, TrainConfig
+from pipeline.train_loop import RunRef, WorkerConfig, train_loop_per_worker
 from pipeline.uris import Location, arrow_filesystem, resolve
-from vae.checkpoint import load_checkpoint, model_from_checkpoint
+from vae.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from vae.config import VAEConfig
 from vae.model import VAE
 from vae.preprocess import Preprocessing
 from vae.train_step import evaluate
 
+__all__ = ["TrainConfig", "TrainResult", "run_train", "prepare_data", "build_datasets", "promote"]
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig(RuntimeConfig):
-    input: str = opt("", "Parquet file or folder (any fsspec URI) of training records")
-    features: list[str] = opt(help="one list column, or several numeric scalar columns", factory=list)
-    id_column: str = opt("id", "record id column (named in errors)")
-    val_input: str | None = opt(None, "validation Parquet (default: a content-hash split of --input)")
-    val_fraction: float = opt(0.1, "fraction of --input held out for validation when no --val-input")
-    arch: str = opt("auto", "model: mlp, conv, or auto (conv for square images ≥ 8×8)", choices=("auto", "mlp", "conv"))
-    image_shape: list[int] = opt(help="C,H,W of image records for conv (default: 1,√D,√D)", factory=list)
-    latent_dim: int = opt(16, "latent size (μ has this many floats)")
-    hidden: list[int] = opt(help="MLP widths or conv channels (default: 512,256 / 32,64)", factory=list)
-    likelihood: str = opt("auto", "bernoulli, gaussian, or auto (bernoulli for data in [0, 1])",
-                          choices=("auto", "bernoulli", "gaussian"))
-    scaling: str = opt("auto", "uint8, minmax, standardize, none, or auto",
-                       choices=("auto", "uint8", "minmax", "standardize", "none"))
-    beta: float = opt(1.0, "weight of the KL term (β-VAE)")
-    warmup_epochs: float = opt(0.0, "epochs over which β ramps up from 0 (KL warm-up)")
-    free_bits: float = opt(0.0, "free bits λ per latent dimension, nats (0 = off)")
-    epochs: int = opt(20, "training epochs")
-    batch_size: int = opt(128, "records per batch per worker")
-    lr: float = opt(2e-3, "peak learning rate (AdamW)")
-    lr_schedule: str = opt("cosine", "cosine or constant", choices=("cosine", "constant"))
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    grad_clip: float = opt(0.0, "gradient-norm clip (0 = off)")
-    patience: int = opt(0, "early stopping: epochs without val ELBO improvement (0 = off)")
-    min_delta: float = opt(0.0, "early stopping: improvement smaller than this (nats) does not count")
-    shuffle_buffer: int = opt(4096, "Ray Data local shuffle buffer when streaming (cache off), records; "
-                                     "0 = no shuffle (with the cache as well)")
-    seed: int = opt(0, "seed: a 1-worker CPU run is reproducible")
-    workers: int = opt(1, "Ray Train workers (DDP); one per GPU with --use-gpu")
-    use_gpu: bool | None = opt(None, "train on GPUs (default: when the cluster has them)")
-    cpus_per_worker: float = opt(1.0, "CPUs each train worker reserves")
-    amp: str = opt("off", "mixed precision: off, bf16, fp16", choices=("off", "bf16", "fp16"))
-    compile: bool = opt(False, "torch.compile the model")
-    storage_path: str | None = opt(None, "checkpoint storage (local path or any fsspec URI; default: WORKDIR/ray_results)")
-    storage_options: str = opt("", "fsspec storage options for --storage-path as JSON, e.g. "
-                                   '\'{"endpoint_url": "http://minio:9000"}\'')
-    run_name: str | None = opt(None, "run name: the folder under --storage-path (default: MODEL_NAME-TIMESTAMP)")
-    resume: bool = opt(False, "continue the latest run of --model-name (or --run-name) from its newest complete "
-                              "checkpoint, as a new Ray Train run in the same folder and the same MLflow run")
-    max_failures: int = opt(1, "worker-group restarts after a failure (from the last checkpoint)")
-    fail_at_epoch: int | None = opt(None, "fault injection: rank --fail-rank exits once at this epoch")
-    fail_rank: int = opt(0, "fault injection: which rank exits")
-    experiment: str = opt("vaepipe", "MLflow experiment")
-    model_name: str = opt("vae", "registered model name")
-    alias: str = opt("production", "alias to move when the new version wins")
-    promote: str = opt("auto", "auto: move the alias if val ELBO beats it; force; never",
-                       choices=("auto", "force", "never"))
-    sample_rows: int = opt(10_000, "records read up front to fit the preprocessing")
-    cache: str = opt("auto", "read the input once: Ray's object store keeps it across epochs and each "
-                             "worker holds its shard on its device, shuffled by a seeded permutation per "
-                             "epoch; auto (when under 2 GB as float32), on, off (stream every epoch through "
-                             "the local shuffle buffer)", choices=("auto", "on", "off"))
+class TrainResult:
+    run_id: str
+    model_uri: str
+    version: str
+    promoted: bool
+    metrics: dict[str, float]
+    checkpoint: str          # a local checkpoint file (downloaded when the storage is remote)
+    epochs_run: int
+    wall_s: float
+    run_dir: str = ""        # the run folder (local path or URI): vaepipe_run.json, journal.jsonl, checkpoints
 
-    def __post_init__(self) -> None:
-        self.require("input", "features")
-        for name, allowed in [("arch", ("auto", "mlp", "conv")), ("likelihood", ("auto", "bernoulli", "gaussian")),
-                              ("scaling", ("auto", "uint8", "minmax", "standardize", "none")),
-                              ("amp", ("off", "bf16", "fp16")), ("promote", ("auto", "force", "never")),
-                              ("lr_schedule", ("cosine", "constant"))]:
-            self.choice(name, allowed)
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("epochs", "batch_size", "workers", "latent_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.beta < 0 or self.free_bits < 0 or self.lr <= 0:
-            raise ConfigError("beta and free_bits must be ≥ 0 and lr > 0")
-        if self.image_shape and len(self.image_shape) != 3:
-            raise ConfigError(f"image_shape must be C,H,W, got {self.image_shape}")
-        self.storage_options_dict()
 
-    def storage_options_dict(self) -> dict:
-        if not self.storage_options:
-            return {}
-        try:
-            so = json.loads(self.storage_options) if isinstance(self.storage_options, str) else dict(self.storage_options)
-        except ValueError as e:
-            raise ConfigError(f"storage_options must be a JSON object: {e}") from None
-        if not isinstance(so, dict):   # (not echoed: it may hold credentials)
-            raise ConfigError(f"storage_options must be a JSON object, got a {type(so).__name__}")
-        return so
+@dataclass
+class PreparedData:
+    """The checked input: files, schema-derived feature spec, fitted model config and a sample."""
+    loc: Location
+    files: list[str]
+    rows: int
+    spec: FeatureSpec
+    cols: list[str]          # columns read: the features and the id column when present
+    model: VAEConfig
+    sample: np.ndarray       # up to --sample-rows raw records (the preprocessing was fit on them)
+    fingerprint: str
+    val: tuple[Location, list[str]] | None
+
+
+@dataclass
+class RunPlan:
+    """The run folder this training writes to, and which attempt (Ray run) of it this is."""
+    name: str
+    run_dir: str
+    root: RunStore           # the storage root (--storage-path)
+    store: RunStore          # the run folder
+    meta: dict[str, Any]     # vaepipe_run.json as found ({} for a new run)
+    attempt: int
+    ray_name: str            # RUN_NAME for attempt 0, resume-K after
+    ray_parent: RunStore
+    resume_from: str | None
 
 
 # Never recorded in MLflow: the tracking URI may carry a password, the storage options credentials.
@@ -130,28 +97,16 @@ def run_params(cfg: TrainConfig) -> dict[str, str]:
     return params
 
 
-def lineage_tags(cfg: TrainConfig, data: dict, run_dir: str) -> dict[str, str]:
+def lineage_tags(cfg: TrainConfig, data, run_dir: str) -> dict[str, str]:
     """The run's `vaepipe.*` lineage tags (input URI, data fingerprint, git commit, rows, run folder,
     model config), URIs redacted."""
-    return {"input_uri": redact_uri(cfg.input), "data_fingerprint": data["fingerprint"],
-            "git_commit": registry.git_commit(), "input_rows": str(data["rows"]), "ray_run_dir": redact_uri(run_dir),
-            "model_config": json.dumps(data["model"].to_dict())[:5000]}
+    return {"input_uri": redact_uri(cfg.input), "data_fingerprint": data.fingerprint,
+            "git_commit": registry.git_commit(), "input_rows": str(data.rows), "ray_run_dir": redact_uri(run_dir),
+            "model_config": json.dumps(data.model.to_dict())[:5000]}
 
 
-@dataclass
-class TrainResult:
-    run_id: str
-    model_uri: str
-    version: str
-    promoted: bool
-    metrics: dict[str, float]
-    checkpoint: str          # a local checkpoint file (downloaded when the storage is remote)
-    epochs_run: int
-    wall_s: float
-    run_dir: str = ""        # the run folder (local path or URI): vaepipe_run.json, journal.jsonl, checkpoints
-
-
-def _model_config(cfg: TrainConfig, pre: Preprocessing, dim: int, layout: str, sample_in_unit: bool) -> VAEConfig:
+def _model_config(cfg: ModelOptions, pre: Preprocessing, dim: int, layout: str, sample_in_unit: bool) -> VAEConfig:
+    """The architecture for this data: "auto" settles on conv for square images, Bernoulli for [0, 1]."""
     side = math.isqrt(dim)
     arch = cfg.arch
     if arch == "auto":
@@ -170,7 +125,7 @@ def _model_config(cfg: TrainConfig, pre: Preprocessing, dim: int, layout: str, s
                      likelihood=likelihood, preprocessing=pre)
 
 
-def prepare_data(cfg: TrainConfig) -> dict[str, Any]:
+def prepare_data(cfg: TrainConfig) -> PreparedData:
     """Check the input before any work and fit the preprocessing on a sample."""
     loc = resolve(cfg.input)
     files = list_parquet_files(loc)
@@ -179,6 +134,23 @@ def prepare_data(cfg: TrainConfig) -> dict[str, Any]:
         raise InputError(f"input {cfg.input!r} has no records ({len(files)} file(s), 0 rows)")
     spec = infer_spec(schema, cfg.features, source=cfg.input)
     cols = list(spec.columns) + ([cfg.id_column] if cfg.id_column in schema.names else [])
+    x = _sample(loc, files, spec, cols, cfg)
+    pre = Preprocessing.fit(x, list(spec.columns), spec.layout, cfg.scaling, dtypes=feature_dtypes(schema, spec))
+    model_cfg = _model_config(cfg.model, pre, x.shape[1], spec.layout, bool(x.min() >= 0 and x.max() <= 1))
+    fp = registry.fingerprint([(loc.full(p), r, "") for p, r in zip(files, per_file)])
+    val = None
+    if cfg.val_input:
+        vloc = resolve(cfg.val_input)
+        vfiles = list_parquet_files(vloc)
+        vschema, _, _ = check_inputs(vloc, vfiles)
+        infer_spec(vschema, cfg.features, source=cfg.val_input)
+        val = (vloc, vfiles)
+    return PreparedData(loc=loc, files=files, rows=rows, spec=spec, cols=cols, model=model_cfg, sample=x,
+                        fingerprint=fp, val=val)
+
+
+def _sample(loc: Location, files: list[str], spec: FeatureSpec, cols: list[str], cfg: TrainConfig) -> np.ndarray:
+    """The first --sample-rows records, file by file, each checked for NaN/inf."""
     sample, n = [], 0
     for path in files:
         t = read_table(loc, path, cols)
@@ -189,28 +161,17 @@ def prepare_data(cfg: TrainConfig) -> dict[str, Any]:
             n += len(x)
         if n >= cfg.sample_rows:
             break
-    x = np.concatenate(sample)[: cfg.sample_rows]
-    pre = Preprocessing.fit(x, list(spec.columns), spec.layout, cfg.scaling, dtypes=feature_dtypes(schema, spec))
-    model_cfg = _model_config(cfg, pre, x.shape[1], spec.layout, bool(x.min() >= 0 and x.max() <= 1))
-    fp = registry.fingerprint([(loc.full(p), r, "") for p, r in zip(files, per_file)])
-    val = None
-    if cfg.val_input:
-        vloc = resolve(cfg.val_input)
-        vfiles = list_parquet_files(vloc)
-        vschema, vrows, _ = check_inputs(vloc, vfiles)
-        infer_spec(vschema, cfg.features, source=cfg.val_input)
-        val = (vloc, vfiles)
-    return {"loc": loc, "files": files, "rows": rows, "spec": spec, "cols": cols, "model": model_cfg,
-            "sample": x, "fingerprint": fp, "val": val}
+    return np.concatenate(sample)[: cfg.sample_rows]
 
 
-def build_datasets(data: dict, cfg: TrainConfig):
+def build_datasets(data: PreparedData, cfg: TrainConfig):
+    """(train, val or None) Ray datasets: --val-input, or a content-hash split of --input."""
     import ray.data
 
     def read(loc: Location, files: list[str]):
         ds = ray.data.read_parquet([loc.full(p) if not loc.is_local else p for p in files],
                                    filesystem=loc.arrow_fs() if not loc.is_local else None,
-                                   columns=data["cols"], shuffle=None)
+                                   columns=data.cols, shuffle=None)
         # Blocks in file order, in every execution (materialize() included, which runs with the
         # dataset's own context, not DataConfig's): with the seeded local shuffle, a 1-worker run
         # then sees the same batches in the same order every time. The context is this dataset's
@@ -218,53 +179,19 @@ def build_datasets(data: dict, cfg: TrainConfig):
         ds.context.execution_options.preserve_order = True
         return ds
 
-    ds = read(data["loc"], data["files"])
-    if data["val"] is not None:
-        return ds, read(*data["val"])
+    ds = read(data.loc, data.files)
+    if data.val is not None:
+        return ds, read(*data.val)
     if cfg.val_fraction == 0:
         return ds, None
-    spec, f = data["spec"], cfg.val_fraction
+    spec, f = data.spec, cfg.val_fraction
     train = ds.map_batches(split_table, batch_format="pyarrow", fn_kwargs=dict(spec=spec, fraction=f, want_val=False))
     val = ds.map_batches(split_table, batch_format="pyarrow", fn_kwargs=dict(spec=spec, fraction=f, want_val=True))
     return train, val
 
 
-def _latest_run(storage: RunStore, model_name: str) -> str | None:
-    """The name of the newest run of `model_name` under the storage root (by its creation time)."""
-    best = None
-    for meta_path in storage.fs.glob(storage.join("*", RunStore.META)):
-        try:
-            meta = json.loads(storage.fs.cat_file(meta_path))
-        except Exception:
-            continue
-        if meta.get("model_name") == model_name:
-            key = (meta.get("created", 0.0), meta_path)
-            best = max(best, key) if best else key
-    return best[1].rstrip("/").split("/")[-2] if best else None
-
-
-def latest_checkpoint(run_dir: str, storage_options: dict | None = None) -> str | None:
-    """The newest complete checkpoint file of a run folder (any attempt), or None."""
-    found = RunStore(run_dir, storage_options).newest_complete()
-    return found[0] if found else None
-
-
-def run_train(cfg: TrainConfig) -> TrainResult:
-    import ray
-    import ray.train
-    from ray.data import ExecutionOptions
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.ray_runtime import init_ray, quiet_data_progress
-
-    t_start = time.perf_counter()
-    os.makedirs(cfg.workdir, exist_ok=True)
-    tracking = cfg.resolved_tracking_uri()
-    data = prepare_data(cfg)
-    init_ray(cfg.ray_address, reserve_cpus=cfg.workers * cfg.cpus_per_worker + 1)
-    quiet_data_progress()
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-
+def plan_run(cfg: TrainConfig) -> RunPlan:
+    """The run folder (new, or the one --resume continues) and this attempt's Ray run inside it."""
     so = cfg.storage_options_dict()
     storage_uri = cfg.storage_path or os.path.join(cfg.workdir, "ray_results")
     if "://" not in storage_uri:
@@ -275,7 +202,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     root.fs.makedirs(root.path, exist_ok=True)
     run_name = cfg.run_name
     if cfg.resume and not run_name:
-        run_name = _latest_run(root, cfg.model_name)
+        run_name = root.latest_run(cfg.model_name)
         if run_name is None:
             raise InputError(f"--resume: no earlier run of {cfg.model_name!r} under {redact_uri(storage_uri)}")
     if not run_name:
@@ -290,129 +217,185 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                          f"or another --run-name")
     if cfg.resume and not meta:
         log.warning("--resume: run %s has no vaepipe_run.json; starting it fresh", run_name)
-    attempts = meta.get("attempts", [])
     # Attempt 0 is the Ray run RUN_NAME (its folder is the run folder); each --resume is a new Ray
     # run resume-K inside it, so Ray never restores (and re-validates) an earlier run's snapshot.
     if not meta:
-        attempt, ray_name, ray_parent = 0, run_name, root
-    else:   # (a run folder from before attempts were recorded: its first Ray run is attempt 0)
-        attempt = max([a["attempt"] for a in attempts] or [0]) + 1
-        ray_name, ray_parent = f"resume-{attempt}", store
-    resume_from = None
-    if cfg.resume and meta:
-        found = store.newest_complete()
-        resume_from = found[0] if found else None
-        if found:
-            print(f"resuming {run_name} from epoch {found[1]['epoch'] + 1} ({resume_from}) as Ray run {ray_name}")
+        return RunPlan(run_name, run_dir, root, store, meta, 0, run_name, root, None)
+    # (a run folder from before attempts were recorded: its first Ray run is attempt 0)
+    attempt = max([a["attempt"] for a in meta.get("attempts", [])] or [0]) + 1
+    found = store.newest_complete()
+    resume_from = found[0] if found else None
+    if found:
+        print(f"resuming {run_name} from epoch {found[1]['epoch'] + 1} ({resume_from}) as Ray run resume-{attempt}")
+    return RunPlan(run_name, run_dir, root, store, meta, attempt, f"resume-{attempt}", store, resume_from)
 
-    # One MLflow run for the whole training, across worker restarts and --resume.
+
+def open_mlflow_run(cfg: TrainConfig, plan: RunPlan, data: PreparedData, tracking: str) -> str:
+    """One MLflow run for the whole training, across worker restarts and --resume: a resumed run
+    reopens its own; a new one gets the config as params and the lineage as tags. The run folder's
+    metadata records it, with this attempt."""
     import mlflow
 
     client = registry.client(tracking)
-    exp = registry.experiment_id(tracking, cfg.experiment)
-    if meta.get("mlflow_run_id") and cfg.resume:
-        run_id = meta["mlflow_run_id"]
+    if plan.meta.get("mlflow_run_id") and cfg.resume:
+        run_id = plan.meta["mlflow_run_id"]
         client.update_run(run_id, status="RUNNING")
     else:
-        run_id = client.create_run(exp, run_name=run_name).info.run_id
+        exp = registry.experiment_id(tracking, cfg.experiment)
+        run_id = client.create_run(exp, run_name=plan.name).info.run_id
         client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in run_params(cfg).items()])
-        for k, v in lineage_tags(cfg, data, run_dir).items():
+        for k, v in lineage_tags(cfg, data, plan.run_dir).items():
             client.set_tag(run_id, f"vaepipe.{k}", v)
-    attempts.append({"attempt": attempt, "ray_run": ray_name, "resume_from": resume_from, "time": time.time()})
-    store.write_meta({"mlflow_run_id": run_id, "model_name": cfg.model_name, "run_name": run_name,
-                      "created": meta.get("created", time.time()), "attempts": attempts})
+    attempts = plan.meta.get("attempts", []) + [{"attempt": plan.attempt, "ray_run": plan.ray_name,
+                                                 "resume_from": plan.resume_from, "time": time.time()}]
+    plan.store.write_meta({"mlflow_run_id": run_id, "model_name": cfg.model_name, "run_name": plan.name,
+                           "created": plan.meta.get("created", time.time()), "attempts": attempts})
+    return run_id
 
-    train_ds, val_ds = build_datasets(data, cfg)
-    cache = cfg.cache == "on" or (cfg.cache == "auto" and data["rows"] * data["model"].input_dim * 4 < 2**31)
-    if cache:
-        # Read and split once, in a fixed block order; each worker then copies its shard to its device
-        # (train_loop.load_shard), and promotion re-reads the validation set from here.
-        train_ds = train_ds.materialize()
-        val_ds = val_ds.materialize() if val_ds is not None else None
-    loop_cfg = {
-        "model": data["model"].to_dict(), "features": list(data["spec"].columns), "layout": data["spec"].layout,
-        "input_dim": data["model"].input_dim, "input": cfg.input, "id_column": cfg.id_column,
-        "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule,
-        "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "beta": cfg.beta,
-        "warmup_epochs": cfg.warmup_epochs, "free_bits": cfg.free_bits, "patience": cfg.patience,
-        "min_delta": cfg.min_delta, "shuffle_buffer": cfg.shuffle_buffer, "seed": cfg.seed, "amp": cfg.amp,
-        "compile": cfg.compile, "has_val": val_ds is not None, "resume_from": resume_from, "worker_cache": cache,
-        "mlflow_run_id": run_id, "tracking_uri": tracking, "run_dir": run_dir, "storage_options": so,
-        "attempt": attempt,
-        "fail_at_epoch": cfg.fail_at_epoch, "fail_rank": cfg.fail_rank,
-        "threads": max(1, (os.cpu_count() or 1) // cfg.workers) if not use_gpu else 4,
-    }
+
+def _use_cache(cfg: TrainConfig, data: PreparedData) -> bool:
+    return cfg.cache == "on" or (cfg.cache == "auto" and data.rows * data.model.input_dim * 4 < 2**31)
+
+
+def worker_config(cfg: TrainConfig, data: PreparedData, plan: RunPlan, run_id: str, tracking: str,
+                  has_val: bool, cache: bool, use_gpu: bool) -> WorkerConfig:
+    so = cfg.storage_options_dict()
+    return WorkerConfig(
+        model=data.model.to_dict(), spec=FeatureSpec(tuple(data.spec.columns), data.spec.layout),
+        input_dim=data.model.input_dim, source=cfg.input, id_column=cfg.id_column, optim=cfg.optim,
+        shuffle_buffer=cfg.shuffle_buffer, has_val=has_val, cache=cache,
+        run=RunRef(plan.run_dir, so, run_id, tracking, plan.attempt),
+        faults=FaultPlan(cfg.fail_at_epoch, cfg.fail_rank, plan.run_dir, so),
+        resume_from=plan.resume_from,
+        threads=max(1, (os.cpu_count() or 1) // cfg.workers) if not use_gpu else 4)
+
+
+def fit(cfg: TrainConfig, plan: RunPlan, worker_cfg: WorkerConfig, train_ds, val_ds, use_gpu: bool) -> None:
+    """Ray Train: `cfg.workers` DDP workers, the newest `--keep-checkpoints` checkpoints kept, the
+    worker group restarted up to `--max-failures` times. Our own typed errors surface unwrapped."""
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
     datasets = {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_cfg, datasets=datasets,
+        functools.partial(train_loop_per_worker, worker_cfg), datasets=datasets,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name=ray_name, storage_path=ray_parent.path,
-                                       storage_filesystem=None if root.is_local else arrow_filesystem(root.fs),
-                                       failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] + (["val"] if val_ds is not None else []),
+        run_config=ray.train.RunConfig(
+            name=plan.ray_name, storage_path=plan.ray_parent.path,
+            storage_filesystem=None if plan.root.is_local else arrow_filesystem(plan.root.fs),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets),
                                             execution_options=ExecutionOptions(preserve_order=True)),
     )
     try:
         trainer.fit()
     except Exception as e:
-        client.set_terminated(run_id, status="FAILED")
-        raise _unwrap_error(e) from None
-    found = store.newest_complete()
-    if found is None:
-        client.set_terminated(run_id, status="FAILED")
-        raise RuntimeError(f"training {run_name} finished without a checkpoint in {run_dir}")
-    ckpt_path, state = found
-    ckpts = store.checkpoints()
-    best_epoch = state["extra"]["best_epoch"]
-    if best_epoch in ckpts and best_epoch != state["epoch"]:   # restore the best epoch's weights
-        try:
-            ckpt_path, state = ckpts[best_epoch], store.load(ckpts[best_epoch])
-        except Exception as e:
-            log.warning("best epoch %d's checkpoint is unreadable (%s); keeping the last", best_epoch, e)
-    model = model_from_checkpoint(state)
-    metrics = dict(state["extra"]["metrics"])
-    epochs_run = len(ckpts)
+        raise unwrap_ray_error(e) from None
 
-    # Figures, model, lineage.
+
+def pick_checkpoint(plan: RunPlan) -> tuple[str, dict, int]:
+    """(path, state, epochs run): the best epoch's checkpoint when it is still kept, else the newest
+    complete one."""
+    found = plan.store.newest_complete()
+    if found is None:
+        raise RuntimeError(f"training {plan.name} finished without a checkpoint in {plan.run_dir}")
+    path, state = found
+    ckpts = plan.store.checkpoints()
+    best_epoch = state["extra"]["best_epoch"]
+    if best_epoch != state["epoch"]:
+        if best_epoch in ckpts:
+            try:
+                path, state = ckpts[best_epoch], plan.store.load(ckpts[best_epoch])
+            except (CheckpointError, OSError) as e:
+                log.warning("best epoch %d's checkpoint is unreadable (%s); keeping the last", best_epoch, e)
+        else:
+            log.warning("best epoch %d's checkpoint is no longer kept (--keep-checkpoints); keeping the last",
+                        best_epoch)
+    return path, state, found[1]["epoch"] + 1
+
+
+def log_model_and_figures(cfg: TrainConfig, plan: RunPlan, run_id: str, ckpt_path: str, model: VAE,
+                          data: PreparedData, tracking: str) -> tuple[str, str]:
+    """PNGs of samples and μ, then the model (weights + config, pyfunc from code). Returns the
+    model URI and the local checkpoint file it was logged from."""
     from pipeline import plots
 
+    client = registry.client(tracking)
     art = os.path.join(cfg.workdir, "artifacts", run_id)
     os.makedirs(art, exist_ok=True)
-    sample = torch.from_numpy(data["sample"][:2000])
-    mu = model.embed(sample).mean.numpy()
+    sample = torch.from_numpy(data.sample[:2000])
+    with torch.no_grad():
+        mu = model.embed(sample).mean.numpy()
     pngs = [plots.samples_and_reconstructions(model, sample[:16], os.path.join(art, "samples_reconstructions.png")),
             plots.latent_scatter(mu, None, os.path.join(art, "latent_2d.png"))]
     for p in pngs:
         client.log_artifact(run_id, p, "figures")
     ckpt_file = ckpt_path
-    if not store.is_local:   # registry.log_model and callers read a local file
+    if not plan.store.is_local:   # registry.log_model and callers read a local file
         ckpt_file = os.path.join(art, CHECKPOINT_FILE)
-        store.fs.get_file(ckpt_path, ckpt_file)
+        plan.store.fs.get_file(ckpt_path, ckpt_file)
     model_uri = registry.log_model(run_id, ckpt_file, model.config.input_dim, model.config.latent_dim, tracking,
-                                   example=data["sample"][:2])
-    client.log_metric(run_id, "wall_time_s", time.perf_counter() - t_start)
+                                   example=data.sample[:2])
+    return model_uri, ckpt_file
 
-    # Registry: register, then move the alias only when the new version wins on the same val data.
-    mv = registry.register(model_uri, cfg.model_name, tracking, run_id,
-                           tags={"input_uri": redact_uri(cfg.input), "data_fingerprint": data["fingerprint"],
-                                 "git_commit": registry.git_commit()})
-    promoted = promote(cfg, mv.version, model, data, val_ds, tracking)
+
+def run_train(cfg: TrainConfig) -> TrainResult:
+    import ray
+
+    from pipeline.ray_runtime import init_ray, quiet_data_progress
+
+    t_start = time.perf_counter()
+    os.makedirs(cfg.workdir, exist_ok=True)
+    tracking = cfg.resolved_tracking_uri()
+    data = prepare_data(cfg)
+    init_ray(cfg.ray_address, reserve_cpus=cfg.workers * cfg.cpus_per_worker + 1)
+    quiet_data_progress()
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    plan = plan_run(cfg)
+    run_id = open_mlflow_run(cfg, plan, data, tracking)
+    client = registry.client(tracking)
+    try:
+        train_ds, val_ds = build_datasets(data, cfg)
+        cache = _use_cache(cfg, data)
+        if cache:
+            # Read and split once, in a fixed block order; each worker then copies its shard to its
+            # device (train_loop.load_shard), and promotion re-reads the validation set from here.
+            train_ds = train_ds.materialize()
+            val_ds = val_ds.materialize() if val_ds is not None else None
+        wcfg = worker_config(cfg, data, plan, run_id, tracking, val_ds is not None, cache, use_gpu)
+        fit(cfg, plan, wcfg, train_ds, val_ds, use_gpu)
+        ckpt_path, state, epochs_run = pick_checkpoint(plan)
+        model = model_from_checkpoint(state)
+        model_uri, ckpt_file = log_model_and_figures(cfg, plan, run_id, ckpt_path, model, data, tracking)
+        client.log_metric(run_id, "wall_time_s", time.perf_counter() - t_start)
+        # Registry: register, then move the alias only when the new version wins on the same val data.
+        mv = registry.register(model_uri, cfg.model_name, tracking, run_id,
+                               tags={"input_uri": redact_uri(cfg.input), "data_fingerprint": data.fingerprint,
+                                     "git_commit": registry.git_commit()})
+        promoted = promote(cfg, mv.version, model, data, val_ds, tracking)
+    except BaseException as e:   # the MLflow run never stays RUNNING after a failure
+        client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     client.set_terminated(run_id, status="FINISHED")
     return TrainResult(run_id=run_id, model_uri=f"models:/{cfg.model_name}/{mv.version}", version=str(mv.version),
-                       promoted=promoted, metrics=metrics, checkpoint=ckpt_file, epochs_run=epochs_run,
-                       wall_s=time.perf_counter() - t_start, run_dir=run_dir)
+                       promoted=promoted, metrics=dict(state["extra"]["metrics"]), checkpoint=ckpt_file,
+                       epochs_run=epochs_run, wall_s=time.perf_counter() - t_start, run_dir=plan.run_dir)
 
 
-def _val_batches(val_ds, data, batch_size=1024):
-    spec, dim = data["spec"], data["model"].input_dim
+def _val_batches(val_ds, data: PreparedData, batch_size=1024):
+    spec, dim = data.spec, data.model.input_dim
     for b in val_ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
         yield torch.from_numpy(to_matrix(b, spec, dim, source="validation"))
 
 
-def promote(cfg: TrainConfig, version: str, model: VAE, data: dict, val_ds, tracking: str) -> bool:
+def promote(cfg: TrainConfig, version: str, model: VAE, data: PreparedData, val_ds, tracking: str) -> bool:
     """Move `alias` to `version` if it has none yet, with --promote force, or (auto) when the new
     model's validation -ELBO is lower than the current alias holder's on the same validation data."""
+    from mlflow.exceptions import MlflowException
+
     client = registry.client(tracking)
     current = registry.current_alias_version(cfg.model_name, cfg.alias, tracking)
     new_s, cur_s = None, None
@@ -425,7 +408,9 @@ def promote(cfg: TrainConfig, version: str, model: VAE, data: dict, val_ds, trac
             cur_model = model_from_checkpoint(load_checkpoint(blob))
             if cur_model.config.input_dim == model.config.input_dim:
                 cur_s = evaluate(cur_model, _val_batches(val_ds, data), seed=cfg.seed)[0].means()["neg_elbo"]
-        except Exception as e:  # an unusable current version never blocks a good new one
+        except (VaepipeError, CheckpointError, MlflowException, OSError) as e:
+            # an unusable current version (missing artifacts, not a vaepipe checkpoint, other
+            # features) never blocks a good new one
             log.warning("could not score current %s version %s: %s", cfg.alias, current, e)
     if cfg.promote == "never":
         ok, why = False, "--promote never"
@@ -449,30 +434,3 @@ def promote(cfg: TrainConfig, version: str, model: VAE, data: dict, val_ds, trac
         client.set_model_version_tag(cfg.model_name, version, k, v)
     print(f"registry: {cfg.model_name} v{version} {'→ ' + cfg.alias if ok else 'not promoted'} ({why})")
     return ok
-
-
-def _unwrap_error(e: Exception) -> Exception:
-    """Surface our own typed errors from inside Ray's TrainingFailedError wrappers."""
-    from pipeline.errors import VaepipeError
-
-    seen = set()
-    stack = [e]
-    while stack:
-        cur = stack.pop()
-        if id(cur) in seen or cur is None:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, VaepipeError):
-            return cur
-        for attr in ("__cause__", "__context__", "cause"):
-            stack.append(getattr(cur, attr, None))
-        for sub in (getattr(cur, "worker_failures", None) or {}).values() if isinstance(getattr(cur, "worker_failures", None), dict) else []:
-            stack.append(sub)
-    text = str(e)
-    for cls_name in ("BadRecordError", "SchemaError", "InputError"):
-        if cls_name in text:
-            from pipeline import errors
-
-            line = next((l for l in text.splitlines() if cls_name + ":" in l), text.splitlines()[-1])
-            return getattr(errors, cls_name)(line.split(cls_name + ":", 1)[-1].strip())
-    return e

@@ -16,6 +16,20 @@ ALLOWED_SCHEMES = ("file", "local", "memory", "s3", "s3a", "gs", "gcs", "abfs", 
 """Schemes a user URI may use; anything else (http, ftp, ssh…) is refused."""
 
 
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+def protocol(fs: fsspec.AbstractFileSystem) -> str:
+    """An fsspec filesystem's main protocol ("s3", "file", "memory"…)."""
+    p = fs.protocol
+    return p[0] if isinstance(p, (tuple, list)) else p
+
+
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `fs` is this machine's own filesystem (paths are plain local paths)."""
+    return protocol(fs) in LOCAL_PROTOCOLS
+
+
 @dataclass(frozen=True)
 class Location:
     uri: str                      # as the user gave it (normalised)
@@ -24,12 +38,11 @@ class Location:
 
     @property
     def scheme(self) -> str:
-        p = self.fs.protocol
-        return p[0] if isinstance(p, (tuple, list)) else p
+        return protocol(self.fs)
 
     @property
     def is_local(self) -> bool:
-        return self.scheme in ("file", "local")
+        return is_local_fs(self.fs)
 
     def arrow_fs(self) -> pafs.FileSystem:
         return arrow_filesystem(self.fs)
@@ -64,7 +77,6 @@ def resolve(uri: str, **storage_options) -> Location:
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
+    if is_local_fs(fs):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))

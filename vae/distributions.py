@@ -6,6 +6,8 @@ import math
 import numpy as np
 import torch
 
+from vae.hashing import record_hash, splitmix64
+
 
 class DiagonalGaussian:
     def __init__(self, mean: torch.Tensor, logvar: torch.Tensor, logvar_min: float = -30.0,
@@ -47,38 +49,19 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 
 # --- per-record noise: ε as a pure function of (record, seed), whatever the batching or order ------
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on uint64 arrays (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _M64
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M64
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M64
-        return x ^ (x >> np.uint64(31))
-
-
 def record_keys(raw: torch.Tensor) -> np.ndarray:
-    """A 64-bit key per record (B, D) -> (B,) uint64, from the bits of its float32 values: equal
-    records get equal keys, and the key does not depend on the batch or its position in it."""
-    words = np.ascontiguousarray(raw.detach().reshape(raw.shape[0], -1).float().cpu().numpy()).view(np.uint32)
-    # a multiply-sum hash with a fixed odd multiplier per position, then a SplitMix64 finaliser
-    mult = _splitmix64(np.arange(words.shape[1], dtype=np.uint64)) | np.uint64(1)                     # (D,)
-    with np.errstate(over="ignore"):
-        h = (words.astype(np.uint64) * mult[None, :]).sum(axis=1, dtype=np.uint64)                     # (B,)
-    h = _splitmix64(h ^ np.uint64(words.shape[1]))
-    return h
+    """A 64-bit key per record (B, D) -> (B,) uint64 (vae.hashing.record_hash of its float32 values)."""
+    return record_hash(raw.detach().reshape(raw.shape[0], -1).float().cpu().numpy())
 
 
 def record_normal(keys: np.ndarray, dim: int, seed: int = 0) -> torch.Tensor:
     """Standard-normal noise (B, dim), row i a pure function of (keys[i], seed): Box–Muller on a
     counter-based hash, so a record's ε is the same in any batch, order, shard or process."""
     keys = np.asarray(keys, dtype=np.uint64)
-    base = _splitmix64(keys ^ _splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)))   # (B,)
+    base = splitmix64(keys ^ splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)))   # (B,)
     ctr = np.arange(2 * dim, dtype=np.uint64)                                                         # (2L,)
     with np.errstate(over="ignore"):
-        bits = _splitmix64(base[:, None] + ctr[None, :] * np.uint64(0xD1B54A32D192ED03))              # (B, 2L)
+        bits = splitmix64(base[:, None] + ctr[None, :] * np.uint64(0xD1B54A32D192ED03))              # (B, 2L)
     u = ((bits >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53                              # (0, 1]
     u1, u2 = u[:, :dim], u[:, dim:]
     return torch.from_numpy(np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)).float()

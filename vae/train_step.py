@@ -2,6 +2,7 @@
 these, and tests call them without Ray."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -92,3 +93,11 @@ def evaluate(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: to
 def active_units(kl_per_dim: torch.Tensor, threshold: float = 0.01) -> int:
     """Latent dimensions whose mean KL exceeds `threshold` nats (they carry information)."""
     return int((kl_per_dim > threshold).sum())
+
+
+def cosine_lr(peak: float, epoch: int, epochs: int, floor: float = 0.05) -> float:
+    """Cosine decay from `peak` at epoch 0 to `floor`·peak at the last epoch, a pure function of the
+    epoch (so resuming needs no scheduler state); `peak` throughout a 1-epoch run."""
+    if epochs <= 1:
+        return peak
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * epoch / (epochs - 1))))

@@ -111,3 +111,61 @@ def test_bad_yaml_files_are_config_errors(tmp_path, text, match):
 def test_missing_yaml_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         parse_config(TrainConfig, ["--config", str(tmp_path / "nope.yaml")], prog="train")
+
+
+def test_yaml_values_take_their_fields_declared_types(tmp_path):
+    # YAML 1.1 reads `2e-3` (no dot) as a string; every value is converted to the field's type
+    y = write(tmp_path, "input: data/\nfeatures: image\nlr: 2e-3\nepochs: '4'\nhidden: 32,16\n"
+                        "use_gpu: 'false'\nrun_name: 2026\nval_fraction: 0\n")
+    cfg = parse_config(TrainConfig, ["--config", y], prog="train")
+    assert (cfg.lr, cfg.epochs, cfg.hidden, cfg.features) == (0.002, 4, [32, 16], ["image"])
+    assert type(cfg.lr) is float and type(cfg.epochs) is int and type(cfg.val_fraction) is float
+    assert (cfg.use_gpu, cfg.run_name) == (False, "2026")
+
+
+@pytest.mark.parametrize("text,flags,match", [
+    ("epochs: ten\n", [], r"^train: epochs: 'ten' is not a valid int$"),
+    ("lr: fast\n", [], r"^train: lr: 'fast' is not a valid float$"),
+    ("epochs: 2.5\n", [], r"^train: epochs: 2\.5 is not a valid int$"),
+    ("compile: maybe\n", [], r"^train: compile: 'maybe' is not a valid bool$"),
+    ("hidden: [32, wide]\n", [], r"^train: hidden: \[32, 'wide'\] is not a valid list\[int\]$"),
+    ("", ["--batch-size", "big"], r"^train: batch_size: 'big' is not a valid int$"),
+], ids=["int", "float", "fractional-int", "bool", "list-item", "flag"])
+def test_a_value_of_the_wrong_type_is_one_line_naming_key_value_and_type(tmp_path, text, flags, match):
+    y = write(tmp_path, "input: data/\nfeatures: [x]\n" + text)
+    with pytest.raises(ConfigError, match=match):
+        parse_config(TrainConfig, ["--config", y, *flags], prog="train")
+
+
+def test_help_groups_the_train_flags_and_keeps_their_spellings(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--help"], prog="train")
+    out = capsys.readouterr().out
+    for group in ("model:", "optimisation:", "data:", "checkpointing:", "registry:", "compute:"):
+        assert group in out
+    for flag in ("--lr", "--no-compile", "--keep-checkpoints", "--features", "--model-name"):
+        assert flag in out
+
+
+def test_train_fields_fall_into_frozen_typed_groups_exactly_once():
+    from pipeline.config import RuntimeConfig
+    from pipeline.train_config import (CheckpointOptions, ComputeOptions, DataOptions, ModelOptions, OptimConfig,
+                                       RegistryOptions)
+
+    groups = (ModelOptions, OptimConfig, DataOptions, CheckpointOptions, RegistryOptions, ComputeOptions)
+    own = {f.name for f in dataclasses.fields(TrainConfig)} - {f.name for f in dataclasses.fields(RuntimeConfig)}
+    grouped = [f.name for g in groups for f in dataclasses.fields(g)]
+    assert sorted(grouped) == sorted(own)                                  # each field in exactly one group
+    cfg = TrainConfig(input="in/", features=["x"], hidden=[8, 4], lr=0.5)
+    assert cfg.optim.lr == 0.5 and cfg.model.hidden == (8, 4) and cfg.data.features == ("x",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0
+    # the help lists each field under the group its typed view belongs to
+    for g, title in zip(groups, ("model", "optimisation", "data", "checkpointing", "registry", "compute")):
+        assert {TrainConfig.__dataclass_fields__[f.name].metadata["group"] for f in dataclasses.fields(g)} == {title}
+
+
+def test_keep_checkpoints_must_outlast_patience(tmp_path):
+    with pytest.raises(ConfigError, match=r"keep_checkpoints \(3\) must exceed patience \(3\)"):
+        TrainConfig(input="in/", features=["x"], patience=3)
+    assert TrainConfig(input="in/", features=["x"], patience=3, keep_checkpoints=4).keep_checkpoints == 4

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import evaluate as ev
+from pipeline import eval_metrics as ev
+from pipeline import quantize as qz
 from vae.distributions import DiagonalGaussian
 
 
@@ -23,10 +24,13 @@ def test_kl_of_known_gaussians():
 def test_pca_exact_rank_and_bytes():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 3)) @ rng.normal(size=(3, 20)) + 5.0   # rank 3 after centring
-    p = ev.PCA(3).fit(x)
-    assert np.abs(p.inverse(p.transform(x)) - x).max() < 1e-4
-    assert ((ev.PCA(2).fit(x).inverse(ev.PCA(2).fit(x).transform(x)) - x) ** 2).mean() > 1e-3
-    assert [ev.bytes_per_record(16, q) for q in ("fp32", "fp16", "int8")] == [64, 32, 16]
+    p = ev.fit_pca(x, 20)
+    assert np.abs(ev.pca_reconstruct(p, ev.pca_codes(p, x, 3)) - x).max() < 1e-4
+    assert ((ev.pca_reconstruct(p, ev.pca_codes(p, x, 2)) - x) ** 2).mean() > 1e-3
+    # the first k components of one fit are the k-component fit (one SVD serves the whole curve)
+    p2 = ev.fit_pca(x, 2)
+    assert np.allclose(ev.pca_reconstruct(p, ev.pca_codes(p, x, 2)), ev.pca_reconstruct(p2, ev.pca_codes(p2, x)))
+    assert [qz.bytes_per_record(16, q) for q in ("fp32", "fp16", "int8")] == [64, 32, 16]
 
 
 def test_psnr_and_quantize():
@@ -34,8 +38,20 @@ def test_psnr_and_quantize():
     assert ev.psnr(1e-4, peak=1.0) == pytest.approx(40.0)
     assert ev.psnr(0.0) == float("inf")
     z = np.linspace(-3, 3, 256, dtype=np.float32)[:, None]
-    assert np.abs(ev.quantize(z, "int8") - z).max() <= 6 / 255 / 2 + 1e-6
-    assert np.abs(ev.quantize(z, "fp16") - z).max() < 2e-3
+    assert np.abs(qz.stored(z, "int8") - z).max() <= 3 / 127 / 2 + 1e-6     # half a step of max|z|/127
+    assert np.abs(qz.stored(z, "fp16") - z).max() < 2e-3
+
+
+def test_int8_is_symmetric_per_dimension_with_scale_max_abs_over_127():
+    mu = np.array([[-2.0, 0.5], [1.0, -0.25], [0.0, 0.0]], np.float32)
+    scale = qz.int8_scale(mu)
+    assert scale.dtype == np.float32 and np.allclose(scale, [2 / 127, 0.5 / 127])
+    q = qz.quantize(mu, scale)
+    assert q.dtype == np.int8 and q[:, 0].tolist() == [-127, 64, 0] and q[:, 1].tolist() == [127, -64, 0]
+    assert q[2].tolist() == [0, 0]                                          # zero stays exactly zero
+    assert np.abs(qz.dequantize(q, scale) - mu).max() <= scale.max() / 2 + 1e-7
+    # values beyond the reference's range clip to ±127 (the scale comes from the reference sample)
+    assert qz.quantize(np.array([[10.0, -10.0]], np.float32), scale).tolist() == [[127, -127]]
 
 
 def test_probe_sampling_balanced_and_seeded():

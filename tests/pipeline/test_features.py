@@ -188,3 +188,24 @@ def test_feature_dtypes_as_stored():
                         ("c", pa.decimal128(5, 2)), ("d", pa.float32())])
     assert feature_dtypes(schema, infer_spec(schema, ["image"])) == ["uint8"]
     assert feature_dtypes(schema, infer_spec(schema, ["a", "b", "c", "d"])) == ["float64", "int16", "float64", "float32"]
+
+def test_train_val_split_and_per_record_noise_share_one_record_hash():
+    import subprocess
+    import sys
+
+    import torch
+
+    from pipeline.features import content_split_mask
+    from vae.distributions import record_keys
+    from vae.hashing import record_hash
+
+    x = np.random.default_rng(0).random((5000, 64)).astype(np.float32)
+    assert np.array_equal(record_keys(torch.from_numpy(x)), record_hash(x))        # one hash, two uses
+    m = content_split_mask(x, 0.1)
+    assert 0.08 < m.mean() < 0.12
+    assert np.array_equal(content_split_mask(x[::-1], 0.1), m[::-1])                 # order-free
+    assert np.array_equal(content_split_mask(x[1000:2000], 0.1), m[1000:2000])       # batch-free
+    # Ray Data tasks run the split: importing it must not import torch
+    code = "import sys, pipeline.features; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

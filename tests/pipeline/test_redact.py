@@ -96,7 +96,9 @@ def test_train_params_and_tags_hold_no_credentials():
             return {"latent_dim": 16}
 
     params = run_params(cfg)
-    tags = lineage_tags(cfg, {"fingerprint": "fp", "rows": 10, "model": Model()},
+    from types import SimpleNamespace
+
+    tags = lineage_tags(cfg, SimpleNamespace(fingerprint="fp", rows=10, model=Model()),
                         run_dir=f"s3://vaepipe-data/checkpoints/vae-1?sig={PW}")
     recorded = json.dumps([params, tags])
     for s in (PW, KEY, SECRET, "tok-123456"):

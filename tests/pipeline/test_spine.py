@@ -17,7 +17,7 @@ from pipeline.query import QueryConfig, run_query
 from pipeline.registry import client, current_alias_version
 
 
-def test_train_registers_first_version_as_production(trained_digits, workdir):
+def test_train_registers_first_version_as_production(trained_digits, digits_parquet, workdir):
     tracking = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
     assert trained_digits.version == "1" and trained_digits.promoted
     assert current_alias_version("digits", "production", tracking) == "1"
@@ -26,7 +26,8 @@ def test_train_registers_first_version_as_production(trained_digits, workdir):
     hist = client(tracking).get_metric_history(trained_digits.run_id, "val_neg_elbo")
     assert [m.step for m in hist] == [0, 1, 2]
     assert run.data.params["epochs"] == "3"
-    assert run.data.tags["vaepipe.input_uri"].endswith("digits0") or "digits" in run.data.tags["vaepipe.input_uri"]
+    assert run.data.tags["vaepipe.input_uri"] == digits_parquet          # the input this model was trained on
+    assert run.info.status == "FINISHED"
     assert len(run.data.tags["vaepipe.data_fingerprint"]) == 16
     assert np.isfinite(trained_digits.metrics["val_neg_elbo"])
 

@@ -100,7 +100,7 @@ def test_checkpoints_go_to_an_fsspec_storage_uri_and_resume_from_there(ray_local
                       storage_path="s3://ckpts/runs", storage_options=json.dumps(so), run_name="s3run", **TINY)
         r = run_train(TrainConfig(**common))
         assert r.run_dir == "s3://ckpts/runs/s3run" and os.path.isfile(r.checkpoint)   # a local copy
-        from pipeline.train_loop import RunStore
+        from pipeline.run_store import RunStore
 
         store = RunStore(r.run_dir, so)
         assert sorted(store.checkpoints()) == [0, 1] and [e["epoch"] for e in store.journal()] == [0, 1]
@@ -110,3 +110,53 @@ def test_checkpoints_go_to_an_fsspec_storage_uri_and_resume_from_there(ray_local
         assert store.checkpoints()[2].endswith("s3run/resume-1/epoch_0002/checkpoint.pt")
     finally:
         server.stop()
+
+
+def test_a_failure_in_a_worker_or_after_fit_closes_the_mlflow_run_as_failed(ray_local, digits_parquet, workdir,
+                                                                              tmp_path):
+    """A NaN record the up-front sample did not see fails a train worker: the BadRecordError comes
+    out of Ray Train as itself. A failure after fit (registering under an alias MLflow refuses)
+    closes the MLflow run as FAILED too, never leaving it RUNNING."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline.errors import BadRecordError
+    from pipeline.features import fixed_size_list
+
+    t = pq.read_table(digits_parquet)
+    img = t.column("image").combine_chunks()
+    x = img.flatten().to_numpy().reshape(len(t), -1).astype(np.float32)
+    x[1500, 3] = np.nan
+    bad = str(tmp_path / "nan")
+    os.makedirs(bad)
+    t = t.set_column(t.schema.get_field_index("image"), "image", fixed_size_list(x))
+    pq.write_table(t.slice(0, 1000), os.path.join(bad, "part-0.parquet"))   # the sample comes from here
+    pq.write_table(t.slice(1000), os.path.join(bad, "part-1.parquet"))
+    c = client(_tracking(workdir))
+    with pytest.raises(BadRecordError, match=r"NaN or inf features in 1 record\(s\), e.g. id=1500"):
+        run_train(TrainConfig(input=bad, epochs=1, sample_rows=100, val_fraction=0, model_name="nan", workdir=workdir,
+                              max_failures=0, **TINY))
+    runs = c.search_runs([c.get_experiment_by_name("vaepipe").experiment_id], "attributes.run_name LIKE 'nan-%'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException):   # MLflow reserves the alias "latest"
+        run_train(TrainConfig(input=digits_parquet, epochs=1, model_name="badalias", alias="latest",
+                              promote="force", workdir=workdir, **TINY))
+    runs = c.search_runs([c.get_experiment_by_name("vaepipe").experiment_id], "attributes.run_name LIKE 'badalias-%'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_keep_checkpoints_keeps_the_newest_n_and_resume_still_finds_the_newest(ray_local, digits_parquet, workdir):
+    from pipeline.run_store import RunStore
+
+    common = dict(input=digits_parquet, promote="never", model_name="keep", workdir=workdir, run_name="keep-2",
+                  keep_checkpoints=2, **TINY)
+    r = run_train(TrainConfig(epochs=4, **common))
+    store = RunStore(r.run_dir)
+    assert sorted(store.checkpoints()) == [2, 3] and r.epochs_run == 4
+    assert [e["epoch"] for e in store.journal()] == [0, 1, 2, 3]          # every epoch still journalled
+    more = run_train(TrainConfig(epochs=5, resume=True, **common))
+    assert more.epochs_run == 5 and [e["epoch"] for e in store.journal()] == [0, 1, 2, 3, 4]
+    assert store.checkpoints()[4].endswith("keep-2/resume-1/epoch_0004/checkpoint.pt")

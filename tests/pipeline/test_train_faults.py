@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.registry import client
 from pipeline.train import TrainConfig, run_train
-from pipeline.train_loop import RunStore
+from pipeline.run_store import RunStore
 
 TINY = dict(features=["image"], latent_dim=2, hidden=[8, 16], batch_size=256, epochs=4, seed=3, promote="never")
 

@@ -3,24 +3,25 @@ images kept as integers on the way to the model."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import torch
 
 from pipeline.features import FeatureSpec, raw_dtype, to_matrix
 from pipeline.train_loop import cached_batches
 
-CFG = {"batch_size": 4, "seed": 3, "shuffle_buffer": 4096, "fail_at_epoch": None, "fail_rank": 0}
+CFG = {"seed": 3, "shuffle_buffer": 4096}
 
 
 def epoch(x, epoch_i, rank=0, shuffle=True, **over):
-    return torch.cat(list(cached_batches(x, CFG | over, epoch_i, shuffle, rank)))
+    return torch.cat(list(cached_batches(x, 4, epoch_i, shuffle, rank, **(CFG | over))))
 
 
 def test_cached_batches_cover_every_record_once_per_epoch():
     x = torch.arange(10).reshape(10, 1)
     out = epoch(x, 0)
     assert sorted(out[:, 0].tolist()) == list(range(10))
-    assert [len(b) for b in cached_batches(x, CFG, 0, True)] == [4, 4, 2]
+    assert [len(b) for b in cached_batches(x, 4, 0, True, **CFG)] == [4, 4, 2]
 
 
 def test_cached_permutation_is_a_function_of_seed_epoch_and_rank():
@@ -47,3 +48,26 @@ def test_uint8_images_reach_the_model_as_uint8():
     assert m.dtype == np.uint8 and np.array_equal(m, x)
     f = pa.table({"a": pa.array([1.5, 2.0], pa.float64())})
     assert raw_dtype(f.schema, FeatureSpec(("a",), "scalars")) is np.float32
+
+
+def test_mid_epoch_hook_runs_once_before_the_second_batch():
+    # fault injection kills a worker there: after the previous epoch's checkpoint, before this one's
+    calls = []
+    it = cached_batches(torch.arange(12).reshape(12, 1), 4, 0, True, mid_epoch=lambda: calls.append(1), **CFG)
+    next(it)
+    assert calls == []
+    next(it)
+    assert calls == [1]
+    list(it)
+    assert calls == [1]
+
+
+def test_cosine_schedule_starts_at_peak_and_ends_at_five_percent():
+    from pipeline.train_config import OptimConfig
+    from vae.train_step import cosine_lr
+
+    assert cosine_lr(1.0, 0, 11) == 1.0 and cosine_lr(1.0, 10, 11) == pytest.approx(0.05)
+    assert cosine_lr(1.0, 5, 11) == pytest.approx(0.525) and cosine_lr(0.3, 0, 1) == 0.3
+    o = OptimConfig(epochs=11, batch_size=1, lr=2.0, lr_schedule="constant", weight_decay=0, grad_clip=0, beta=1,
+                    warmup_epochs=0, free_bits=0, patience=0, min_delta=0, amp="off", compile=False, seed=0)
+    assert o.lr_at(10) == 2.0

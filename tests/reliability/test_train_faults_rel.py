@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from pipeline.train import TrainConfig, run_train
-from pipeline.train_loop import RunStore
+from pipeline.run_store import RunStore
 
 TINY = dict(features=["image"], latent_dim=2, hidden=[8, 16], batch_size=256, seed=5, promote="never",
             workers=1, cache="auto")

@@ -33,8 +33,10 @@ from pipeline.commit import Commit, control_of, pause_point, read_table_manifest
 from pipeline.lease import Lease, hold_lease
 from pipeline.parquet_io import list_parquet_files, partition_values, read_footer
 from pipeline.progress import Progress
+from pipeline.quantize import int8_scale, quantize
 from pipeline.uris import Location, resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
+from vae.distributions import record_keys, record_normal
 from vae.model import VAE
 
 log = logging.getLogger(__name__)
@@ -166,8 +168,7 @@ def latent_array(v: np.ndarray, dtype: str, int8_scale: np.ndarray | None) -> pa
         return fixed_size_list(v.astype(np.float32), pa.float32())
     if dtype == "float16":
         return fixed_size_list(v.astype(np.float16), pa.float16())
-    q = np.clip(np.rint(v / int8_scale), -127, 127).astype(np.int8)
-    return fixed_size_list(q, pa.int8())
+    return fixed_size_list(quantize(v, int8_scale), pa.int8())
 
 
 def row_group_slices(pf: pq.ParquetFile, rg: int, columns: list[str], rows: int):
@@ -276,9 +277,9 @@ class UnitEncoder:
                 outs["mu"][i:i + bs] = q.mean
                 if "logvar" in outs:
                     outs["logvar"][i:i + bs] = q.logvar
-                if "score" in outs:
-                    g = torch.Generator(device=dev).manual_seed(i)  # deterministic re-runs
-                    outs["score"][i:i + bs] = self.model.score(raw, generator=g)
+                if "score" in outs:   # per-record noise: a record's score is the same in any batch or unit
+                    eps = record_normal(record_keys(raw), lat).unsqueeze(0)
+                    outs["score"][i:i + bs] = self.model.score(raw, eps=eps)
         return {k: v.cpu().numpy() for k, v in outs.items()}
 
     def output_table(self, t: pa.Table, enc: dict[str, np.ndarray], meta: dict) -> pa.Table:
@@ -389,7 +390,7 @@ def int8_scales(model: VAE, loc: Location, units: list[Unit], spec: FeatureSpec,
     x = to_matrix(t.slice(0, 20_000), spec, dim)
     x = x[~nonfinite_rows(x)]
     mu = model.embed(torch.from_numpy(x)).mean.numpy()
-    return np.maximum(np.abs(mu).max(0), 1e-6) / 127.0
+    return int8_scale(mu)
 
 
 @dataclass

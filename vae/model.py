@@ -82,13 +82,16 @@ class VAE(nn.Module):
         return self.reconstruct(z)
 
     @torch.no_grad()
-    def score(self, raw: torch.Tensor, samples: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    def score(self, raw: torch.Tensor, samples: int = 1, generator: torch.Generator | None = None,
+              eps: torch.Tensor | None = None) -> torch.Tensor:
         """Anomaly score per record: -ELBO in nats (higher = less likely under the model), (B,).
-        With samples > 1 the reconstruction term is averaged over that many draws of z."""
+        With samples > 1 the reconstruction term is averaged over that many draws of z; `eps`
+        (samples, B, L) supplies the noise (per-record: the same score in any batch)."""
         x = self.preprocess(raw)
         q = self.encode(x)
-        recon = torch.stack([reconstruction_nll(self.decode(q.sample(generator)), x, self.config.likelihood)
-                             for _ in range(samples)]).mean(0)
+        recon = torch.stack([reconstruction_nll(self.decode(q.sample(generator, None if eps is None else eps[s])),
+                                                x, self.config.likelihood)
+                             for s in range(samples)]).mean(0)
         return recon + q.kl()
 
     @torch.no_grad()

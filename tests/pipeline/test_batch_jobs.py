@@ -17,7 +17,7 @@ from pipeline.nightly import NightlyConfig, read_state, run_nightly
 from pipeline.uris import resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
 
-from committed_io import manifest, quarantine
+from committed_io import committed, manifest, quarantine
 
 MODEL = "models:/digits@production"
 
@@ -102,3 +102,18 @@ def test_rerun_gives_identical_rows_and_replaces_the_previous_commit(trained_dig
     assert first.equals(second)                                  # same rows, same μ and scores
     files = {f for f in os.listdir(out) if f.endswith(".parquet")}
     assert not (old & files)                                     # the old commit's files are gone
+
+
+def test_anomaly_scores_do_not_depend_on_batch_size_or_executor(trained_digits, digits_parquet, workdir, tmp_path):
+    """The score's noise is drawn per record (from its content), as validation's is: the same record
+    gets the same -ELBO in any batch, unit or process."""
+    runs = {}
+    for name, kw in {"small-local": dict(batch_size=7, executor="local"),
+                     "big-local": dict(batch_size=4096, executor="local"),
+                     "ray": dict(batch_size=500, executor="ray", concurrency=1)}.items():
+        out = str(tmp_path / name)
+        run_encode(EncodeConfig(model=MODEL, input=digits_parquet, output=out, score=True, workdir=workdir, **kw))
+        t = committed(out).sort_by("id")
+        runs[name] = t.column("score").to_numpy()
+    np.testing.assert_allclose(runs["small-local"], runs["big-local"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(runs["small-local"], runs["ray"], rtol=0, atol=1e-4)

@@ -98,7 +98,7 @@ def run_decode(cfg: DecodeConfig) -> dict:
     import ray
     import ray.data
 
-    from pipeline.ray_runtime import init_ray, quiet_data_progress
+    from pipeline.ray_runtime import cluster_actors, init_ray, quiet_data_progress
 
     t0 = time.perf_counter()
     so = parse_storage_options(cfg.storage_options)
@@ -129,7 +129,7 @@ def run_decode(cfg: DecodeConfig) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.max_errored_blocks = 0
-    n = max(1, min(cfg.concurrency or int(ray.cluster_resources().get("CPU", 1)), len(files), 2 if not cfg.concurrency else 10**6))
+    n = cluster_actors("decode", requested=cfg.concurrency, units=len(files))
     ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(files)], override_num_blocks=len(files))
     try:
         res = ds.map_batches(FileDecoder, fn_constructor_args=(blob, plan), batch_size=1, concurrency=n).take_all()

@@ -64,7 +64,7 @@ class TrainConfig(RuntimeConfig):
     amp: str = opt("off", "mixed precision: off, bf16, fp16", choices=("off", "bf16", "fp16"))
     compile: bool = opt(False, "torch.compile the model")
     storage_path: str | None = opt(None, "checkpoint storage (local path or any fsspec URI; default: WORKDIR/ray_results)")
-    storage_options: str = opt("", "fsspec storage options for --storage-path as JSON, e.g. "
+    storage_options: str = opt("", "fsspec storage options for --input, --val-input and --storage-path as JSON, e.g. "
                                    '\'{"endpoint_url": "http://minio:9000"}\'')
     run_name: str | None = opt(None, "run name: the folder under --storage-path (default: MODEL_NAME-TIMESTAMP)")
     resume: bool = opt(False, "continue the latest run of --model-name (or --run-name) from its newest complete "
@@ -147,7 +147,8 @@ def _model_config(cfg: TrainConfig, pre: Preprocessing, dim: int, layout: str, s
 
 def prepare_data(cfg: TrainConfig) -> dict[str, Any]:
     """Check the input before any work and fit the preprocessing on a sample."""
-    loc = resolve(cfg.input)
+    so = cfg.storage_options_dict()   # e.g. an S3 endpoint: the input's store as well as the checkpoints'
+    loc = resolve(cfg.input, **so)
     files = list_parquet_files(loc)
     schema, rows, per_file = check_inputs(loc, files)
     if rows == 0:
@@ -170,7 +171,7 @@ def prepare_data(cfg: TrainConfig) -> dict[str, Any]:
     fp = registry.fingerprint([(loc.full(p), r, "") for p, r in zip(files, per_file)])
     val = None
     if cfg.val_input:
-        vloc = resolve(cfg.val_input)
+        vloc = resolve(cfg.val_input, **so)
         vfiles = list_parquet_files(vloc)
         vschema, vrows, _ = check_inputs(vloc, vfiles)
         infer_spec(vschema, cfg.features, source=cfg.val_input)
@@ -230,7 +231,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    from pipeline.ray_runtime import init_ray, quiet_data_progress
+    from pipeline.ray_runtime import init_ray, plan_train, quiet_data_progress
 
     t_start = time.perf_counter()
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -239,6 +240,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     init_ray(cfg.ray_address, reserve_cpus=cfg.workers * cfg.cpus_per_worker + 1)
     quiet_data_progress()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    log.info(plan_train(ray.nodes(), cfg.workers, cfg.cpus_per_worker))
 
     so = cfg.storage_options_dict()
     storage_uri = cfg.storage_path or os.path.join(cfg.workdir, "ray_results")
@@ -318,7 +320,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         "mlflow_run_id": run_id, "tracking_uri": tracking, "run_dir": run_dir, "storage_options": so,
         "attempt": attempt,
         "fail_at_epoch": cfg.fail_at_epoch, "fail_rank": cfg.fail_rank,
-        "threads": max(1, (os.cpu_count() or 1) // cfg.workers) if not use_gpu else 4,
+        "threads": None if not use_gpu else 4,   # None: from the CPUs of the node each worker lands on
     }
     datasets = {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
     trainer = TorchTrainer(

@@ -91,7 +91,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     _quiet_ray_train_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg["threads"])
+    torch.set_num_threads(cfg["threads"] or _threads_here(rank, world))
     torch.manual_seed(cfg["seed"])
     device = ray.train.torch.get_device()
 
@@ -191,6 +191,27 @@ def train_loop_per_worker(cfg: dict) -> None:
             ray.train.report(metrics)
         if stop:
             break
+
+
+def _threads_here(rank: int, world: int) -> int:
+    """Torch threads from the Ray node this worker landed on: its CPUs / the group's workers on it.
+    Workers are counted by Ray node id (gathered over the process group), not by IP as Ray Train's
+    local world size is: several nodes may share a host (and an IP)."""
+    import ray
+
+    from pipeline.ray_runtime import worker_threads
+
+    node_id = ray.get_runtime_context().get_node_id()
+    here = 1
+    if world > 1:
+        import torch.distributed as dist
+
+        ids: list = [None] * world
+        dist.all_gather_object(ids, node_id)
+        here = ids.count(node_id)
+    n, why = worker_threads(here)
+    print(f"worker {rank}/{world} on {why}", flush=True)
+    return n
 
 
 def _quiet_ray_train_logs() -> None:

@@ -48,10 +48,10 @@ JOIN_ON_LOOPBACK = ("import sys; from ray._private import ray_constants as c, se
                     "c.ENABLE_RAY_CLUSTER = True; s.resolve_ip_for_localhost = lambda host: host; "
                     "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())")
 
-# Ray's failure detection, shortened so that a killed node is declared dead in ~3 s instead of ~15 s
-# (GCS → raylet health checks every 1 s, 3 misses). Read by the GCS at start, from the head's environment.
-FAST_FAILURE = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-                "RAY_health_check_failure_threshold": "3", "RAY_health_check_initial_delay_ms": "1000"}
+# Ray's failure detection, shortened so that a killed node is declared dead in ~4-6 s, not ~15 s or more
+# (GCS → raylet health checks every 1 s, 2 s timeout, 4 misses). Read by the GCS at start, from the head's environment.
+FAST_FAILURE = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+                "RAY_health_check_failure_threshold": "4", "RAY_health_check_initial_delay_ms": "1000"}
 
 
 class Node:
@@ -88,6 +88,13 @@ class LocalCluster:
             except RuntimeError as e:
                 if "timed out during startup" not in str(e) or attempt == tries - 1:
                     raise
+                # `ray start` gave up waiting, but the raylet it spawned keeps starting: give it time
+                if node.name != "head" and node.pids():
+                    with contextlib.suppress(TimeoutError):
+                        self.wait_node(node.name, timeout_s=120)
+                        print(f"`ray start` for {node.name} timed out, its raylet registered later (host overloaded)",
+                              flush=True)
+                        return
                 stop_pids(node.pids, grace_s=5.0)
                 print(f"`ray start` for {node.name} timed out registering (host overloaded); trying again", flush=True)
 
@@ -124,7 +131,7 @@ class LocalCluster:
     def add_node(self, name: str, cpus: int) -> Node:
         """A worker node `name` with `cpus` CPUs and the custom resource {name: 1}."""
         nm, om, ah, ag, ea, met = free_ports(6)
-        base = 20000 + (secrets.randbelow(200) * 100)            # a 100-port worker range of its own
+        base = 20000 + secrets.randbelow(120) * 100   # 100 worker ports of its own, below the ephemeral range (free_ports)
         temp_dir = tempfile.mkdtemp(prefix=f"vpc-{name[-1]}-", dir="/tmp")
         cmd = [sys.executable, "-c", JOIN_ON_LOOPBACK, "start", "--address", self.address, "--node-ip-address", "127.0.0.1",
                "--num-cpus", str(cpus), "--resources", json.dumps({name: 1}),

@@ -73,11 +73,13 @@ def main(argv: list[str] | None = None) -> int:
             wall, logs = train(f"t{nodes}", workers=nodes)
             rows.append({"job": "train", "nodes": nodes, "workers": nodes, "records": n * args.epochs,
                          "wall_s": wall, "records_per_s": train_rate(logs)})
+            print(rows[-1], flush=True)
             wall, logs = encode(f"e{nodes}")
             done, rate = encode_rate(logs)
             actors = re.search(r"encode: (\d+) actors", logs)
             rows.append({"job": "encode", "nodes": nodes, "workers": int(actors.group(1)) if actors else None,
                          "records": done, "wall_s": wall, "records_per_s": rate})
+            print(rows[-1], flush=True)
 
         # node loss in the middle of each job: kill node_b once the first output / checkpoint is on S3
         from pipeline.train_loop import RunStore
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 ready = lambda: any(o.endswith(".parquet") for o in _find(s3, "ek"))  # noqa: E731
             else:
                 job = harness.submit(client, ["jobs.train", "--input", f"s3://{b}/in", *tiny, "--epochs",
-                                              str(max(args.epochs, 6)), "--workers", "2", "--max-failures", "1",
+                                              "25", "--workers", "2", "--max-failures", "1",
                                               "--model-name", "m", "--run-name", "tk", "--promote", "never",
                                               "--storage-path", f"s3://{b}/ckpt", *common])
                 store = RunStore(f"s3://{b}/ckpt/tk", s3["options"])
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 after = [e["time"] for e in store.journal() if e["time"] >= t_kill]
                 entry["next_epoch_after_s"] = after[0] - t_kill if after else None
             recovery.append(entry)
+            print(entry, flush=True)
 
     print(f"host: {os.cpu_count()} cores; cluster: 0-CPU head + worker nodes of 1 CPU each, one host; "
           f"{n:,} digits records on a loopback S3 server; train {args.epochs} epochs\n")

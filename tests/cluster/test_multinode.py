@@ -132,7 +132,9 @@ def test_encode_survives_losing_a_node_mid_job(env):
 
     def middle():   # an encoder actor alive on node_b, and the first units' output on S3
         nonlocal job_hex
-        job_hex = job_hex or harness.ray_job_id(client, job)
+        job_hex = job_hex or harness.ray_job_id(client, job)      # None until the driver has connected
+        if not job_hex:
+            return False
         on_b = c.nodes["node_b"].node_id in harness.job_actors(c, job_hex, "MapWorker", alive_only=True).values()
         parts = [o for o in _objects(s3, "lat-kill") if o.endswith(".parquet")]
         return on_b and parts
@@ -168,7 +170,7 @@ def test_training_survives_losing_a_node_and_continues_from_the_newest_checkpoin
         if not store.checkpoints():
             return False
         job_hex = harness.ray_job_id(client, job)
-        return c.nodes["node_b"].node_id in harness.job_actors(c, job_hex, "RayTrainWorker", alive_only=True).values()
+        return job_hex and c.nodes["node_b"].node_id in harness.job_actors(c, job_hex, "RayTrainWorker", alive_only=True).values()
 
     _wait_for("a first checkpoint with a worker on node_b", first_checkpoint, client, job, timeout_s=400, every=0.2)
     fig: dict = {}

@@ -333,15 +333,20 @@ def ray_job_id(client, submission_id: str) -> str:
     return client.get_job_info(submission_id).job_id
 
 
-def job_actors(c: LocalCluster, job_hex: str, class_part: str, alive_only: bool = False) -> dict[str, str]:
-    """{actor_id: Ray node id} of the job's actors whose class name contains `class_part`, from Ray's
-    State API (dead actors included unless alive_only): where they really ran."""
+def job_actor_states(c: LocalCluster, job_hex: str, class_part: str, alive_only: bool = False) -> list:
+    """Ray's State API records (ActorState, detail) of the job's actors whose class name contains
+    `class_part`, dead ones included unless alive_only. A restarted actor keeps its id and shows the
+    node it runs on now, with num_restarts."""
     from ray.util.state import list_actors
 
     filters = [("job_id", "=", job_hex)] + ([("state", "=", "ALIVE")] if alive_only else [])
-    return {a.actor_id: a.node_id for a in list_actors(address=c.dashboard_url, filters=filters, detail=True,
-                                                       limit=10000, raise_on_missing_output=False)
-            if class_part in (a.class_name or "") and a.node_id}
+    return [a for a in list_actors(address=c.dashboard_url, filters=filters, detail=True, limit=10000,
+                                   raise_on_missing_output=False) if class_part in (a.class_name or "")]
+
+
+def job_actors(c: LocalCluster, job_hex: str, class_part: str, alive_only: bool = False) -> dict[str, str]:
+    """{actor_id: Ray node id} of the job's actors (see job_actor_states): where they run or ran."""
+    return {a.actor_id: a.node_id for a in job_actor_states(c, job_hex, class_part, alive_only) if a.node_id}
 
 
 def actor_nodes(c: LocalCluster, job_hex: str, class_part: str) -> dict[str, str]:

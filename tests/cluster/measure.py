@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             print(rows[-1], flush=True)
             wall, logs = encode(f"e{nodes}")
             done, rate = encode_rate(logs)
-            actors = re.search(r"encode: (\d+) actors", logs)
+            actors = re.search(r"encode: (\d+) actors?", logs)
             rows.append({"job": "encode", "nodes": nodes, "workers": int(actors.group(1)) if actors else None,
                          "records": done, "wall_s": wall, "records_per_s": rate})
             print(rows[-1], flush=True)

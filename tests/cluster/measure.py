@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -49,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     root = pathlib.Path(tempfile.mkdtemp(prefix="vpc-measure-"))
+    try:
+        return _measure(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _measure(args, root: pathlib.Path) -> int:
     rows: list[dict] = []
     with harness.s3_server() as s3, harness.mlflow_server(s3, root / "mlflow") as url, \
             harness.local_cluster(root / "cluster", {"node_a": 1}) as c:

@@ -112,7 +112,7 @@ def _decode(cfg: DecodeConfig, lease: Lease) -> dict:
     import ray.data
 
     from pipeline.progress import Progress
-    from pipeline.ray_runtime import init_ray, quiet_data_progress
+    from pipeline.ray_runtime import cluster_actors, init_ray, quiet_data_progress
 
     t0 = time.perf_counter()
     so = parse_storage_options(cfg.storage_options)
@@ -141,7 +141,7 @@ def _decode(cfg: DecodeConfig, lease: Lease) -> dict:
         return _finish(commit, res, total, meta, t0)
     init_ray(cfg.ray_address)
     quiet_data_progress()
-    n = max(1, min(cfg.concurrency or int(ray.cluster_resources().get("CPU", 1)), len(files)))
+    n = cluster_actors("decode", requested=cfg.concurrency, units=len(files))
     ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(files)], override_num_blocks=len(files))
     # This dataset's own context (a copy), not the process-wide DataContext other jobs share.
     ds.context.execution_options.preserve_order = True

@@ -474,14 +474,12 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
         import ray
         import ray.data
 
-        from pipeline.ray_runtime import init_ray, quiet_data_progress
+        from pipeline.ray_runtime import cluster_actors, init_ray, quiet_data_progress
 
         init_ray(cfg.ray_address)
         quiet_data_progress()
         use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        n_actors = cfg.concurrency or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else max(1, min(cpus, os.cpu_count() or 1)))
-        n_actors = max(1, min(n_actors, len(units)))
+        n_actors = cluster_actors("encode", use_gpu=use_gpu, requested=cfg.concurrency, units=len(units))
     plan = {"input": cfg.input if "://" in cfg.input else loc.path, "output": cfg.output if "://" in cfg.output else out.path,
             "staging": commit.staging, "features": list(spec.columns), "layout": spec.layout,
             "input_dim": model.config.input_dim, "keep": keep, "id_column": cfg.id_column,

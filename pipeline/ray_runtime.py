@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
+from collections import Counter
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +110,38 @@ def _quiet_local_ray_env() -> None:
         configure_logging()
 
 
+# Set when init_ray started the Ray instance itself (one node, this machine): its logical CPUs are the
+# cores plus a reserve for Ray Data beside the train workers, so sizing caps them at the real cores.
+_STARTED_LOCAL = False
+
+
+def running_local_cluster() -> str | None:
+    """The GCS address of a cluster started on this machine with `ray start --head`, as `ray.init()`
+    finds it (Ray writes it to <temp dir>/ray_current_cluster; $RAY_TMPDIR moves that dir), if its GCS
+    port answers. None when there is none, or the file is stale (the cluster was killed, not stopped)."""
+    from ray._common.utils import get_ray_address_file
+
+    try:
+        with open(get_ray_address_file(None)) as f:
+            address = f.read().strip()
+    except OSError:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=1.0):
+            return address
+    except (OSError, ValueError):
+        log.info("ignoring a stale Ray address %s (nothing answers there)", address)
+        return None
+
+
 def init_ray(address: str | None = None, reserve_cpus: float = 0.0) -> None:
-    """Join $RAY_ADDRESS / `address` if given (e.g. under `ray job submit`), else start a local Ray.
-    Locally, logical CPUs are the cores plus `reserve_cpus`, so that train workers holding one CPU
-    each do not starve the data-reading tasks (2 workers on 2 cores otherwise deadlock the read)."""
-    if not (address or os.environ.get("RAY_ADDRESS")):
-        # A local Ray is one node: keep every Ray address on loopback. Ray otherwise rewrites
-        # 127.0.0.1 to the host's own interface address (services.resolve_ip_for_localhost); its
-        # documented switch is this variable, read at import, so set it before `import ray` (and for
-        # the worker processes, which inherit the environment) and on the constant if already imported.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    """Join $RAY_ADDRESS / `address` if given (e.g. under `ray job submit`), else a cluster already
+    running on this machine (`ray start --head`: what `ray.init()` finds), else start a local Ray.
+    `address="local"` always starts a private one. Locally, logical CPUs are the cores plus
+    `reserve_cpus`, so that train workers holding one CPU each do not starve the data-reading tasks
+    (2 workers on 2 cores otherwise deadlock the read)."""
+    global _STARTED_LOCAL
     # Ray Train V2 replaces `print` in its workers by a logger call that, whenever sys.stdout is
     # wrapped (it is in a Ray worker), also prints: every epoch line reached the driver twice. With
     # the patch off a worker's print goes to its stdout once, and from there to the driver. The
@@ -125,31 +149,144 @@ def init_ray(address: str | None = None, reserve_cpus: float = 0.0) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     import ray
 
-    if not (address or os.environ.get("RAY_ADDRESS")):
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        _quiet_local_ray_env()
+    address = address or os.environ.get("RAY_ADDRESS") or None
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if address:
+    if address is None:
+        found = running_local_cluster()
+        if found:
+            # ray.init(num_cpus=…) against a running cluster is an error; join it as it is sized.
+            print(f"ray: joining the Ray cluster already running on this machine at {found} "
+                  f"(pass --ray-address local for a private one)", flush=True)
+            address = found
+    if address and address != "local":
         ray.init(address=address, log_to_driver=True)
         _filter_streamed_logs()
         return
+    # A local Ray is one node: keep every Ray address on loopback. Ray otherwise rewrites 127.0.0.1 to
+    # the host's own interface address (services.resolve_ip_for_localhost); its documented switch is
+    # this variable, read at import: set it for the processes this Ray starts (they inherit the
+    # environment) and on the already imported constant for this one.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    _quiet_local_ray_env()
     # Ray Train V2's controller polls its workers every 2 s by default, and every state change of a
     # run (start, each report, finish) waits for a poll: ~7 s of a 2-epoch local run. On one node a
     # poll is cheap; the workers inherit the variable from the raylet this process starts.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     cpus = (os.cpu_count() or 1) + max(0.0, reserve_cpus)
     # The dashboard stays on: Ray Train V2's controller watchdog queries the State API it serves.
-    ray.init(num_cpus=int(cpus + 0.999), log_to_driver=True, configure_logging=True,
+    ray.init(address="local", num_cpus=int(cpus + 0.999), log_to_driver=True, configure_logging=True,
              logging_level=logging.WARNING, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1")  # local Ray talks over loopback only
+    _STARTED_LOCAL = True
     _filter_streamed_logs()
+
+
+# --- Sizing from the cluster: the alive nodes that do the work, not the driver's machine. -----------
+
+def work_nodes(raw: list[dict]) -> tuple[list[dict], list[dict]]:
+    """`ray.nodes()` entries → (nodes that can run CPU or GPU work, alive nodes that cannot: e.g. a
+    KubeRay head started with --num-cpus=0). Each as {node_id, ip, cpus, gpus, head}."""
+    work, idle = [], []
+    for n in raw:
+        if not n.get("Alive", n.get("alive", False)):
+            continue
+        res = n.get("Resources") or {}
+        node = {"node_id": n.get("NodeID", ""), "ip": n.get("NodeManagerAddress", ""),
+                "cpus": float(res.get("CPU", 0.0)), "gpus": float(res.get("GPU", 0.0)),
+                "head": "node:__internal_head__" in res}
+        (work if node["cpus"] >= 1 or node["gpus"] >= 1 else idle).append(node)
+    return work, idle
+
+
+def describe_nodes(work: list[dict], idle: list[dict], local_cores: int | None = None) -> str:
+    """'cluster: 2 nodes × 2 CPU, 0-CPU head skipped' (node shapes grouped, largest group first)."""
+    shapes = Counter((n["cpus"], n["gpus"]) for n in work)
+    parts = []
+    for (cpu, gpu), k in sorted(shapes.items(), key=lambda kv: (-kv[1], -kv[0][0])):
+        parts.append(f"{k} node{'s' if k != 1 else ''} × {cpu:g} CPU" + (f" + {gpu:g} GPU" if gpu else ""))
+    text = ("local Ray: " if local_cores else "cluster: ") + (" + ".join(parts) or "no node with a CPU or GPU")
+    if local_cores:
+        text += f" on {local_cores} cores"
+    heads = [n for n in idle if n["head"]]
+    if heads:
+        text += ", 0-CPU head skipped"
+    if len(idle) > len(heads):
+        text += f", {len(idle) - len(heads)} 0-CPU node(s) skipped"
+    return text
+
+
+def size_actors(raw_nodes: list[dict], what: str, *, use_gpu: bool = False, requested: int | None = None,
+                units: int | None = None, local_cores: int | None = None) -> tuple[int, str]:
+    """How many one-CPU (or one-GPU) actors the cluster runs at once: the sum over the alive work
+    nodes of their whole CPUs (GPUs), each node capped at `local_cores` when this process started
+    the Ray itself (its logical CPUs include a reserve); at most `units`, at least 1.
+    Returns (count, one log line saying why)."""
+    work, idle = work_nodes(raw_nodes)
+    why = describe_nodes(work, idle, local_cores)
+    if requested:
+        n, why = requested, f"--concurrency {requested}; {why}"
+    else:
+        key = "gpus" if use_gpu else "cpus"
+        n = sum(int(min(nd[key], local_cores or nd[key])) for nd in work)
+        if n < 1:
+            why += "; no free CPU or GPU seen yet, starting with 1"
+    n = max(1, n)
+    if units is not None and units < n:
+        n, why = max(1, units), f"{why}; only {units} work unit{'s' if units != 1 else ''}"
+    return n, f"{what}: {n} {'GPU ' if use_gpu else ''}actor{'s' if n != 1 else ''} ({why})"
+
+
+def plan_train(raw_nodes: list[dict], workers: int, cpus_per_worker: float) -> str:
+    """One log line for the train worker group: where workers can go, and how each picks its torch
+    threads (CPUs of the node it lands on / the workers there, see `train_threads`). Says so when
+    the alive nodes cannot hold the group (Ray would wait for nodes that may never come)."""
+    work, idle = work_nodes(raw_nodes)
+    fits = sum(int(n["cpus"] // cpus_per_worker) if cpus_per_worker > 0 else workers for n in work)
+    line = (f"train: {workers} worker{'s' if workers != 1 else ''} × {cpus_per_worker:g} CPU, torch threads = CPUs of "
+            f"the worker's node / its workers there ({describe_nodes(work, idle, _local_cores())})")
+    if fits < workers:
+        line += f"; the alive nodes fit only {fits} worker(s): Ray waits for more nodes"
+    return line
+
+
+def train_threads(node_cpus: float, workers_on_node: int, cores: int | None = None) -> int:
+    """Torch threads for one train worker: its node's CPUs shared by the workers on that node,
+    never more than the machine's cores (a local Ray's logical CPUs include a reserve), at least 1."""
+    cpus = node_cpus if cores is None else min(node_cpus, cores)
+    return max(1, int(cpus // max(1, workers_on_node)))
+
+
+def _local_cores() -> int | None:
+    return (os.cpu_count() or 1) if _STARTED_LOCAL else None
+
+
+def cluster_actors(what: str, *, use_gpu: bool = False, requested: int | None = None,
+                   units: int | None = None) -> int:
+    """`size_actors` on the live cluster (`ray.nodes()`); logs the choice at INFO."""
+    import ray
+
+    n, line = size_actors(ray.nodes(), what, use_gpu=use_gpu, requested=requested, units=units,
+                          local_cores=_local_cores())
+    log.info(line)
+    return n
+
+
+def worker_threads(workers_on_node: int) -> tuple[int, str]:
+    """In a train worker: torch threads from the CPUs of the Ray node it runs on."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next((n for n in work_nodes(ray.nodes())[0] if n["node_id"] == node_id), None)
+    cpus = node["cpus"] if node else 1.0
+    n = train_threads(cpus, workers_on_node, os.cpu_count())
+    return n, (f"node {node_id[:12]} ({cpus:g} CPU, {workers_on_node} worker(s) there, "
+               f"{os.cpu_count()} cores) → {n} torch thread(s)")
 
 
 def quiet_data_progress() -> None:

@@ -127,7 +127,8 @@ def _model_config(cfg: ModelOptions, pre: Preprocessing, dim: int, layout: str, 
 
 def prepare_data(cfg: TrainConfig) -> PreparedData:
     """Check the input before any work and fit the preprocessing on a sample."""
-    loc = resolve(cfg.input)
+    so = cfg.storage_options_dict()   # e.g. an S3 endpoint: the input's store as well as the checkpoints'
+    loc = resolve(cfg.input, **so)
     files = list_parquet_files(loc)
     schema, rows, per_file = check_inputs(loc, files)
     if rows == 0:
@@ -140,7 +141,7 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     fp = registry.fingerprint([(loc.full(p), r, "") for p, r in zip(files, per_file)])
     val = None
     if cfg.val_input:
-        vloc = resolve(cfg.val_input)
+        vloc = resolve(cfg.val_input, **so)
         vfiles = list_parquet_files(vloc)
         vschema, _, _ = check_inputs(vloc, vfiles)
         infer_spec(vschema, cfg.features, source=cfg.val_input)
@@ -267,7 +268,7 @@ def worker_config(cfg: TrainConfig, data: PreparedData, plan: RunPlan, run_id: s
         run=RunRef(plan.run_dir, so, run_id, tracking, plan.attempt),
         faults=FaultPlan(cfg.fail_at_epoch, cfg.fail_rank, plan.run_dir, so),
         resume_from=plan.resume_from,
-        threads=max(1, (os.cpu_count() or 1) // cfg.workers) if not use_gpu else 4)
+        threads=None if not use_gpu else 4)   # None: from the CPUs of the node each worker lands on
 
 
 def fit(cfg: TrainConfig, plan: RunPlan, worker_cfg: WorkerConfig, train_ds, val_ds, use_gpu: bool) -> None:
@@ -345,7 +346,7 @@ def log_model_and_figures(cfg: TrainConfig, plan: RunPlan, run_id: str, ckpt_pat
 def run_train(cfg: TrainConfig) -> TrainResult:
     import ray
 
-    from pipeline.ray_runtime import init_ray, quiet_data_progress
+    from pipeline.ray_runtime import init_ray, plan_train, quiet_data_progress
 
     t_start = time.perf_counter()
     os.makedirs(cfg.workdir, exist_ok=True)
@@ -354,6 +355,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     init_ray(cfg.ray_address, reserve_cpus=cfg.workers * cfg.cpus_per_worker + 1)
     quiet_data_progress()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    log.info(plan_train(ray.nodes(), cfg.workers, cfg.cpus_per_worker))
     plan = plan_run(cfg)
     run_id = open_mlflow_run(cfg, plan, data, tracking)
     client = registry.client(tracking)

@@ -146,7 +146,7 @@ class TrainConfig(RuntimeConfig):
     # checkpointing
     storage_path: str | None = opt(None, "checkpoint storage (local path or any fsspec URI; default: "
                                          "WORKDIR/ray_results)", group="checkpointing")
-    storage_options: str | dict = opt("", "fsspec storage options for --storage-path as JSON, e.g. "
+    storage_options: str | dict = opt("", "fsspec storage options for --input, --val-input and --storage-path as JSON, e.g. "
                                           '\'{"endpoint_url": "http://minio:9000"}\'', group="checkpointing")
     run_name: str | None = opt(None, "run name: the folder under --storage-path (default: MODEL_NAME-TIMESTAMP)",
                                group="checkpointing")

@@ -54,7 +54,7 @@ class WorkerConfig:
     run: RunRef
     faults: FaultPlan
     resume_from: str | None = None   # `--resume`: our own newest complete checkpoint
-    threads: int = 1
+    threads: int | None = None   # None: the CPUs of the Ray node this worker lands on / the workers there
 
 
 # --- batches -----------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ class TrainWorker:
 
     def setup(self) -> None:
         _quiet_ray_train_logs()
-        torch.set_num_threads(self.cfg.threads)
+        torch.set_num_threads(self.cfg.threads or _threads_here(self.rank, self.world))
         torch.manual_seed(self.cfg.optim.seed)
         state = self._load_state()
         self._setup_model(state)
@@ -306,6 +306,27 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
         worker.train()
     finally:
         worker.cleanup()
+
+
+def _threads_here(rank: int, world: int) -> int:
+    """Torch threads from the Ray node this worker landed on: its CPUs / the group's workers on it.
+    Workers are counted by Ray node id (gathered over the process group), not by IP as Ray Train's
+    local world size is: several nodes may share a host (and an IP)."""
+    import ray
+
+    from pipeline.ray_runtime import worker_threads
+
+    node_id = ray.get_runtime_context().get_node_id()
+    here = 1
+    if world > 1:
+        import torch.distributed as dist
+
+        ids: list = [None] * world
+        dist.all_gather_object(ids, node_id)
+        here = ids.count(node_id)
+    n, why = worker_threads(here)
+    print(f"worker {rank}/{world} on {why}", flush=True)
+    return n
 
 
 def _quiet_ray_train_logs() -> None:

@@ -33,7 +33,7 @@ def ray_local():
 
     from pipeline.ray_runtime import init_ray
 
-    init_ray(reserve_cpus=3)
+    init_ray("local", reserve_cpus=3)   # never a cluster found running on this machine
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,156 @@
+"""Figures for docs/performance.md: the same train and encode jobs on a 1-worker-node and a 2-worker-node
+cluster (0-CPU head + 1-CPU nodes, all on this host, data/checkpoints/artifacts on a loopback S3 server),
+and the time from a worker node's death to the jobs' recovery.
+
+    cd REPO && PYTHONPATH=$PWD .venv/bin/python tests/cluster/measure.py [--copies 5] [--epochs 3] [--json out.json]
+
+Prints one markdown table. The point on a 2-core host is correctness and recovery time, not speed-up:
+three raylets share two cores, so a second node adds parallel slots, not CPU."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import harness  # noqa: E402
+
+
+def run_job(client, argv: list[str], timeout_s: float = 600) -> tuple[float, str]:
+    t0 = time.time()
+    job = harness.submit(client, argv)
+    status, logs, t_end = harness.wait_job(client, job, timeout_s)
+    if status != "SUCCEEDED":
+        raise RuntimeError(f"{argv[0]} {status}:\n{logs[-5000:]}")
+    return t_end - t0, logs
+
+
+def encode_rate(logs: str) -> tuple[int, float]:
+    m = re.search(r"encoded ([\d,]+) of [\d,]+ records .* in ([\d.]+) s \(([\d,]+) records/s\)", logs)
+    return int(m.group(1).replace(",", "")), float(m.group(3).replace(",", ""))
+
+
+def train_rate(logs: str) -> float:
+    """Mean samples/s of the epochs rank 0 printed (the training loop only, all workers together)."""
+    rates = [float(r) for r in re.findall(r"epoch \d+/\d+: .* (\d+) samples/s", logs)]
+    return sum(rates) / max(1, len(rates))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--copies", type=int, default=5, help="digits copies (1,797 records each)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args(argv)
+    root = pathlib.Path(tempfile.mkdtemp(prefix="vpc-measure-"))
+    try:
+        return _measure(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _measure(args, root: pathlib.Path) -> int:
+    rows: list[dict] = []
+    with harness.s3_server() as s3, harness.mlflow_server(s3, root / "mlflow") as url, \
+            harness.local_cluster(root / "cluster", {"node_a": 1}) as c:
+        b = s3["bucket"]
+        n = harness.upload_digits(s3, "in", copies=args.copies, files=4, row_group=150)
+        common = ["--tracking-uri", url, "--storage-options", s3["options_json"], "--workdir", str(root / "driver")]
+        client = harness.job_client(c)
+        tiny = ["--features", "image", "--hidden", "8,16", "--latent-dim", "2", "--batch-size", "128"]
+
+        def train(tag: str, workers: int, extra: list[str] = ()) -> tuple[float, str]:
+            return run_job(client, ["jobs.train", "--input", f"s3://{b}/in", *tiny, "--epochs", str(args.epochs),
+                                    "--workers", str(workers), "--model-name", "m", "--run-name", tag,
+                                    "--promote", "force", "--storage-path", f"s3://{b}/ckpt", *extra, *common])
+
+        def encode(tag: str) -> tuple[float, str]:
+            return run_job(client, ["jobs.encode", "--model", "models:/m@production", "--input", f"s3://{b}/in",
+                                    "--output", f"s3://{b}/{tag}", "--unit-rows", "150", *common])
+
+        for nodes in (1, 2):
+            if nodes == 2:
+                c.add_node("node_b", 1)
+            wall, logs = train(f"t{nodes}", workers=nodes)
+            rows.append({"job": "train", "nodes": nodes, "workers": nodes, "records": n * args.epochs,
+                         "wall_s": wall, "records_per_s": train_rate(logs)})
+            print(rows[-1], flush=True)
+            wall, logs = encode(f"e{nodes}")
+            done, rate = encode_rate(logs)
+            actors = re.search(r"encode: (\d+) actors?", logs)
+            rows.append({"job": "encode", "nodes": nodes, "workers": int(actors.group(1)) if actors else None,
+                         "records": done, "wall_s": wall, "records_per_s": rate})
+            print(rows[-1], flush=True)
+
+        # node loss in the middle of each job: kill node_b once the first output / checkpoint is on S3
+        from pipeline.train_loop import RunStore
+
+        recovery = []
+        for what in ("encode", "train"):
+            if what == "encode":
+                job = harness.submit(client, ["jobs.encode", "--model", "models:/m@production", "--input",
+                                              f"s3://{b}/in", "--output", f"s3://{b}/ek", "--unit-rows", "150", *common])
+                ready = lambda: any(o.endswith(".parquet") for o in _find(s3, "ek"))  # noqa: E731
+            else:
+                job = harness.submit(client, ["jobs.train", "--input", f"s3://{b}/in", *tiny, "--epochs",
+                                              "25", "--workers", "2", "--max-failures", "1",
+                                              "--model-name", "m", "--run-name", "tk", "--promote", "never",
+                                              "--storage-path", f"s3://{b}/ckpt", *common])
+                store = RunStore(f"s3://{b}/ckpt/tk", s3["options"])
+                ready = lambda: bool(store.checkpoints())  # noqa: E731
+            t_sub = time.time()
+            while not ready():
+                if time.time() - t_sub > 600:
+                    raise RuntimeError(f"{what}: nothing on S3 after 600 s")
+                time.sleep(0.2)
+            old = c.nodes["node_b"].node_id
+            t_kill = c.kill_node("node_b")
+            dead = c.wait_dead(old) - t_kill
+            c.restart_node("node_b")
+            back = time.time() - t_kill
+            status, logs, t_end = harness.wait_job(client, job, 600)
+            if status != "SUCCEEDED":
+                raise RuntimeError(f"{what} after node loss: {status}\n{logs[-5000:]}")
+            entry = {"job": what, "dead_after_s": dead, "node_back_after_s": back, "job_done_after_s": t_end - t_kill,
+                     "wall_s": t_end - t_sub}
+            if what == "train":
+                after = [e["time"] for e in store.journal() if e["time"] >= t_kill]
+                entry["next_epoch_after_s"] = after[0] - t_kill if after else None
+            recovery.append(entry)
+            print(entry, flush=True)
+
+    print(f"host: {os.cpu_count()} cores; cluster: 0-CPU head + worker nodes of 1 CPU each, one host; "
+          f"{n:,} digits records on a loopback S3 server; train {args.epochs} epochs\n")
+    print("| job | worker nodes | actors / workers | records | wall (submit → done) | records/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['job']} | {r['nodes']} | {r['workers']} | {r['records']:,} | {r['wall_s']:.1f} s | {r['records_per_s']:,.0f} |")
+    print("\n| node_b SIGKILLed mid-job | declared dead | node back | next epoch done | job done | job wall |")
+    print("|---|---|---|---|---|---|")
+    for r in recovery:
+        nxt = f"{r['next_epoch_after_s']:.1f} s" if r.get("next_epoch_after_s") is not None else "–"
+        print(f"| {r['job']} | {r['dead_after_s']:.1f} s | {r['node_back_after_s']:.1f} s | {nxt} | "
+              f"{r['job_done_after_s']:.1f} s | {r['wall_s']:.1f} s |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"runs": rows, "recovery": recovery, "cores": os.cpu_count()}, f, indent=1)
+    return 0
+
+
+def _find(s3, prefix: str) -> list[str]:
+    s3["fs"].invalidate_cache()
+    try:
+        return s3["fs"].find(f"{s3['bucket']}/{prefix}")
+    except FileNotFoundError:
+        return []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Sizing from the cluster's alive nodes (pure functions over `ray.nodes()` entries), and joining a Ray
+cluster that is already running on this machine (`ray start --head`) instead of dying on it."""
+from __future__ import annotations
+
+import os
+import pathlib
+import secrets
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from pipeline.ray_runtime import describe_nodes, plan_train, size_actors, train_threads, work_nodes
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def node(cpus: float, gpus: float = 0, head: bool = False, alive: bool = True, nid: str = "") -> dict:
+    """A `ray.nodes()` entry as Ray 2.60 returns it (the fields sizing reads)."""
+    res = {"CPU": cpus, "memory": 1e9, "object_store_memory": 1e8, "node:127.0.0.1": 1.0}
+    if gpus:
+        res["GPU"] = gpus
+    if head:
+        res["node:__internal_head__"] = 1.0
+    if not cpus:
+        del res["CPU"]          # a --num-cpus=0 node lists no CPU resource at all
+    return {"NodeID": nid or secrets.token_hex(28), "Alive": alive, "NodeManagerAddress": "127.0.0.1", "Resources": res}
+
+
+KUBERAY = [node(0, head=True), node(2), node(2)]
+
+
+def test_kuberay_shape_sizes_from_the_worker_nodes_and_skips_the_0_cpu_head():
+    n, line = size_actors(KUBERAY, "encode")
+    assert n == 4
+    assert line == "encode: 4 actors (cluster: 2 nodes × 2 CPU, 0-CPU head skipped)"
+    work, idle = work_nodes(KUBERAY)
+    assert [w["cpus"] for w in work] == [2.0, 2.0] and [i["head"] for i in idle] == [True]
+
+
+def test_dead_nodes_do_not_count_and_fractional_cpus_round_down():
+    nodes = [node(0, head=True), node(4), node(4, alive=False), node(1.5)]
+    n, line = size_actors(nodes, "encode")
+    assert n == 5 and "cluster: 1 node × 4 CPU + 1 node × 1.5 CPU, 0-CPU head skipped" in line
+
+
+def test_units_concurrency_and_gpus():
+    assert size_actors(KUBERAY, "encode", units=3) == (3, "encode: 3 actors (cluster: 2 nodes × 2 CPU, "
+                                                            "0-CPU head skipped; only 3 work units)")
+    assert size_actors(KUBERAY, "decode", requested=7)[0] == 7
+    assert size_actors(KUBERAY, "encode", requested=7)[1].startswith("encode: 7 actors (--concurrency 7; cluster:")
+    gpu = [node(0, head=True), node(8, gpus=2), node(8, gpus=1)]
+    n, line = size_actors(gpu, "encode", use_gpu=True)
+    assert n == 3 and line.startswith("encode: 3 GPU actors (cluster: ") and "8 CPU + 2 GPU" in line
+
+
+def test_a_local_ray_is_capped_at_the_machine_cores():
+    """init_ray's own local Ray declares cores + a reserve for Ray Data: actors stay at the cores."""
+    n, line = size_actors([node(5, head=True)], "encode", local_cores=2)
+    assert n == 2 and line == "encode: 2 actors (local Ray: 1 node × 5 CPU on 2 cores)"
+
+
+def test_no_work_node_yet_still_one_actor():
+    n, line = size_actors([node(0, head=True)], "encode")
+    assert n == 1 and "no node with a CPU or GPU" in line and "starting with 1" in line
+    assert describe_nodes([], []) == "cluster: no node with a CPU or GPU"
+
+
+def test_train_threads_are_the_node_cpus_over_its_workers_never_above_the_cores():
+    assert train_threads(4, 2) == 2
+    assert train_threads(4, 1) == 4
+    assert train_threads(1, 2) == 1            # at least one
+    assert train_threads(8, 1, cores=2) == 2   # a local Ray's logical CPUs beyond the cores
+    assert train_threads(0, 1) == 1
+
+
+def test_train_plan_line_says_how_and_warns_when_the_group_cannot_fit():
+    line = plan_train(KUBERAY, workers=2, cpus_per_worker=1)
+    assert line == ("train: 2 workers × 1 CPU, torch threads = CPUs of the worker's node / its workers there "
+                    "(cluster: 2 nodes × 2 CPU, 0-CPU head skipped)")
+    assert "fit only 2 worker(s)" in plan_train(KUBERAY, workers=3, cpus_per_worker=2)
+
+
+@pytest.mark.slow
+def test_encode_joins_a_running_local_cluster_instead_of_a_traceback(tmp_path, digits_parquet, trained_digits, workdir):
+    """A head started with `ray start --head` (its address file in a private RAY_TMPDIR, where a plain
+    `ray.init()` looks), then `vaepipe encode` without --ray-address: it joins, says so, exits 0."""
+    jobs = _load_job_servers()
+    tmp = tempfile.mkdtemp(prefix="vpj-", dir="/tmp")        # short: Ray's socket paths
+    token = secrets.token_hex(32)
+    gcs, dash, client, nm, om, ah, ag, ea, met = jobs.free_ports(9)
+    env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO),
+           "VAEPIPE_LOG": "INFO"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(pathlib.Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+           "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+           "--ray-client-server-port", str(client), "--node-manager-port", str(nm), "--object-manager-port", str(om),
+           "--dashboard-agent-listen-port", str(ah), "--dashboard-agent-grpc-port", str(ag),
+           "--runtime-env-agent-port", str(ea), "--metrics-export-port", str(met), "--num-cpus", "2",
+           "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
+    log = tmp_path / "ray-start.log"
+    with open(log, "wb") as out:
+        starter = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    find = lambda: sorted(set(jobs._session_pids(starter.pid)) | set(jobs._cmdline_pids(tmp)))  # noqa: E731
+    try:
+        assert starter.wait(timeout=180) == 0, log.read_text()[-3000:]
+        assert os.path.exists(os.path.join(tmp, "ray", "ray_current_cluster"))   # where ray.init() looks
+        out_dir = tmp_path / "latents"
+        p = subprocess.run([sys.executable, "-m", "jobs.cli", "encode", "--model", "models:/digits@production",
+                            "--input", digits_parquet, "--output", str(out_dir), "--workdir", workdir],
+                           env=env, cwd=str(REPO), capture_output=True, text=True, timeout=400)
+        text = p.stdout + p.stderr
+        assert p.returncode == 0, text[-5000:]
+        assert f"ray: joining the Ray cluster already running on this machine at 127.0.0.1:{gcs}" in p.stdout, text[-3000:]
+        assert "Traceback" not in text and "num_cpus and num_gpus must not be provided" not in text
+        assert "encode: 2 actors (cluster: 1 node × 2 CPU)" in text, text[-3000:]
+        assert "encoded 1,797 of 1,797 records" in p.stdout and (out_dir / "_manifest.json").exists()
+    finally:
+        survivors = jobs.stop_pids(find)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        assert not survivors, f"Ray head processes survived teardown: {survivors}"
+
+
+def _load_job_servers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_vaepipe_job_servers", REPO / "tests" / "jobs" / "conftest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

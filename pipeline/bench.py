@@ -175,7 +175,8 @@ def make_input(folder: str, records: int, row_group_rows: int = 65_536, file_row
     flat = np.ascontiguousarray(images.reshape(len(images), -1).astype(np.uint8))
     labels = labels.astype(np.int64)
     files = []
-    prog = Progress("bench: writing input", records, units=-(-records // row_group_rows))   # one line per row group
+    per = row_group_rows or file_rows   # pyarrow's defaults (0): one progress line per file
+    prog = Progress("bench: writing input", records, units=-(-records // per))   # one line per row group
     for i, start in enumerate(range(0, records, file_rows)):
         stop = min(records, start + file_rows)
         path = os.path.join(folder, f"part-{i:05d}.parquet")
@@ -186,6 +187,7 @@ def make_input(folder: str, records: int, row_group_rows: int = 65_536, file_row
                                      "image": pa.FixedSizeListArray.from_arrays(pa.array(flat[idx].ravel()), 784)},
                                     schema=SCHEMA), path, compression="zstd")
             files.append(path)
+            prog.update(stop - start)
             continue
         with pq.ParquetWriter(path, SCHEMA, compression="zstd") as w:
             for lo in range(start, stop, row_group_rows):

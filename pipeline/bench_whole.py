@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.parquet_io import Commit
+from pipeline.parquet_io import Commit, read_manifest
 from pipeline.uris import resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -311,7 +311,7 @@ def bench_encode_whole(cfg) -> dict[str, Any]:
                 if side == "baseline" and int(res["stdout"].split()[-1]) != cfg.records:
                     raise RuntimeError(f"bench: the plain script wrote {res['stdout'].split()[-1]} records")
                 (base if side == "baseline" else pipe).append(res)
-        rows_out = sum(f["rows"] for f in json.load(open(os.path.join(pipe_dst, "_manifest.json")))["files"])
+        rows_out = sum(f["rows"] for f in read_manifest(resolve(pipe_dst))["files"])
         if rows_out != cfg.records:
             raise RuntimeError(f"bench: vaepipe encode committed {rows_out} records, expected {cfg.records}")
         diff = _compare(base_dst, pipe_dst)
@@ -327,7 +327,7 @@ def bench_encode_whole(cfg) -> dict[str, Any]:
             "peak_rss_mb": max(d["tree_peak_mb"] for d in pipe),
             "baseline_peak_rss_mb": max(d["tree_peak_mb"] for d in base),
             "baseline_threads": os.cpu_count(), "pipeline_actors": cfg.concurrency or os.cpu_count(),
-            "pipeline_files": len(json.load(open(os.path.join(pipe_dst, "_manifest.json")))["files"]),
+            "pipeline_files": len(read_manifest(resolve(pipe_dst))["files"]),
             "repeats": cfg.n_repeats, "all_baseline_walls_s": [d["wall"] for d in base],
             "all_pipeline_walls_s": [d["wall"] for d in pipe], "max_abs_mu_diff": diff,
         }

@@ -140,7 +140,7 @@ def test_encode_survives_losing_a_node_mid_job(env):
             return False
         on_b = [a for a, n in harness.job_actors(c, job_hex, "MapWorker", alive_only=True).items()
                 if n == c.nodes["node_b"].node_id]
-        parts = [o for o in _objects(s3, "lat-kill") if o.endswith(".parquet")]
+        parts = [o for o in _objects(s3, "_lat-kill.vaepipe/staging") if o.endswith(".parquet")]   # staged units
         return on_b and parts
 
     staged = _wait_for("a staged unit with an encoder on node_b", middle, client, job, timeout_s=300)

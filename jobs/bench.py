@@ -10,8 +10,8 @@ from pipeline.bench import BenchConfig as Config, run_bench, summary
 
 
 def bench_argv(argv: list[str]) -> list[str]:
-    """`bench encode|train …`: the positional becomes `--what encode|train`."""
-    if argv and argv[0] in ("encode", "train"):
+    """`bench encode|train|query …`: the positional becomes `--what encode|train|query`."""
+    if argv and argv[0] in ("encode", "train", "query"):
         return ["--what", argv[0], *argv[1:]]
     return list(argv)
 

@@ -75,7 +75,10 @@ def test_train_threads_are_the_node_cpus_over_its_workers_never_above_the_cores(
     assert train_threads(0, 1) == 1
 
 
-def test_train_plan_line_says_how_and_warns_when_the_group_cannot_fit():
+def test_train_plan_line_says_how_and_warns_when_the_group_cannot_fit(monkeypatch):
+    from pipeline import ray_runtime
+
+    monkeypatch.setattr(ray_runtime, "_STARTED_LOCAL", False)   # a cluster's nodes, not this session's local Ray
     line = plan_train(KUBERAY, workers=2, cpus_per_worker=1)
     assert line == ("train: 2 workers × 1 CPU, torch threads = CPUs of the worker's node / its workers there "
                     "(cluster: 2 nodes × 2 CPU, 0-CPU head skipped)")

@@ -105,10 +105,23 @@ def choose_executor(cfg: "EncodeConfig", loc: Location, out: Location, units: li
         return "ray", "--concurrency/--use-gpu asks for actors"
     if not (loc.is_local and out.is_local):
         return "ray", "object-store data: actors overlap the transfers"
+    if _local_cluster_running():
+        return "ray", "a Ray cluster is running on this machine: joining it"
     size = sum(u.rows for u in units) * record_bytes
     if size >= LOCAL_MAX_BYTES:
         return "ray", f"{size / 1e9:.1f} GB of features: actors in parallel"
     return "local", f"{size / 1e9:.2f} GB of local features: one process, no Ray start"
+
+
+def _local_cluster_running() -> bool:
+    """A `ray start --head` on this machine (what `ray.init()` would join). Ray's address file sits in
+    $RAY_TMPDIR, $TMPDIR or /tmp under ray/; looked at first without importing Ray (fast path)."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    if not os.path.exists(os.path.join(base, "ray", "ray_current_cluster")):
+        return False
+    from pipeline.ray_runtime import running_local_cluster
+
+    return running_local_cluster() is not None
 
 
 def in_process(*locs: Location) -> bool:

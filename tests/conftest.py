@@ -17,13 +17,6 @@ os.environ.pop("RAY_ADDRESS", None)            # never join a cluster by acciden
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """The multi-node cluster tests run last: their Ray client calls leave Ray's process-wide auth
-    token (cached at first use) set to that cluster's, which the session's own local Ray then fails
-    to match ("InvalidAuthToken" at GCS start)."""
-    items.sort(key=lambda item: "/tests/cluster/" in str(item.path))
-
-
 @pytest.fixture(autouse=True)
 def seed():
     """Every test starts from the same random state."""

@@ -11,6 +11,9 @@ import tempfile
 
 import pytest
 
+from pipeline.parquet_io import read_manifest
+from pipeline.uris import resolve
+
 from pipeline.ray_runtime import describe_nodes, plan_train, size_actors, train_threads, work_nodes
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -119,7 +122,8 @@ def test_encode_joins_a_running_local_cluster_instead_of_a_traceback(tmp_path, d
         assert f"ray: joining the Ray cluster already running on this machine at 127.0.0.1:{gcs}" in p.stdout, text[-3000:]
         assert "Traceback" not in text and "num_cpus and num_gpus must not be provided" not in text
         assert "encode: 2 actors (cluster: 1 node × 2 CPU)" in text, text[-3000:]
-        assert "encoded 1,797 of 1,797 records" in p.stdout and (out_dir / "_manifest.json").exists()
+        assert "encoded 1,797 of 1,797 records" in p.stdout and (out_dir / "_SUCCESS").exists() \
+            and read_manifest(resolve(str(out_dir)))["rows"] == 1797
     finally:
         survivors = jobs.stop_pids(find)
         import shutil

@@ -371,3 +371,12 @@ def upload_digits(s3: dict, prefix: str, copies: int = 1, files: int = 3, row_gr
             pq.write_table(t.slice(i * step, step), f, row_group_size=row_group)
     s3["fs"].invalidate_cache()
     return n
+
+
+def s3_objects(s3, prefix: str) -> list[str]:
+    """Every object under BUCKET/prefix, listed afresh (s3fs caches listings)."""
+    s3["fs"].invalidate_cache()
+    try:
+        return s3["fs"].find(f"{s3['bucket']}/{prefix}")
+    except FileNotFoundError:
+        return []

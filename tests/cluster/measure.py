@@ -97,7 +97,7 @@ def _measure(args, root: pathlib.Path) -> int:
             if what == "encode":
                 job = harness.submit(client, ["jobs.encode", "--model", "models:/m@production", "--input",
                                               f"s3://{b}/in", "--output", f"s3://{b}/ek", "--unit-rows", "150", *common])
-                ready = lambda: any(o.endswith(".parquet") for o in _find(s3, "ek"))  # noqa: E731
+                ready = lambda: any(o.endswith(".parquet") for o in harness.s3_objects(s3, "_ek.vaepipe/staging"))  # noqa: E731
             else:
                 job = harness.submit(client, ["jobs.train", "--input", f"s3://{b}/in", *tiny, "--epochs",
                                               "25", "--workers", "2", "--max-failures", "1",
@@ -142,14 +142,6 @@ def _measure(args, root: pathlib.Path) -> int:
         with open(args.json, "w") as f:
             json.dump({"runs": rows, "recovery": recovery, "cores": os.cpu_count()}, f, indent=1)
     return 0
-
-
-def _find(s3, prefix: str) -> list[str]:
-    s3["fs"].invalidate_cache()
-    try:
-        return s3["fs"].find(f"{s3['bucket']}/{prefix}")
-    except FileNotFoundError:
-        return []
 
 
 if __name__ == "__main__":

@@ -31,14 +31,6 @@ def env(cluster, s3, mlflow_url):
                        "--workdir", str(cluster.root / "driver-work")]}
 
 
-def _objects(s3, prefix: str) -> list[str]:
-    s3["fs"].invalidate_cache()
-    try:
-        return s3["fs"].find(f"{s3['bucket']}/{prefix}")
-    except FileNotFoundError:
-        return []
-
-
 def _committed_ids(s3, uri: str):
     """Rows and ids of a committed output, read through its manifest."""
     import sys
@@ -79,11 +71,11 @@ def test_train_on_two_nodes_then_encode_over_both(env):
     placed = harness.actor_nodes(c, harness.ray_job_id(client, job), "RayTrainWorker")
     assert sorted(placed.values()) == ["node_a", "node_b"], placed
     # checkpoints on S3; one MLflow run, finished, its artifacts in the server's S3 store
-    assert {o.rsplit("/", 2)[-2] for o in _objects(s3, "ckpt/mn-1") if o.endswith("checkpoint.pt")} == {"epoch_0000", "epoch_0001"}
+    assert {o.rsplit("/", 2)[-2] for o in harness.s3_objects(s3, "ckpt/mn-1") if o.endswith("checkpoint.pt")} == {"epoch_0000", "epoch_0001"}
     runs = _mlflow_runs(env["mlflow"], "mn-1")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs
     assert runs[0].info.artifact_uri.startswith("mlflow-artifacts:/")
-    assert any(o.endswith("checkpoint.pt") for o in _objects(s3, "mlflow")), "model artifacts are not on S3"
+    assert any(o.endswith("checkpoint.pt") for o in harness.s3_objects(s3, "mlflow")), "model artifacts are not on S3"
 
     t0 = time.time()
     job = harness.submit(client, ["jobs.encode", "--model", f"models:/{MODEL}@production", "--input", f"s3://{b}/digits",
@@ -140,7 +132,7 @@ def test_encode_survives_losing_a_node_mid_job(env):
             return False
         on_b = [a for a, n in harness.job_actors(c, job_hex, "MapWorker", alive_only=True).items()
                 if n == c.nodes["node_b"].node_id]
-        parts = [o for o in _objects(s3, "_lat-kill.vaepipe/staging") if o.endswith(".parquet")]   # staged units
+        parts = [o for o in harness.s3_objects(s3, "_lat-kill.vaepipe/staging") if o.endswith(".parquet")]   # staged units
         return on_b and parts
 
     staged = _wait_for("a staged unit with an encoder on node_b", middle, client, job, timeout_s=300)

@@ -134,14 +134,24 @@ def _candidate_controls(out: Location, control: Location | None) -> list[Locatio
         found.append(control_of(out))
     except ConfigError:
         pass
-    parent, name = posixpath.split(out.path.rstrip("/"))
-    if parent and name and not name.startswith(("_", ".")):   # a nightly partition OUT/<p>
-        up = Location(out.uri.rstrip("/")[: -len(name)].rstrip("/"), out.fs, parent)
-        try:
-            found.append(control_of(up).join("partitions", name))
-        except ConfigError:
-            pass
+    up = parent_table(out)
+    if up is not None:   # a nightly partition OUT/<p>: its manifest is in the root's control folder
+        found.append(partition_control(control_of(up[0]), up[1]))
     return found
+
+
+def parent_table(out: Location) -> tuple[Location, str] | None:
+    """(the folder above `out`, out's name) when that folder could be a nightly output holding `out`
+    as a partition (both names plain, the parent not a bucket or filesystem root); else None."""
+    parent, name = posixpath.split(out.path.rstrip("/"))
+    if not name or name.startswith(("_", ".")):
+        return None
+    up = Location(out.uri.rstrip("/")[: -len(name)].rstrip("/"), out.fs, parent)
+    try:
+        control_of(up)
+    except ConfigError:
+        return None
+    return up, name
 
 
 def nightly_partitions(root: Location) -> list[str]:

@@ -29,7 +29,7 @@ from pipeline.config import WriterConfig, opt, parse_storage_options
 from pipeline.errors import ConfigError, InputError, SchemaError, unwrap_ray_error
 from pipeline.features import (FeatureSpec, check_finite, fixed_size_list, infer_spec, nonfinite_rows, raw_dtype,
                                to_matrix)
-from pipeline.commit import Commit, control_of, pause_point, read_table_manifest
+from pipeline.commit import Commit, control_of, parent_table, partition_control, pause_point, read_table_manifest
 from pipeline.lease import Lease, hold_lease
 from pipeline.parquet_io import list_parquet_files, partition_values, read_footer
 from pipeline.progress import Progress
@@ -432,15 +432,11 @@ def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None, files: list[s
 
 def refuse_partition_of_nightly(out: Location) -> None:
     """OUT/<p> of a nightly output is written under the nightly run's lease only."""
-    parent, name = posixpath.split(out.path.rstrip("/"))
-    if not parent or not name:
+    found = parent_table(out)
+    if found is None:
         return
-    up = Location(out.uri.rstrip("/")[: -len(name)].rstrip("/"), out.fs, parent)
-    try:
-        owned = out.fs.exists(posixpath.join(control_of(up).path, "partitions", name))
-    except ConfigError:
-        return
-    if owned:
+    up, name = found
+    if out.fs.exists(partition_control(control_of(up), name).path):
         raise ConfigError(f"output {out.uri!r} is a partition of the nightly output {up.uri!r}; "
                           f"re-encode it with `vaepipe nightly` (which holds that output's lease)")
 

@@ -338,3 +338,17 @@ def test_a_legacy_output_is_read_through_its_manifest_and_migrated_by_the_next_c
     c = Commit(out, run_id="r1")
     c.commit([stage(c, "a.parquet", table(3))], {})
     assert names(out) == {"part-00000-r1.parquet", SUCCESS}
+
+
+def test_a_nightly_partition_is_read_through_the_roots_control_folder_and_refused_to_encode(out):
+    """OUT/<p> of a nightly output: its manifest lives in the root's control folder, and a plain
+    encode into it is refused (the partition is written under the nightly run's lease only)."""
+    from pipeline.encode import refuse_partition_of_nightly
+
+    day = out.join("day=1")
+    refuse_partition_of_nightly(day)                                # not a nightly output yet: allowed
+    c = Commit(day, run_id="r1", control=partition_control(control_of(out), "day=1"))
+    c.commit([stage(c, "a.parquet", table(2))], {})
+    assert read_manifest(day)["run_id"] == "r1"
+    with pytest.raises(ConfigError, match="partition of the nightly output"):
+        refuse_partition_of_nightly(day)

@@ -64,8 +64,16 @@ class RunStore:
             with open(p, "ab") as f:
                 f.write(line)
         else:   # object stores cannot append; the journal is small and rank 0 is its only writer
+            self.fs.invalidate_cache()   # a cached listing would say "absent" and drop every line before
             old = self.fs.cat_file(p) if self.fs.exists(p) else b""
             self.fs.pipe_file(p, old + line)
+
+    def ensure_journal(self, entry: dict) -> None:
+        """Append the journal line of a checkpoint's epoch unless that attempt's line is there:
+        the checkpoint committed, but its worker group was torn down before rank 0 wrote the line."""
+        if not any(e.get("epoch") == entry["epoch"] and e.get("attempt") == entry.get("attempt")
+                   for e in self.journal()):
+            self.append_journal({**entry, "recovered": True})
 
     def checkpoints(self) -> dict[int, str]:
         """{epoch: path of its checkpoint file}; a later attempt's checkpoint of an epoch wins."""

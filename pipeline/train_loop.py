@@ -180,6 +180,8 @@ class TrainWorker:
         if state is not None:
             extra = state["extra"]
             self.progress = _Progress(state["epoch"] + 1, extra["best"], extra["best_epoch"], extra["stale"])
+            if self.rank == 0 and "journal" in extra:
+                self.store.ensure_journal(extra["journal"])
         return state
 
     def _setup_model(self, state: dict | None) -> None:
@@ -274,11 +276,14 @@ class TrainWorker:
             self.mlflow.log_batch(self.cfg.run.mlflow_run_id, metrics=[
                 Metric(k, float(v), ts, epoch) for k, v in metrics.items() if k != "epoch"])
         p = self.progress
+        entry = {"epoch": epoch, "time": time.time(), "attempt": self.cfg.run.attempt,
+                 "world_size": self.world, **{k: float(v) for k, v in metrics.items()}}
         with tempfile.TemporaryDirectory() as d:
             with open(os.path.join(d, CHECKPOINT_FILE), "wb") as f:
                 f.write(checkpoint_bytes(self.core, self.optimizer, epoch,
                                          {"best": p.best, "best_epoch": p.best_epoch, "stale": p.stale,
-                                          "metrics": {k: float(v) for k, v in metrics.items()}}))
+                                          "metrics": {k: float(v) for k, v in metrics.items()},
+                                          "journal": entry}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"epoch_{epoch:04d}")
         print(f"epoch {epoch + 1}/{self.cfg.optim.epochs}: train -ELBO {metrics['train_neg_elbo']:.3f}"
@@ -286,8 +291,9 @@ class TrainWorker:
               + f" lr {metrics['lr']:.2e} {metrics['samples_per_s']:.0f} samples/s {metrics['epoch_time_s']:.1f}s",
               flush=True)
         # An append-only journal of finished epochs in the run folder, across restarts and resumes.
-        self.store.append_journal({"epoch": epoch, "time": time.time(), "attempt": self.cfg.run.attempt,
-                                   "world_size": self.world, **{k: float(v) for k, v in metrics.items()}})
+        # The checkpoint is the commit point and carries this entry too: a worker group torn down
+        # between the two gets the line back from the checkpoint it resumes from (_load_state).
+        self.store.append_journal(entry)
 
     # cleanup -------------------------------------------------------------------------------------
 

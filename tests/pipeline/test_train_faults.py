@@ -37,10 +37,19 @@ def test_resume_after_a_stopped_run_matches_an_uninterrupted_run(ray_local, digi
         run_train(TrainConfig(input=digits_parquet, workers=1, max_failures=0, fail_at_epoch=2, run_name="stopped-1",
                               model_name="stopped", workdir=work, **TINY))
     assert len(glob.glob(f"{work}/ray_results/stopped-1/epoch_*")) == 2
+    # as if the worker group had been torn down after epoch 1's checkpoint but before its journal line
+    journal_file = f"{work}/ray_results/stopped-1/journal.jsonl"
+    with open(journal_file) as f:
+        lines = f.readlines()
+    assert len(lines) == 2
+    with open(journal_file, "w") as f:
+        f.write(lines[0])
     resumed = run_train(TrainConfig(input=digits_parquet, workers=1, resume=True, run_name="stopped-1",
                                     model_name="stopped", workdir=work, **TINY))
     assert resumed.epochs_run == clean.epochs_run == 4
     assert _journal(resumed.run_dir) == [0, 1, 2, 3]                       # no epoch trained twice
+    # the lost line came back from the checkpoint resumed from (the commit point), not from a rerun
+    assert [e.get("recovered", False) for e in RunStore(resumed.run_dir).journal()] == [False, True, False, False]
     assert glob.glob(f"{work}/ray_results/stopped-1/resume-1/epoch_*")        # a new Ray run in the same folder
     assert resumed.run_id == client(f"sqlite:///{work}/mlflow.db").search_runs(
         [client(f"sqlite:///{work}/mlflow.db").get_experiment_by_name("vaepipe").experiment_id],

@@ -30,7 +30,6 @@ sampled from /proc during each timed side."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import shutil
@@ -302,6 +301,23 @@ def _compare(base_dir: str, pipe_dir: str, n: int = 2048) -> float:
     return float(np.abs(a - b).max()) if len(a) else 0.0
 
 
+def alternate(repeats: int, run_side) -> tuple[list[dict], list[dict]]:
+    """Both sides `repeats` times, alternating which goes first (baseline first on even rounds), each
+    under a peak-RSS sampler with torch's thread count restored after it. `run_side(side, r)` returns
+    a dict of figures; each gets its `peak` (MB) and `wall` (s). Returns (baseline runs, vaepipe runs)."""
+    runs: dict[str, list[dict]] = {"baseline": [], "vaepipe": []}
+    for r in range(repeats):
+        for side in (("baseline", "vaepipe") if r % 2 == 0 else ("vaepipe", "baseline")):
+            torch_threads = torch.get_num_threads()
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                d = run_side(side, r)
+                wall = time.perf_counter() - t0
+            torch.set_num_threads(torch_threads)
+            runs[side].append({**d, "wall": wall, "peak": mem.peak_mb})
+    return runs["baseline"], runs["vaepipe"]
+
+
 def bench_encode(cfg: BenchConfig) -> dict[str, Any]:
     from pipeline.ray_runtime import init_ray
     from pipeline.registry import ModelRef
@@ -326,26 +342,20 @@ def bench_encode(cfg: BenchConfig) -> dict[str, Any]:
     init_ray(cfg.ray_address)
     _pipeline_encode(cfg, os.path.dirname(warm_files[0]), os.path.join(out, "warm-vaepipe"), blob, device)
 
-    base, pipe = [], []
+    def run_side(side: str, r: int) -> dict:
+        dst = os.path.join(out, side)
+        shutil.rmtree(dst, ignore_errors=True)
+        if side == "baseline":
+            rows, res = baseline_encode(files, dst, model, cfg.bs, threads, device), None
+        else:
+            res = _pipeline_encode(cfg, input_dir, dst, blob, device)
+            rows = res.rows_out
+        if rows != cfg.records:
+            raise RuntimeError(f"bench: {side} wrote {rows} records, expected {cfg.records}")
+        return {"res": res}
+
     load_before = _load()
-    for r in range(cfg.n_repeats):
-        for side in (("baseline", "vaepipe") if r % 2 == 0 else ("vaepipe", "baseline")):
-            dst = os.path.join(out, side)
-            shutil.rmtree(dst, ignore_errors=True)
-            torch_threads = torch.get_num_threads()
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                if side == "baseline":
-                    rows = baseline_encode(files, dst, model, cfg.bs, threads, device)
-                    res = None
-                else:
-                    res = _pipeline_encode(cfg, input_dir, dst, blob, device)
-                    rows = res.rows_out
-                wall = time.perf_counter() - t0
-            torch.set_num_threads(torch_threads)
-            if rows != cfg.records:
-                raise RuntimeError(f"bench: {side} wrote {rows} records, expected {cfg.records}")
-            (base if side == "baseline" else pipe).append({"wall": wall, "peak": mem.peak_mb, "res": res})
+    base, pipe = alternate(cfg.n_repeats, run_side)
     load_after = _load()
     b = min(base, key=lambda d: d["wall"])
     p = min(pipe, key=lambda d: d["wall"])
@@ -378,7 +388,7 @@ def baseline_train(files: list[str], model, epochs: int, batch_size: int, thread
     """Plain PyTorch: read the Parquet once into a uint8 tensor, then `train_epoch` over randperm
     batches with AdamW. Returns the epoch walls and the read time."""
     from vae.loss import kl_weight
-    from vae.train_step import train_epoch
+    from vae.train_step import cosine_lr, train_epoch
 
     torch.set_num_threads(threads)
     device = torch.device(device)
@@ -394,7 +404,7 @@ def baseline_train(files: list[str], model, epochs: int, batch_size: int, thread
     opt_ = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     walls = []
     for epoch in range(epochs):
-        lr_e = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs - 1, 1)))) if epochs > 1 else lr
+        lr_e = cosine_lr(lr, epoch, epochs)   # the schedule vaepipe's train uses
         for g in opt_.param_groups:
             g["lr"] = lr_e
         t = time.perf_counter()
@@ -409,6 +419,7 @@ def baseline_train(files: list[str], model, epochs: int, batch_size: int, thread
 
 def bench_train(cfg: BenchConfig) -> dict[str, Any]:
     from pipeline.ray_runtime import init_ray
+    from pipeline.run_store import RunStore
     from pipeline.train import TrainConfig, run_train
 
     root = os.path.abspath(os.path.join(cfg.workdir, "bench"))
@@ -423,36 +434,29 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
     # Ray is started first (not timed), so both sides run on the same machine state; the sides then
     # alternate `--repeats` times and each side's best steady-state run is reported.
     init_ray(cfg.ray_address, reserve_cpus=1 * 1.0 + 1)   # as run_train sizes it
+    def run_side(side: str, r: int) -> dict:
+        if side == "baseline":
+            walls, read_s = baseline_train(files, bench_model(cfg), cfg.epochs, cfg.bs, threads, device=device)
+            extra = {"read_s": read_s}
+        else:
+            tcfg = TrainConfig(
+                input=os.path.dirname(files[0]), features=["image"], arch="mlp", latent_dim=cfg.latent_dim,
+                hidden=list(cfg.hidden), scaling="uint8", likelihood="bernoulli", epochs=cfg.epochs,
+                batch_size=cfg.bs, val_fraction=0.0, workers=1, promote="never", model_name="bench",
+                experiment="bench", run_name=f"bench-train-{r}", storage_path=os.path.join(run_root, "ray"),
+                workdir=run_root, tracking_uri=f"sqlite:///{os.path.join(run_root, 'mlflow.db')}",
+                ray_address=cfg.ray_address, max_failures=0, use_gpu=device == "cuda")
+            res = run_train(tcfg)
+            journal = RunStore(res.run_dir).journal()
+            walls = [j["epoch_time_s"] for j in sorted(journal, key=lambda j: j["epoch"])]
+            extra = {"final_train_neg_elbo": journal[-1].get("train_neg_elbo")}
+        if len(walls) != cfg.epochs:
+            raise RuntimeError(f"bench: {side} ran {len(walls)} epochs, expected {cfg.epochs}")
+        sps = n * (len(walls) - 1) / sum(walls[1:])   # steady state: epoch 1 is warm-up
+        return {"sps": sps, "walls": walls, **extra}
+
     load_before = _load()
-    base, pipe = [], []
-    for r in range(cfg.n_repeats):
-        for side in (("baseline", "vaepipe") if r % 2 == 0 else ("vaepipe", "baseline")):
-            torch_threads = torch.get_num_threads()
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                if side == "baseline":
-                    walls, read_s = baseline_train(files, bench_model(cfg), cfg.epochs, cfg.bs, threads, device=device)
-                    extra = {"read_s": read_s}
-                else:
-                    tcfg = TrainConfig(
-                        input=os.path.dirname(files[0]), features=["image"], arch="mlp", latent_dim=cfg.latent_dim,
-                        hidden=list(cfg.hidden), scaling="uint8", likelihood="bernoulli", epochs=cfg.epochs,
-                        batch_size=cfg.bs, val_fraction=0.0, workers=1, promote="never", model_name="bench",
-                        experiment="bench", run_name=f"bench-train-{r}", storage_path=os.path.join(run_root, "ray"),
-                        workdir=run_root, tracking_uri=f"sqlite:///{os.path.join(run_root, 'mlflow.db')}",
-                        ray_address=cfg.ray_address, max_failures=0, use_gpu=device == "cuda")
-                    res = run_train(tcfg)
-                    with open(os.path.join(os.path.dirname(os.path.dirname(res.checkpoint)), "journal.jsonl")) as f:
-                        journal = [json.loads(line) for line in f if line.strip()]
-                    walls = [j["epoch_time_s"] for j in sorted(journal, key=lambda j: j["epoch"])]
-                    extra = {"final_train_neg_elbo": journal[-1].get("train_neg_elbo")}
-                e2e = time.perf_counter() - t0
-            torch.set_num_threads(torch_threads)
-            if len(walls) != cfg.epochs:
-                raise RuntimeError(f"bench: {side} ran {len(walls)} epochs, expected {cfg.epochs}")
-            sps = n * (len(walls) - 1) / sum(walls[1:])   # steady state: epoch 1 is warm-up
-            (base if side == "baseline" else pipe).append({"sps": sps, "walls": walls, "e2e": e2e,
-                                                           "peak": mem.peak_mb, **extra})
+    base, pipe = alternate(cfg.n_repeats, run_side)
     load_after = _load()
     b = max(base, key=lambda d: d["sps"])
     p = max(pipe, key=lambda d: d["sps"])
@@ -460,7 +464,7 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
         "what": "train", "records": n, "batch_size": cfg.bs, "epochs": cfg.epochs, "device": device_name(device),
         "baseline_records_per_s": b["sps"], "pipeline_records_per_s": p["sps"], "ratio": p["sps"] / b["sps"],
         "baseline_epoch_s": b["walls"], "pipeline_epoch_s": p["walls"],
-        "baseline_end_to_end_s": b["e2e"], "pipeline_end_to_end_s": p["e2e"], "end_to_end_ratio": b["e2e"] / p["e2e"],
+        "baseline_end_to_end_s": b["wall"], "pipeline_end_to_end_s": p["wall"], "end_to_end_ratio": b["wall"] / p["wall"],
         "baseline_read_s": b["read_s"], "final_train_neg_elbo": p["final_train_neg_elbo"],
         "peak_rss_mb": max(d["peak"] for d in pipe), "baseline_peak_rss_mb": max(d["peak"] for d in base),
         "repeats": cfg.n_repeats, "all_baseline_records_per_s": [d["sps"] for d in base],

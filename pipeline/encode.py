@@ -33,7 +33,7 @@ from pipeline.commit import Commit, control_of, parent_table, partition_control,
 from pipeline.lease import Lease, hold_lease
 from pipeline.parquet_io import list_parquet_files, partition_values, read_footer
 from pipeline.progress import Progress
-from pipeline.quantize import int8_scale, quantize
+from pipeline.quantize import error_report, error_sums, int8_scale, quantize
 from pipeline.uris import Location, resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
 from vae.distributions import record_keys, record_normal
@@ -266,6 +266,7 @@ class UnitEncoder:
         self.out = resolve(plan["output"], **plan.get("storage_options", {}))
         self.spec = FeatureSpec(tuple(plan["features"]), plan["layout"])
         self.scale = np.asarray(plan["int8_scale"], np.float32) if plan["int8_scale"] is not None else None
+        self.int8_sums: dict[str, float] = {}
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Raw records (N, D) in their own dtype → μ (and logvar / score), `batch_size` at a time.
@@ -301,6 +302,9 @@ class UnitEncoder:
         p = self.plan
         out = {c: t.column(c) for c in p["keep"] if c in t.schema.names}
         out["mu"] = latent_array(enc["mu"], p["dtype"], self.scale)
+        if self.scale is not None:   # the int8 error on the data encoded, not on a sample
+            sums = error_sums(enc["mu"], out["mu"].flatten().to_numpy().reshape(enc["mu"].shape), self.scale)
+            self.int8_sums = {k: self.int8_sums.get(k, 0) + v for k, v in sums.items()}
         if "logvar" in enc:
             out["logvar"] = fixed_size_list(enc["logvar"].astype(np.float16 if p["dtype"] != "float32" else np.float32),
                                             pa.float16() if p["dtype"] != "float32" else pa.float32())
@@ -319,6 +323,7 @@ class UnitEncoder:
         meta[b"vaepipe.source_file"] = source.encode()
         rows = skipped = 0
         writer, quarantined = None, []
+        self.int8_sums = {}
         t_start = time.time()
         with self.loc.fs.open(unit["file"], "rb") as f:
             pf = pq.ParquetFile(f, pre_buffer=True)   # one coalesced read per row group
@@ -370,7 +375,7 @@ class UnitEncoder:
             pause_point("unit.written")   # crash tests: a driver killed while its actors work
         return {"index": unit["index"], "staged": staged if writer is not None else "", "rows": rows,
                 "skipped": skipped, "skipped_file": skipped_path if skipped else "",
-                "t_start": t_start, "t_end": time.time()}
+                "t_start": t_start, "t_end": time.time(), "int8_sums": json.dumps(self.int8_sums)}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         units = [json.loads(u) for u in batch["unit"]]
@@ -390,20 +395,32 @@ class EncodeResult:
     wall_s: float
     manifest: dict = field(default_factory=dict)
     units_span_s: float = 0.0   # first unit's start → last unit's end (the encode proper, no actor start)
+    int8_error: dict | None = None   # --dtype int8: rmse, relative_rmse, clipped_fraction over every value written
 
     @property
     def records_per_s(self) -> float:
         return self.rows_in / max(self.wall_s, 1e-9)
 
 
-def int8_scales(model: VAE, loc: Location, units: list[Unit], spec: FeatureSpec, dim: int) -> np.ndarray:
-    """Per-dimension int8 scale from the first unit's μ: max|μ_j| / 127 (clipped beyond)."""
-    with loc.fs.open(units[0].file, "rb") as f:
-        t = pq.ParquetFile(f).read_row_group(units[0].row_groups[0], columns=list(spec.columns))
-    x = to_matrix(t.slice(0, 20_000), spec, dim)
-    x = x[~nonfinite_rows(x)]
-    mu = model.embed(torch.from_numpy(x)).mean.numpy()
-    return int8_scale(mu)
+def int8_scales(model: VAE, loc: Location, units: list[Unit], spec: FeatureSpec, dim: int,
+                sample_units: int = 8, rows: int = 20_000) -> np.ndarray:
+    """Per-dimension int8 scale, max|μ_j| / 127, from a sample spread over the input: the first rows
+    of up to `sample_units` evenly spaced units, `rows` in all (values beyond it clip; the run
+    measures how many, on every record it encodes)."""
+    picks = sorted({round(i * (len(units) - 1) / max(sample_units - 1, 1)) for i in range(min(sample_units, len(units)))})
+    xs = []
+    for u in (units[i] for i in picks):
+        with loc.fs.open(u.file, "rb") as f:
+            batch = next(pq.ParquetFile(f).iter_batches(batch_size=-(-rows // len(picks)), row_groups=u.row_groups[:1],
+                                                        columns=list(spec.columns)), None)
+        if batch is not None and batch.num_rows:
+            x = to_matrix(pa.Table.from_batches([batch]), spec, dim)
+            xs.append(x[~nonfinite_rows(x)])
+    x = np.concatenate(xs) if xs else np.zeros((0, dim), np.float32)
+    if not len(x):
+        return int8_scale(np.zeros((1, model.config.latent_dim), np.float32))
+    with torch.inference_mode():
+        return int8_scale(model.embed(torch.from_numpy(x)).mean.numpy())
 
 
 @dataclass
@@ -525,11 +542,18 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
         commit.abort()
         raise RuntimeError(f"encode wrote {rows_out} rows + {skipped} skipped for {total} input rows; nothing committed")
     quarantine = _merge_skipped(out, [r["skipped_file"] for r in res if r["skipped_file"]], commit) if skipped else None
-    manifest = commit.commit(staged, {**metadata, "rows_in": total, "skipped": skipped, "dtype": cfg.dtype},
+    extra = {}
+    if scale is not None:
+        sums: dict[str, float] = {}
+        for r in res:
+            for k, v in json.loads(str(r["int8_sums"])).items():
+                sums[k] = sums.get(k, 0) + v
+        extra["int8_error"] = error_report(sums)
+    manifest = commit.commit(staged, {**metadata, "rows_in": total, "skipped": skipped, "dtype": cfg.dtype, **extra},
                              quarantine=quarantine)
     span = max(float(r["t_end"]) for r in res) - min(float(r["t_start"]) for r in res)
     return EncodeResult(cfg.output, total, rows_out, skipped, len(staged), ref.uri, ref.version,
-                        time.perf_counter() - t0, manifest, span)
+                        time.perf_counter() - t0, manifest, span, extra.get("int8_error"))
 
 
 def _run_units_here(blob: bytes, plan: dict[str, Any], units: list[Unit], commit: Commit, total: int) -> list[dict]:

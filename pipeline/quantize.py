@@ -23,6 +23,23 @@ def quantize(mu: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.asarray(mu, np.float32) / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
 
 
+def error_sums(mu: np.ndarray, q: np.ndarray, scale: np.ndarray) -> dict[str, float]:
+    """Sums that add up across slices and units into the error of int8 storage on the data itself:
+    squared error, squared μ, values clipped at ±127, values."""
+    mu = np.asarray(mu, np.float32)
+    err = dequantize(q, scale) - mu
+    return {"sq_err": float(np.square(err, dtype=np.float64).sum()), "sq_mu": float(np.square(mu, dtype=np.float64).sum()),
+            "clipped": int((np.abs(mu) > INT8_MAX * np.asarray(scale, np.float32)).sum()), "values": int(mu.size)}
+
+
+def error_report(sums: dict[str, float]) -> dict[str, float]:
+    """RMS error of the stored μ, that error relative to μ's RMS, and the fraction of values clipped."""
+    n = max(sums.get("values", 0), 1)
+    rmse, rms = (sums.get("sq_err", 0.0) / n) ** 0.5, (sums.get("sq_mu", 0.0) / n) ** 0.5
+    return {"rmse": rmse, "relative_rmse": rmse / rms if rms > 0 else 0.0,
+            "clipped_fraction": sums.get("clipped", 0) / n, "values": int(sums.get("values", 0))}
+
+
 def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """int8 codes → float32 μ."""
     return q.astype(np.float32) * np.asarray(scale, np.float32)

@@ -172,7 +172,7 @@ def build_datasets(data: PreparedData, cfg: TrainConfig):
     def read(loc: Location, files: list[str]):
         ds = ray.data.read_parquet([loc.full(p) if not loc.is_local else p for p in files],
                                    filesystem=loc.arrow_fs() if not loc.is_local else None,
-                                   columns=data.cols, shuffle=None)
+                                   shuffle=None).select_columns(data.cols)   # projected at the read
         # Blocks in file order, in every execution (materialize() included, which runs with the
         # dataset's own context, not DataConfig's): with the seeded local shuffle, a 1-worker run
         # then sees the same batches in the same order every time. The context is this dataset's

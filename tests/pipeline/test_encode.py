@@ -95,7 +95,8 @@ def test_decode_reference_reports_round_trip_mse_next_to_pca_through_the_cli(tra
     from vae.checkpoint import load_checkpoint, model_from_checkpoint
 
     lat, rec = str(tmp_path / "lat"), str(tmp_path / "rec")
-    run_encode(EncodeConfig(model=MODEL, input=digits_parquet, output=lat, dtype="int8", concurrency=1, workdir=workdir))
+    r8 = run_encode(EncodeConfig(model=MODEL, input=digits_parquet, output=lat, dtype="int8", concurrency=1,
+                                 workdir=workdir))
     assert run_job("decode", ["--model", MODEL, "--input", lat, "--output", rec, "--reference", digits_parquet,
                               "--concurrency", "1", "--workdir", workdir]) == 0
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("round trip")][0]
@@ -107,8 +108,17 @@ def test_decode_reference_reports_round_trip_mse_next_to_pca_through_the_cli(tra
     ev = np.linalg.eigvalsh(np.cov(xs, rowvar=False, bias=True))[::-1]
     assert pca_mse == pytest.approx(ev[4:].sum() / xs.shape[1], rel=1e-4)
     model = model_from_checkpoint(load_checkpoint(trained_digits.checkpoint))
-    z = mu(committed(lat).sort_by("id")) * np.asarray(
-        json.loads(pq.read_schema(os.path.join(lat, read_manifest(resolve(lat))["files"][0]["path"]))
-                   .metadata[b"vaepipe.int8_scale"]), np.float32)
+    scale = np.asarray(json.loads(pq.read_schema(os.path.join(lat, read_manifest(resolve(lat))["files"][0]["path"]))
+                                  .metadata[b"vaepipe.int8_scale"]), np.float32)
+    z = mu(committed(lat).sort_by("id")) * scale
     y = model.reconstruct(torch.from_numpy(z)).numpy() / 255.0
     assert vae_mse == pytest.approx(float(((y - xs) ** 2).mean()), rel=1e-3)
+    # the int8 error the run reports (result and manifest) is the error on every record it wrote,
+    # checked against μ in float32 from an fp32 encode of the same records
+    f32 = mu(committed(run_encode(EncodeConfig(model=MODEL, input=digits_parquet, output=str(tmp_path / "f32"),
+                                                 concurrency=1, workdir=workdir)).output).sort_by("id"))
+    err = r8.int8_error
+    assert err == read_manifest(resolve(lat))["int8_error"] and err["values"] == f32.size
+    assert err["rmse"] == pytest.approx(float(np.sqrt(((z - f32) ** 2).mean())), rel=1e-3)
+    assert err["relative_rmse"] == pytest.approx(err["rmse"] / float(np.sqrt((f32 ** 2).mean())), rel=1e-6)
+    assert err["clipped_fraction"] == pytest.approx(float((np.abs(f32) > 127 * scale).mean()), abs=1e-6)

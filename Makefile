@@ -18,8 +18,13 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/vaepipe demo
 
-# The multi-node cluster tests run in a pytest process of their own: Ray caches its auth token per
-# process, so one process cannot talk to both that token-auth cluster and the suite's local Ray.
+# Two pytest workers. Each runs whole test files (--dist loadfile; tests/conftest.py puts files that
+# share a session fixture in one group), so a module's trained runs and servers are made
+# once. Most of a test's time is process start-up and waiting on Ray and MLflow, which two workers
+# overlap. The multi-node cluster tests run in a pytest process of their own: Ray caches its auth
+# token per process, so one process cannot talk to both that token-auth cluster and the suite's local
+# Ray. PYTEST_WORKERS=0 runs the first part in one process.
+PYTEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest --ignore=tests/cluster
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --ignore=tests/cluster
 	$(PY) -m pytest tests/cluster

@@ -17,6 +17,32 @@ os.environ.pop("RAY_ADDRESS", None)            # never join a cluster by acciden
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+# Test files that share a session fixture: under `make test` (`-n 2 --dist loadfile`) each group runs
+# in one worker, so the fixture is made once (session fixtures are per worker process).
+SHARED_FIXTURE_GROUPS = {
+    "tests/jobs/test_mlflow_server.py": "http_trained",
+    "tests/jobs/test_redaction.py": "http_trained",
+    "tests/pipeline/test_train_faults.py": "clean_tiny_run",
+    "tests/reliability/test_train_faults_rel.py": "clean_tiny_run",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, except that the files of one SHARED_FIXTURE_GROUPS group go to one worker.
+    (xdist's own `loadgroup` put one xdist_group's tests on both workers with pytest 9.2 + xdist 3.8.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_FIXTURE_GROUPS.get(path, path)
+
+    return SharedFixtureScheduling(config, log)
+
+
 @pytest.fixture(autouse=True)
 def seed():
     """Every test starts from the same random state."""
@@ -60,6 +86,17 @@ def mnist_parquet(tmp_path_factory):
 def workdir(tmp_path_factory):
     """A work folder with its own MLflow SQLite store."""
     return str(tmp_path_factory.mktemp("work"))
+
+
+@pytest.fixture(scope="session")
+def clean_tiny_run(ray_local, digits_parquet, tmp_path_factory):
+    """One uninterrupted TINY_TRAIN run (its own work folder): the reference every fault test's
+    interrupted run must retrace, epoch by epoch. Tests read it, never resume or change it."""
+    from pipeline.train import TrainConfig, run_train
+    from tests.tiny import TINY_TRAIN
+
+    return run_train(TrainConfig(input=digits_parquet, model_name="clean",
+                                 workdir=str(tmp_path_factory.mktemp("clean-run")), **TINY_TRAIN))
 
 
 @pytest.fixture(scope="session")

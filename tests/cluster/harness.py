@@ -309,11 +309,20 @@ def job_client(c: LocalCluster):
     return JobSubmissionClient(c.dashboard_url, headers=c.headers)
 
 
-def submit(client, argv: list[str]) -> str:
-    """`ray job submit -- python -m jobs.X ARGV` through the Jobs SDK; returns the submission id."""
+# What `--working-dir .` uploads of this checkout: the code, not environments, outputs or tests.
+EXCLUDES = [".venv", ".git", "vaepipe-work", "mlflow.db", "mlruns", "mlartifacts", "*.egg-info",
+            "**/__pycache__", ".pytest_cache", "tests", "docs", "infra", ".gpu"]
+
+
+def submit(client, argv: list[str], working_dir: bool = False) -> str:
+    """`ray job submit [--working-dir REPO] -- python -m jobs.X ARGV` through the Jobs SDK; returns
+    the submission id. With working_dir the checkout is uploaded to the cluster (as users submit from
+    a laptop) and the driver runs in that copy."""
     import shlex
 
-    return client.submit_job(entrypoint=" ".join(shlex.quote(a) for a in ["python", "-m", *argv]))
+    runtime_env = {"working_dir": str(REPO), "excludes": EXCLUDES} if working_dir else None
+    return client.submit_job(entrypoint=" ".join(shlex.quote(a) for a in ["python", "-m", *argv]),
+                             runtime_env=runtime_env)
 
 
 def wait_job(client, job_id: str, timeout_s: float) -> tuple[str, str, float]:

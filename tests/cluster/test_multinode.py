@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import time
 
+import numpy as np
 import pytest
 
 import harness
@@ -31,8 +32,8 @@ def env(cluster, s3, mlflow_url):
                        "--workdir", str(cluster.root / "driver-work")]}
 
 
-def _committed_ids(s3, uri: str):
-    """Rows and ids of a committed output, read through its manifest."""
+def _committed(s3, uri: str):
+    """A committed output, read through its manifest."""
     import sys
 
     sys.path.insert(0, str(harness.REPO / "tests" / "pipeline"))
@@ -41,7 +42,12 @@ def _committed_ids(s3, uri: str):
     from pipeline.uris import resolve
 
     resolve(uri, **s3["options"]).fs.invalidate_cache()   # the listings polled during the job are stale
-    t = committed(uri, **s3["options"])
+    return committed(uri, **s3["options"])
+
+
+def _committed_ids(s3, uri: str):
+    """Rows and ids of a committed output, read through its manifest."""
+    t = _committed(s3, uri)
     return t.num_rows, t.column("id").to_pylist()
 
 
@@ -56,12 +62,18 @@ def _mlflow_runs(url: str, name: str):
 def test_train_on_two_nodes_then_encode_over_both(env):
     c, s3, client, b = env["cluster"], env["s3"], env["client"], env["bucket"]
     t0 = time.time()
+    # submitted as from a laptop: the checkout uploaded as the job's working_dir
     job = harness.submit(client, ["jobs.train", "--input", f"s3://{b}/digits", *TINY, "--epochs", "2", "--workers", "2",
                                   "--model-name", MODEL, "--run-name", "mn-1", "--promote", "force",
-                                  "--storage-path", f"s3://{b}/ckpt", *env["common"]])
+                                  "--storage-path", f"s3://{b}/ckpt", *env["common"]], working_dir=True)
     status, logs, _ = harness.wait_job(client, job, timeout_s=420)
     assert status == "SUCCEEDED", f"train job {status}:\n{logs[-6000:]}"
     print(f"train (2 nodes): {time.time() - t0:.1f} s")
+    assert client.get_job_info(job).runtime_env["working_dir"].startswith("gcs://_ray_pkg_")   # uploaded
+    # the driver joined this cluster through the RAY_ADDRESS Ray set for it; it started no Ray of its own
+    joined = f"Connecting to existing Ray cluster at address: {c.address}"
+    assert joined in logs and "Started a local Ray instance" not in logs, logs[-4000:]
+    assert "trained 2 epoch(s)" in logs and f"registered models:/{MODEL}/1 (promoted: True)" in logs, logs[-4000:]
     assert "train: 2 workers × 1 CPU" in logs and HEAD_LINE in logs, logs[-4000:]
     # each worker: its own node's 1 CPU, alone there (counted by node id; Ray Train's local world size,
     # counted by IP, would say 2 here: all three nodes are 127.0.0.1)
@@ -83,11 +95,17 @@ def test_train_on_two_nodes_then_encode_over_both(env):
     status, logs, _ = harness.wait_job(client, job, timeout_s=300)
     assert status == "SUCCEEDED", f"encode job {status}:\n{logs[-6000:]}"
     print(f"encode (2 nodes): {time.time() - t0:.1f} s")
+    assert joined in logs and "Started a local Ray instance" not in logs, logs[-4000:]
+    assert f"encoded {env['rows']:,} of {env['rows']:,} records (0 skipped)" in logs, logs[-4000:]
     assert f"encode: 2 actors {HEAD_LINE}" in logs, logs[-4000:]
     placed = harness.actor_nodes(c, harness.ray_job_id(client, job), "MapWorker")
     assert sorted(placed.values()) == ["node_a", "node_b"], placed
     rows, ids = _committed_ids(s3, f"s3://{b}/latents")
     assert rows == env["rows"] == len(set(ids))
+    t = _committed(s3, f"s3://{b}/latents")
+    mu = t.column("mu").combine_chunks().flatten().to_numpy().reshape(-1, 2)
+    assert np.isfinite(mu).all() and t.schema.field("mu").type.list_size == 2
+    assert t.schema.metadata[b"vaepipe.model_uri"] == f"models:/{MODEL}/1".encode()   # the version it used
 
 
 def _wait_for(what: str, cond, client, job: str, timeout_s: float, every: float = 0.3):

@@ -1,23 +1,22 @@
-"""Real servers for the job tests, on loopback only: a Ray head started with `ray start --head` (jobs are
-submitted to its dashboard with the Jobs SDK) and an `mlflow server` (train/register/encode talk to it
-over HTTP). Each gets its own free ports and temp dirs; teardown stops exactly the processes it started.
+"""Real servers for the job tests, on loopback only: an `mlflow server` (train/register/encode talk to
+it over HTTP), and the helpers the Ray-head tests share (tests/pipeline/test_ray_runtime.py,
+tests/cluster/harness.py). Each server gets its own free ports and temp dirs; teardown stops exactly
+the processes it started.
 
 `ray stop` is deliberately not used: it kills every Ray process of the user on the machine (other test
 sessions included) and has no address filter. `ray start` runs in a new session (setsid), every process
 of that head inherits the session id, and teardown signals exactly those pids (SIGTERM, bounded wait,
-SIGKILL)."""
+SIGKILL). Jobs submitted to a head (`ray job submit`, working_dir upload) are tested on the multi-node
+cluster of tests/cluster."""
 from __future__ import annotations
 
 import contextlib
 import os
 import pathlib
-import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
@@ -113,65 +112,12 @@ def _tail(path: pathlib.Path, n: int = 4000) -> str:
         return ""
 
 
-class RayHead:
-    def __init__(self, temp_dir: str, gcs_port: int, dashboard_port: int, log: pathlib.Path, token: str):
-        self.temp_dir, self.gcs_port, self.dashboard_port, self.log = temp_dir, gcs_port, dashboard_port, log
-        self.headers = {"Authorization": f"Bearer {token}"}   # Ray 2.60 heads require a token by default
-        self.address = f"127.0.0.1:{gcs_port}"
-        self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
-        self.sid: int | None = None
-
-
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A real Ray head (`ray start --head`) on 127.0.0.1 with its own ports and a short temp dir (Unix
-    socket paths must stay under ~107 characters), 4 logical CPUs, the dashboard (Jobs API) on."""
-    logs = tmp_path_factory.mktemp("rayhead")
-    temp_dir = tempfile.mkdtemp(prefix="vpray-", dir="/tmp")
-    (gcs, dash, client, node_mgr, obj_mgr, agent_http, agent_grpc, env_agent, metrics) = free_ports(9)
-    token = secrets.token_hex(32)     # this head's own token, never ~/.ray/auth_token
-    head = RayHead(temp_dir, gcs, dash, logs / "ray-start.log", token)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",   # job drivers run `python` = the venv's
-           # `--node-ip-address 127.0.0.1` alone is rewritten to the host's address (Ray's
-           # resolve_ip_for_localhost); with cluster mode off the head advertises loopback everywhere
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_V2_ENABLED": "1", "RAY_DEDUP_LOGS": "0"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_AUTH_TOKEN_PATH", None)
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-           "--ray-client-server-port", str(client), "--node-manager-port", str(node_mgr),
-           "--object-manager-port", str(obj_mgr), "--dashboard-agent-listen-port", str(agent_http),
-           "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(env_agent),
-           "--metrics-export-port", str(metrics), "--temp-dir", temp_dir, "--num-cpus", "4",
-           "--object-store-memory", str(200 * 1024 * 1024), "--disable-usage-stats"]
-    with open(head.log, "wb") as out:
-        starter = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
-                                   start_new_session=True)
-    head.sid = starter.pid           # every process of this head inherits this session id
-    find = lambda: sorted(set(_session_pids(head.sid)) | set(_cmdline_pids(temp_dir)))  # noqa: E731
-    try:
-        try:
-            rc = starter.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"`ray start --head` did not return within 120 s:\n{_tail(head.log)}")
-        if rc != 0:
-            pytest.fail(f"`ray start --head` failed ({rc}):\n{_tail(head.log)}")
-        wait_http(f"{head.dashboard_url}/api/version", timeout_s=90, headers=head.headers)
-        yield head
-    finally:
-        survivors = stop_pids(find)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        assert not survivors, f"Ray head processes survived teardown: {survivors}"
-
-
 class MlflowServer:
     def __init__(self, url: str, root: pathlib.Path, proc: subprocess.Popen, log: pathlib.Path):
         self.url, self.root, self.proc, self.log = url, root, proc, log
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1:<free port>: SQLite backend store and a proxied artifact
     store in a temp dir, one worker. Ready when GET /health says OK."""
@@ -198,3 +144,21 @@ def mlflow_server(tmp_path_factory):
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
         assert not survivors, f"mlflow server processes survived teardown: {survivors}"
+
+
+@pytest.fixture(scope="session")
+def http_trained(ray_local, mlflow_server, digits_parquet, tmp_path_factory):
+    """(TrainResult, workdir): one model trained, registered and promoted through the tracking server,
+    as a user with credentials runs it: a password in the tracking URI (the server has no auth, so
+    requests sends it as basic auth) and storage options holding a key and a secret. Shared by the
+    tracking-server test (what reached the server) and the redaction test (what must not have)."""
+    from pipeline.train import TrainConfig, run_train
+    from tests.jobs.credentials import OPTIONS, PW
+
+    work = tmp_path_factory.mktemp("http-train")
+    url = f"http://vaepipe:{PW}@{mlflow_server.url.removeprefix('http://')}"
+    r = run_train(TrainConfig(input=digits_parquet, features=["image"], hidden=[8, 16], latent_dim=2, epochs=1,
+                              workers=1, batch_size=128, model_name="digits-http", promote="force",
+                              tracking_uri=url, workdir=str(work),
+                              storage_options=OPTIONS.replace('"anon": false', '"auto_mkdir": true')))
+    return r, work

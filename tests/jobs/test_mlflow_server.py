@@ -15,17 +15,13 @@ from pipeline.uris import resolve
 pytestmark = pytest.mark.slow
 
 
-def test_train_register_encode_through_tracking_server(ray_local, mlflow_server, digits_parquet, tmp_path):
+def test_train_register_encode_through_tracking_server(mlflow_server, http_trained, digits_parquet, tmp_path):
     from mlflow import MlflowClient
 
     from pipeline.encode import EncodeConfig, run_encode
-    from pipeline.train import TrainConfig, run_train
 
     url = mlflow_server.url
-    work = tmp_path / "work"
-    r = run_train(TrainConfig(input=digits_parquet, features=["image"], hidden=[8, 16], latent_dim=2, epochs=1,
-                              workers=1, batch_size=128, model_name="digits-http", promote="force",
-                              tracking_uri=url, workdir=str(work)))
+    r, work = http_trained   # trained through the server (tests/jobs/conftest.py)
     assert r.model_uri == f"models:/digits-http/{r.version}" and r.promoted
 
     # the server holds the version, READY, from this run, with the alias on it

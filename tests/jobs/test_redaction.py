@@ -14,11 +14,9 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from tests.jobs.credentials import KEY, OPTIONS, PW, SECRET
 
-PW = "pw-7Hq2LmX9"
-KEY, SECRET = "AKIAVAEPIPETEST", "S3cr3t-Zk4sWq8Pd"
-OPTIONS = json.dumps({"key": KEY, "secret": SECRET, "anon": False})
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_encode_process_error_shows_no_password_or_storage_secret(digits_parquet, tmp_path):
@@ -81,20 +79,13 @@ def test_unexpected_error_traceback_and_log_lines_are_redacted(capsys, monkeypat
 
 
 @pytest.mark.slow
-def test_mlflow_run_through_a_password_uri_records_no_password(ray_local, mlflow_server, digits_parquet, tmp_path):
+def test_mlflow_run_through_a_password_uri_records_no_password(mlflow_server, http_trained):
     from mlflow import MlflowClient
 
-    from pipeline.train import TrainConfig, run_train
-
-    host = mlflow_server.url.removeprefix("http://")
-    url = f"http://vaepipe:{PW}@{host}"      # the server has no auth: requests sends it as basic auth
-    r = run_train(TrainConfig(input=digits_parquet, features=["image"], hidden=[8, 16], latent_dim=2, epochs=1,
-                              workers=1, batch_size=256, model_name="digits-pw", promote="force",
-                              tracking_uri=url, workdir=str(tmp_path), storage_options=OPTIONS.replace(
-                                  '"anon": false', '"auto_mkdir": true')))
+    r, _ = http_trained   # trained through http://vaepipe:PW@… with a key and a secret in its storage options
     c = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     run = c.get_run(r.run_id)
-    mv = c.get_model_version("digits-pw", r.version)
+    mv = c.get_model_version("digits-http", r.version)
     recorded = json.dumps([run.data.params, run.data.tags, mv.tags, mv.source, run.info.artifact_uri])
     assert run.data.params["epochs"] == "1" and "vaepipe.input_uri" in run.data.tags
     for s in (PW, KEY, SECRET):

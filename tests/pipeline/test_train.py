@@ -79,14 +79,17 @@ def test_second_validation_uri_streamed_without_cache(ray_local, digits_parquet,
     assert not r.promoted
 
 
-def test_checkpoints_go_to_an_fsspec_storage_uri_and_resume_from_there(ray_local, digits_parquet, workdir):
+def test_checkpoints_on_an_fsspec_uri_keep_the_newest_n_and_resume_from_the_newest(ray_local, digits_parquet, workdir):
     """--storage-path s3://… (a local S3 server): Ray Train writes the checkpoints through a pyarrow
-    wrapper of the fsspec filesystem, vaepipe lists them, keeps its journal there, and --resume
-    continues from the newest one as a new Ray run in the same run folder."""
+    wrapper of the fsspec filesystem and, with --keep-checkpoints 2, deletes older ones there; vaepipe
+    lists them, keeps its journal there (every epoch, pruned or not), and --resume continues from the
+    newest one as a new Ray run in the same run folder."""
     import json
 
     import boto3
     from moto.server import ThreadedMotoServer
+
+    from pipeline.run_store import RunStore
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -96,18 +99,18 @@ def test_checkpoints_go_to_an_fsspec_storage_uri_and_resume_from_there(ray_local
               "client_kwargs": {"region_name": "us-east-1"}}
         boto3.client("s3", endpoint_url=so["endpoint_url"], aws_access_key_id="testing",
                      aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="ckpts")
-        common = dict(input=digits_parquet, epochs=2, promote="never", model_name="t3s3", workdir=workdir,
-                      storage_path="s3://ckpts/runs", storage_options=json.dumps(so), run_name="s3run", **TINY)
+        common = dict(input=digits_parquet, epochs=3, promote="never", model_name="t3s3", workdir=workdir,
+                      storage_path="s3://ckpts/runs", storage_options=json.dumps(so), run_name="s3run",
+                      keep_checkpoints=2, **TINY)
         r = run_train(TrainConfig(**common))
         assert r.run_dir == "s3://ckpts/runs/s3run" and os.path.isfile(r.checkpoint)   # a local copy
-        from pipeline.run_store import RunStore
-
         store = RunStore(r.run_dir, so)
-        assert sorted(store.checkpoints()) == [0, 1] and [e["epoch"] for e in store.journal()] == [0, 1]
-        more = run_train(TrainConfig(**(common | {"epochs": 3, "resume": True})))
-        assert more.run_id == r.run_id and more.epochs_run == 3
-        assert [e["epoch"] for e in store.journal()] == [0, 1, 2]
-        assert store.checkpoints()[2].endswith("s3run/resume-1/epoch_0002/checkpoint.pt")
+        assert sorted(store.checkpoints()) == [1, 2] and r.epochs_run == 3               # epoch 0's deleted on S3
+        assert [e["epoch"] for e in store.journal()] == [0, 1, 2]                        # every epoch journalled
+        more = run_train(TrainConfig(**(common | {"epochs": 4, "resume": True})))
+        assert more.run_id == r.run_id and more.epochs_run == 4
+        assert [e["epoch"] for e in store.journal()] == [0, 1, 2, 3]
+        assert store.checkpoints()[3].endswith("s3run/resume-1/epoch_0003/checkpoint.pt")
     finally:
         server.stop()
 
@@ -146,17 +149,3 @@ def test_a_failure_in_a_worker_or_after_fit_closes_the_mlflow_run_as_failed(ray_
                               promote="force", workdir=workdir, **TINY))
     runs = c.search_runs([c.get_experiment_by_name("vaepipe").experiment_id], "attributes.run_name LIKE 'badalias-%'")
     assert [r.info.status for r in runs] == ["FAILED"]
-
-
-def test_keep_checkpoints_keeps_the_newest_n_and_resume_still_finds_the_newest(ray_local, digits_parquet, workdir):
-    from pipeline.run_store import RunStore
-
-    common = dict(input=digits_parquet, promote="never", model_name="keep", workdir=workdir, run_name="keep-2",
-                  keep_checkpoints=2, **TINY)
-    r = run_train(TrainConfig(epochs=4, **common))
-    store = RunStore(r.run_dir)
-    assert sorted(store.checkpoints()) == [2, 3] and r.epochs_run == 4
-    assert [e["epoch"] for e in store.journal()] == [0, 1, 2, 3]          # every epoch still journalled
-    more = run_train(TrainConfig(epochs=5, resume=True, **common))
-    assert more.epochs_run == 5 and [e["epoch"] for e in store.journal()] == [0, 1, 2, 3, 4]
-    assert store.checkpoints()[4].endswith("keep-2/resume-1/epoch_0004/checkpoint.pt")

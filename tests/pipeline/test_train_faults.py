@@ -10,7 +10,9 @@ from pipeline.registry import client
 from pipeline.train import TrainConfig, run_train
 from pipeline.run_store import RunStore
 
-TINY = dict(features=["image"], latent_dim=2, hidden=[8, 16], batch_size=256, epochs=4, seed=3, promote="never")
+from tests.tiny import TINY_TRAIN
+
+TINY = {k: v for k, v in TINY_TRAIN.items() if k != "workers"}
 
 
 def _journal(run_dir: str) -> list[int]:
@@ -29,9 +31,9 @@ def test_killed_worker_restarts_from_last_checkpoint_not_from_zero(ray_local, di
     assert _journal(r.run_dir) == [0, 1, 2, 3]
 
 
-def test_resume_after_a_stopped_run_matches_an_uninterrupted_run(ray_local, digits_parquet, tmp_path):
+def test_resume_after_a_stopped_run_matches_an_uninterrupted_run(ray_local, digits_parquet, clean_tiny_run, tmp_path):
     work = str(tmp_path)
-    clean = run_train(TrainConfig(input=digits_parquet, workers=1, model_name="clean", workdir=work, **TINY))
+    clean = clean_tiny_run
     # the same run, stopped at epoch 2 (no restarts allowed), then resumed with --resume
     with pytest.raises(Exception):
         run_train(TrainConfig(input=digits_parquet, workers=1, max_failures=0, fail_at_epoch=2, run_name="stopped-1",

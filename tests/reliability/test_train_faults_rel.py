@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.train import TrainConfig, run_train
 from pipeline.run_store import RunStore
+from tests.tiny import TINY_TRAIN
 
 TINY = dict(features=["image"], latent_dim=2, hidden=[8, 16], batch_size=256, seed=5, promote="never",
             workers=1, cache="auto")
@@ -23,16 +24,17 @@ def _journal(run_dir: str) -> list[dict]:
     return RunStore(run_dir).journal()
 
 
-def test_01_worker_dies_after_checkpoint_resumes_and_matches_clean_run(ray_local, digits_parquet, tmp_path):
+def test_01_worker_dies_after_checkpoint_resumes_and_matches_clean_run(ray_local, digits_parquet, clean_tiny_run,
+                                                                      tmp_path):
     work = str(tmp_path)
-    clean = run_train(TrainConfig(input=digits_parquet, epochs=3, model_name="clean1", workdir=work, **TINY))
+    clean = clean_tiny_run   # the same recipe, uninterrupted (tests/conftest.py)
     k = 1   # epoch 0 checkpointed; the worker dies in epoch 1 (after its first batch)
-    faulty = run_train(TrainConfig(input=digits_parquet, epochs=3, max_failures=1, fail_at_epoch=k, fail_rank=0,
-                                   model_name="faulty1", workdir=work, **TINY))
+    faulty = run_train(TrainConfig(input=digits_parquet, max_failures=1, fail_at_epoch=k, fail_rank=0,
+                                   model_name="faulty1", workdir=work, **TINY_TRAIN))
     assert os.path.exists(os.path.join(faulty.run_dir, ".fault_injected"))    # the fault fired
     journal = _journal(faulty.run_dir)
-    assert [e["epoch"] for e in journal] == [0, 1, 2]                         # resumed at k, nothing redone
-    assert faulty.epochs_run == clean.epochs_run == 3
+    assert [e["epoch"] for e in journal] == [0, 1, 2, 3]                      # resumed at k, nothing redone
+    assert faulty.epochs_run == clean.epochs_run == 4
     # every epoch, not only the last, retraces the uninterrupted run
     ref = {e["epoch"]: e for e in _journal(clean.run_dir)}
     for e in journal:

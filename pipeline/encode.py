@@ -460,24 +460,14 @@ def refuse_partition_of_nightly(out: Location) -> None:
 
 def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, lease: Lease,
             model_blob: tuple | None, files: list[str] | None) -> EncodeResult:
+    """plan → model and columns → run the units (here or on Ray Data) → validate → commit."""
     t0 = time.perf_counter()
-    tracking = cfg.resolved_tracking_uri()
-    so = cfg.storage_options_dict()
     read_table_manifest(out, control)   # an untrusted manifest fails here, before any work or any write
     files = list_parquet_files(loc) if files is None else files
     units, schema, total = plan_units(loc, files, cfg.unit_rows)
-    ref, blob = model_blob or registry.load_model_bytes(cfg.model, tracking)   # alias resolved once, here
+    ref, blob = model_blob or registry.load_model_bytes(cfg.model, cfg.resolved_tracking_uri())   # alias resolved once
     model = model_from_checkpoint(load_checkpoint(blob))
-    if schema is not None:
-        spec = check_model_against(model, schema, loc.uri, cfg.id_column)
-        keep = cfg.keep or ([cfg.id_column] if cfg.id_column in schema.names else [])
-        part_cols = set(partition_values(units[0].rel)) if units else set()
-        for c in keep:
-            if c not in schema.names and c not in part_cols:
-                raise SchemaError(f"{loc.uri}: --keep column {c!r} not found; columns present: {schema.names}")
-        keep = [c for c in dict.fromkeys(keep) if c not in part_cols]   # partition values: the folder names
-    else:
-        spec, keep = None, []
+    spec, keep = _columns(cfg, loc, model, schema, units)
     metadata = {"vaepipe.model_uri": ref.uri, "vaepipe.model_requested": ref.requested,
                 "vaepipe.model_name": ref.name, "vaepipe.model_version": ref.version,
                 "vaepipe.model_run_id": ref.run_id or "", "vaepipe.latent_dim": str(model.config.latent_dim),
@@ -490,51 +480,77 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
     scale = int8_scales(model, loc, units, spec, model.config.input_dim) if cfg.dtype == "int8" else None
     if scale is not None:
         metadata["vaepipe.int8_scale"] = json.dumps([float(s) for s in scale])
-    itemsize = np.dtype(raw_dtype(schema, spec)).itemsize
-    executor, why = choose_executor(cfg, loc, out, units, model.config.input_dim * itemsize)
-    log.info("encode: executor %s (%s)", executor, why)
-    local = executor == "local"
-    if local:
-        use_gpu, n_actors = bool(cfg.use_gpu) and torch.cuda.is_available(), 1
-    else:
-        import ray
-        import ray.data
-
-        from pipeline.ray_runtime import cluster_actors, init_ray, quiet_data_progress
-
-        init_ray(cfg.ray_address)
-        quiet_data_progress()
-        use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-        n_actors = cluster_actors("encode", use_gpu=use_gpu, requested=cfg.concurrency, units=len(units))
     plan = {"input": cfg.input if "://" in cfg.input else loc.path, "output": cfg.output if "://" in cfg.output else out.path,
             "staging": commit.staging, "features": list(spec.columns), "layout": spec.layout,
             "input_dim": model.config.input_dim, "keep": keep, "id_column": cfg.id_column,
             "batch_size": cfg.batch_size, "logvar": cfg.logvar, "score": cfg.score, "dtype": cfg.dtype,
             "int8_scale": scale.tolist() if scale is not None else None, "on_bad_record": cfg.on_bad_record,
-            "metadata": metadata, "use_gpu": use_gpu, "storage_options": so,
-            "threads": 1 if not use_gpu else 2}
-    if local:
-        res = _run_units_here(blob, plan, units, commit, total)
+            "metadata": metadata, "storage_options": cfg.storage_options_dict()}
+    itemsize = np.dtype(raw_dtype(schema, spec)).itemsize
+    executor, why = choose_executor(cfg, loc, out, units, model.config.input_dim * itemsize)
+    log.info("encode: executor %s (%s)", executor, why)
+    if executor == "local":
+        res = _run_units_here(blob, {**plan, "use_gpu": bool(cfg.use_gpu) and torch.cuda.is_available()},
+                              units, commit, total)
     else:
-        items = [{"unit": json.dumps(u.__dict__)} for u in units]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        # this dataset's own context (a copy), not the process-wide DataContext other jobs share
-        ds.context.execution_options.preserve_order = True
-        ds.context.max_errored_blocks = 0   # one failing unit fails the job: never a silent drop
-        ds.context.raise_original_map_exception = True   # our typed error itself, not UserCodeException
-        ds = ds.map_batches(
-            UnitEncoder, fn_constructor_args=(blob, plan), batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors),
-            num_gpus=1 if use_gpu else 0, num_cpus=0.5 if use_gpu else 1)
-        try:
-            res = []
-            with Progress("encode", total, units=len(items)) as prog:   # one line per finished unit
-                for r in ds.iter_rows():
-                    res.append(r)
-                    prog.update(int(r["rows"]) + int(r["skipped"]))
-        except Exception as e:
-            commit.abort()
-            raise unwrap_ray_error(e) from None
-    res.sort(key=lambda r: r["index"])
+        res = _run_units_on_ray(cfg, blob, plan, units, commit, total)
+    return _commit_units(cfg, out, commit, res, total, metadata, scale is not None, ref, t0)
+
+
+def _columns(cfg: EncodeConfig, loc: Location, model: VAE, schema: pa.Schema | None,
+             units: list[Unit]) -> tuple[FeatureSpec | None, list[str]]:
+    """The model's feature columns in this input, checked against it, and the columns kept beside μ
+    (hive partition values stay in the folder names)."""
+    if schema is None:
+        return None, []
+    spec = check_model_against(model, schema, loc.uri, cfg.id_column)
+    keep = cfg.keep or ([cfg.id_column] if cfg.id_column in schema.names else [])
+    part_cols = set(partition_values(units[0].rel)) if units else set()
+    for c in keep:
+        if c not in schema.names and c not in part_cols:
+            raise SchemaError(f"{loc.uri}: --keep column {c!r} not found; columns present: {schema.names}")
+    return spec, [c for c in dict.fromkeys(keep) if c not in part_cols]
+
+
+def _run_units_on_ray(cfg: EncodeConfig, blob: bytes, plan: dict[str, Any], units: list[Unit], commit: Commit,
+                      total: int) -> list[dict]:
+    """One Ray Data row per unit, through a pool of UnitEncoder actors sized from the cluster; any
+    error aborts the run and comes out as itself."""
+    import ray
+    import ray.data
+
+    from pipeline.ray_runtime import cluster_actors, init_ray, quiet_data_progress
+
+    init_ray(cfg.ray_address)
+    quiet_data_progress()
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    n_actors = cluster_actors("encode", use_gpu=use_gpu, requested=cfg.concurrency, units=len(units))
+    plan = {**plan, "use_gpu": use_gpu, "threads": 1 if not use_gpu else 2}
+    items = [{"unit": json.dumps(u.__dict__)} for u in units]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # this dataset's own context (a copy), not the process-wide DataContext other jobs share
+    ds.context.execution_options.preserve_order = True
+    ds.context.max_errored_blocks = 0   # one failing unit fails the job: never a silent drop
+    ds.context.raise_original_map_exception = True   # our typed error itself, not UserCodeException
+    ds = ds.map_batches(
+        UnitEncoder, fn_constructor_args=(blob, plan), batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_gpus=1 if use_gpu else 0, num_cpus=0.5 if use_gpu else 1)
+    try:
+        res = []
+        with Progress("encode", total, units=len(items)) as prog:   # one line per finished unit
+            for r in ds.iter_rows():
+                res.append(r)
+                prog.update(int(r["rows"]) + int(r["skipped"]))
+        return res
+    except Exception as e:
+        commit.abort()
+        raise unwrap_ray_error(e) from None
+
+
+def _commit_units(cfg: EncodeConfig, out: Location, commit: Commit, res: list[dict], total: int, metadata: dict,
+                  int8: bool, ref, t0: float) -> EncodeResult:
+    """Every input row accounted for (written or quarantined), then the atomic commit."""
+    res = sorted(res, key=lambda r: r["index"])
     staged = [(r["staged"], int(r["rows"])) for r in res if r["staged"]]
     skipped = int(sum(r["skipped"] for r in res))
     rows_out = sum(n for _, n in staged)
@@ -543,7 +559,7 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
         raise RuntimeError(f"encode wrote {rows_out} rows + {skipped} skipped for {total} input rows; nothing committed")
     quarantine = _merge_skipped(out, [r["skipped_file"] for r in res if r["skipped_file"]], commit) if skipped else None
     extra = {}
-    if scale is not None:
+    if int8:
         sums: dict[str, float] = {}
         for r in res:
             for k, v in json.loads(str(r["int8_sums"])).items():

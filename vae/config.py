@@ -22,9 +22,11 @@ class SemiConfig:
     """Widths of the hidden layers of each M2 net (classifier, encoder, decoder)."""
     latent_dim: int = 16
     """Size of z2."""
-    alpha: float = 0.1
+    alpha: float = 1.0
     """Weight of the classification loss of labelled records, times the number of unlabelled records
-    per labelled one seen (the paper's α = 0.1·N over its mini-batches)."""
+    per labelled one in the batch (the paper's α·N). The paper's 0.1 let M2 explain two blobs by z2
+    instead of y on a toy (77 % right with 2 labels per class, 98 % at 1.0): 1.0, fixed there, before
+    any MNIST figure."""
 
     def __post_init__(self) -> None:
         self.classes = tuple(self.classes)

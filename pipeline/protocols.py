@@ -154,6 +154,24 @@ def baseline_scores(x_train: np.ndarray, x_test: np.ndarray, mu_train: np.ndarra
     return s
 
 
+def m2_error(mu_tr: np.ndarray, lv_tr: np.ndarray, ytr: np.ndarray, mu_te: np.ndarray, yte: np.ndarray,
+             n_labels: int, seed: int, epochs: int) -> float:
+    """Error of an M2 head (vae.semi, the default SemiConfig) fit for `epochs` on the frozen
+    q(z1|x) = N(mu_tr, exp(lv_tr)) of every training record, `n_labels` of them labelled (a balanced
+    draw, eval_metrics.balanced_indices), the rest unlabelled; argmax q(y|μ) on the test records."""
+    classes = tuple(np.unique(ytr).tolist())
+    cls_index = {c: i for i, c in enumerate(classes)}
+    idx = balanced_indices(ytr, n_labels, seed)
+    y = torch.full((len(ytr),), -1, dtype=torch.long)
+    y[idx] = torch.tensor([cls_index[c] for c in ytr[idx].tolist()])
+    torch.manual_seed(seed)
+    m2 = M2(mu_tr.shape[1], SemiConfig(classes=classes))
+    fit_m2(m2, torch.from_numpy(mu_tr), torch.from_numpy(lv_tr), y, epochs, seed=seed)
+    with torch.no_grad():
+        pred = np.asarray(classes)[m2.logits(torch.from_numpy(mu_te)).argmax(-1).numpy()]
+    return float((pred != yte).mean())
+
+
 def _set_threads(cfg: ProtocolConfig) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -239,15 +257,7 @@ def semi_mnist(cfg: ProtocolConfig) -> dict[str, Any]:
     for n in cfg.labels:
         errs, ls = [], []
         for s in range(cfg.seed, cfg.seed + cfg.draws):
-            idx = balanced_indices(ytr, n, s)
-            y = torch.full((len(ytr),), -1, dtype=torch.long)
-            y[idx] = torch.from_numpy(ytr[idx].astype(np.int64))
-            torch.manual_seed(s)
-            m2 = M2(model.config.latent_dim, semi)
-            fit_m2(m2, torch.from_numpy(mu_tr), torch.from_numpy(lv_tr), y, cfg.head_epochs, seed=s)
-            with torch.no_grad():
-                pred = m2.logits(torch.from_numpy(mu_te)).argmax(-1).numpy()
-            errs.append(float((pred != yte).mean()))
+            errs.append(m2_error(mu_tr, lv_tr, ytr, mu_te, yte, n, s, cfg.head_epochs))
             ls.append(spreading_error(mu_tr, ytr, mu_te, yte, n, s))
             print(f"{n} labels, draw {s}: M1+M2 error {errs[-1]:.2%}, label spreading on μ {ls[-1]:.2%} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)

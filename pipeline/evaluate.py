@@ -49,7 +49,7 @@ class EvaluateConfig(RuntimeConfig):
     label_draws: int = opt(5, "balanced label draws (seeds seed, seed+1, …) each probe is averaged over; "
                               "at 100 labels one draw moves the error by a point or more")
     m2_epochs: int = opt(0, "with --labels: also the M1+M2 probe (vae.semi): per label draw an M2 head fit for this "
-                            "many epochs on the model's frozen q(z|x) of the training records (100 = the "
+                            "many epochs on the model's frozen q(z|x) of the training records (50 = the "
                             "protocol's setting; 0 = skip it: minutes on a CPU)")
     log_to_mlflow: bool = opt(True, "log metrics and PNGs to the model version's MLflow run")
 

@@ -49,7 +49,7 @@ class ProtocolConfig(RuntimeConfig):
     what: str = opt("one-class-mnist", "the protocol: semi-mnist, one-class-mnist, breast-cancer", choices=PROTOCOLS)
     epochs: int = opt(0, "VAE training epochs (0: the protocol's own: 20 semi-mnist, 100 one-class-mnist, "
                          "300 breast-cancer)")
-    head_epochs: int = opt(100, "semi-mnist: epochs of the M2 head per label draw")
+    head_epochs: int = opt(50, "semi-mnist: epochs of the M2 head per label draw")
     labels: list[int] = opt(help="semi-mnist: label counts", factory=lambda: [100, 600, 1000])
     draws: int = opt(5, "semi-mnist, breast-cancer: seeded draws (labels / anomaly subsample) averaged over")
     digits: list[int] = opt(help="one-class-mnist: the normal digits to run (default all ten)",

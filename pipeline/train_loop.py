@@ -225,6 +225,9 @@ class TrainWorker:
         # --labels: the train shard comes with its class indices (train_config refuses --labels without the cache)
         self.cached = {name: load_shard(s, self.cfg, self.device, with_labels=bool(self.cfg.labels) and name == "train")
                        for name, s in self.shards.items()} if self.cfg.cache else None
+        if self.cfg.labels:
+            y = self.cached["train"][1]
+            print(f"worker {self.rank}: {int((y >= 0).sum()):,} of {len(y):,} training records labelled", flush=True)
 
     def _setup_tracking(self) -> None:
         if self.rank != 0 or not self.cfg.run.mlflow_run_id:

@@ -18,7 +18,7 @@ class SemiConfig:
 
     classes: tuple = ()
     """The class list, in index order: what `pred` indexes and `pred_prob` is laid out by (ints or strings)."""
-    hidden: tuple[int, ...] = (256,)
+    hidden: tuple[int, ...] = (128,)
     """Widths of the hidden layers of each M2 net (classifier, encoder, decoder)."""
     latent_dim: int = 16
     """Size of z2."""

@@ -49,7 +49,7 @@ def few_labels(digits_parquet, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def semi_model(ray_local, few_labels, workdir):
-    return run_train(TrainConfig(input=few_labels, labels="y", epochs=8, lr=5e-3, model_name="semi",
+    return run_train(TrainConfig(input=few_labels, labels="y", epochs=25, lr=5e-3, model_name="semi",
                                  workdir=workdir, **TINY))
 
 

@@ -22,11 +22,12 @@ class SemiConfig:
     """Widths of the hidden layers of each M2 net (classifier, encoder, decoder)."""
     latent_dim: int = 16
     """Size of z2."""
-    alpha: float = 1.0
+    alpha: float = 10.0
     """Weight of the classification loss of labelled records, times the number of unlabelled records
-    per labelled one in the batch (the paper's α·N). The paper's 0.1 let M2 explain two blobs by z2
-    instead of y on a toy (77 % right with 2 labels per class, 98 % at 1.0): 1.0, fixed there, before
-    any MNIST figure."""
+    per labelled one in the batch (the paper's α·N). Fixed on two toys (two Gaussian blobs, 2 labels
+    per class) before any MNIST run of this head: the paper's 0.1 let M2 explain the blobs by z2
+    instead of y (77 % right); 1.0 gave 98 % with a small head but 84 % with the default one; 10 gave
+    ≥ 99 % with both."""
 
     def __post_init__(self) -> None:
         self.classes = tuple(self.classes)

@@ -48,3 +48,24 @@ def test_m2_probe_labels_two_blobs_from_two_labels_each():
 def test_bad_protocol_settings_are_refused(kw, match):
     with pytest.raises(ConfigError, match=match):
         ProtocolConfig(**kw)
+
+
+def test_evaluate_reports_the_m1_m2_probe_beside_the_others():
+    from pipeline.datasets import digits
+    from pipeline.eval_report import flat_metrics, table
+    from pipeline.evaluate import EvaluateConfig, evaluate_model
+    from vae.config import VAEConfig
+    from vae.model import VAE
+    from vae.preprocess import Preprocessing
+
+    x, y = digits()
+    x = x.reshape(len(x), -1)
+    pre = Preprocessing(features=["image"], scaling="uint8", offset=[0.0] * 64, scale=[1 / 255] * 64)
+    model = VAE(VAEConfig(input_shape=(64,), latent_dim=4, hidden=(16,), preprocessing=pre)).eval()
+    cfg = EvaluateConfig(model="m", input="i", labels="label", label_draws=1, m2_epochs=1, iw_samples=2,
+                         iw_records=50, log_to_mlflow=False)
+    r, _ = evaluate_model(model, x[900:], x[:900], cfg, {"label": y[900:]}, {"label": y[:900]})
+    assert set(r["m2_error"]) == set(r["semi_supervised_error"]) == {"100", "600"}     # 1,000 > 900 records
+    assert all(0.0 <= e <= 1.0 for e in r["m2_error"].values()) and r["m2_epochs"] == 1
+    assert "M1+M2 error" in table({**r, "model": {"uri": "m"}})
+    assert {"eval_m2_error_100", "eval_m2_error_sd_600"} <= set(flat_metrics(r))

@@ -178,10 +178,10 @@ def build_datasets(data: PreparedData, cfg: TrainConfig):
     """(train, val or None) Ray datasets: --val-input, or a content-hash split of --input."""
     import ray.data
 
-    def read(loc: Location, files: list[str]):
+    def read(loc: Location, files: list[str], cols: list[str] = data.cols):
         ds = ray.data.read_parquet([loc.full(p) if not loc.is_local else p for p in files],
                                    filesystem=loc.arrow_fs() if not loc.is_local else None,
-                                   columns=data.cols, shuffle=None)
+                                   columns=cols, shuffle=None)
         # Blocks in file order, in every execution (materialize() included, which runs with the
         # dataset's own context, not DataConfig's): with the seeded local shuffle, a 1-worker run
         # then sees the same batches in the same order every time. The context is this dataset's
@@ -191,7 +191,7 @@ def build_datasets(data: PreparedData, cfg: TrainConfig):
 
     ds = read(data.loc, data.files)
     if data.val is not None:
-        return ds, read(*data.val)
+        return ds, read(*data.val, [c for c in data.cols if c != cfg.labels])   # validation uses no labels
     if cfg.val_fraction == 0:
         return ds, None
     spec, f = data.spec, cfg.val_fraction

@@ -117,6 +117,14 @@ def cached_batches(x: torch.Tensor, batch_size: int, epoch: int, shuffle: bool, 
         yield x[perm[i:i + batch_size]]
 
 
+def _before_second(it: Iterator, mid_epoch: Callable[[], None] | None) -> Iterator:
+    """`it`, running `mid_epoch` before its second item (fault injection, as the other batch streams)."""
+    for i, b in enumerate(it):
+        if i == 1 and mid_epoch is not None:
+            mid_epoch()
+        yield b
+
+
 def _allreduce(stats: EpochStats, world: int, device) -> EpochStats:
     if world == 1:
         return stats
@@ -245,8 +253,8 @@ class TrainWorker:
             x, y = self.cached["train"]
             if not shuffle:
                 return iter([x[i:i + self.cfg.optim.batch_size] for i in range(0, len(x), self.cfg.optim.batch_size)])
-            return labelled_batches(x, y, self.cfg.optim.batch_size, self.cfg.labelled_per_batch,
-                                    seed=self.cfg.optim.seed, epoch=epoch, rank=self.rank)
+            return _before_second(labelled_batches(x, y, self.cfg.optim.batch_size, self.cfg.labelled_per_batch,
+                                                   seed=self.cfg.optim.seed, epoch=epoch, rank=self.rank), fail)
         if self.cached is not None:
             return cached_batches(self.cached[name], self.cfg.optim.batch_size, epoch, shuffle, self.rank,
                                   seed=self.cfg.optim.seed, shuffle_buffer=self.cfg.shuffle_buffer, mid_epoch=fail)

@@ -56,6 +56,9 @@ class ProtocolConfig(RuntimeConfig):
                             factory=lambda: list(range(10)))
     arch: str = opt("conv", "image model: conv (what `vaepipe train` picks for images: channels 32, 64) or mlp "
                             "(512, 256, Kingma et al.'s M1 shape)", choices=("conv", "mlp"))
+    val_fraction: float = opt(0.0, "one-class-mnist, breast-cancer: hold out this seeded fraction of the fitting "
+                                    "records (no labels used) and keep the epoch with the best validation -ELBO "
+                                    "(early stopping without anomalies); 0 = train all epochs on all of them")
     iw_samples: int = opt(16, "importance samples K of the iwae score")
     seed: int = opt(0, "seed of the split, the models and the draws")
     threads: int = opt(0, "torch threads (0: torch's default)")
@@ -66,6 +69,8 @@ class ProtocolConfig(RuntimeConfig):
         self.choice("arch", ("conv", "mlp"))
         if self.epochs < 0 or self.head_epochs < 1 or self.draws < 1 or self.iw_samples < 1:
             raise ConfigError("epochs must be ≥ 0; head_epochs, draws and iw_samples ≥ 1")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if any(d not in range(10) for d in self.digits):
             raise ConfigError(f"digits must be 0–9, got {self.digits}")
         if any(n < 2 for n in self.labels):
@@ -94,9 +99,22 @@ def image_config(arch: str = "conv", semi: SemiConfig | None = None) -> VAEConfi
                      preprocessing=pre, semi=semi)
 
 
-def fit_vae(model: VAE, raw: np.ndarray, epochs: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> VAE:
-    """The default recipe's loop (AdamW, cosine decay, a seeded permutation per epoch), unsupervised."""
+def fit_vae(model: VAE, raw: np.ndarray, epochs: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+            val_fraction: float = 0.0) -> VAE:
+    """The default recipe's loop (AdamW, cosine decay, a seeded permutation per epoch), unsupervised.
+    With val_fraction > 0 a seeded part of `raw` is held out and the epoch with the best validation
+    -ELBO (vae.train_step.evaluate, per-record noise) is kept, as `train --patience` keeps its best."""
+    import copy
+
+    from vae.train_step import evaluate
+
     x = torch.from_numpy(np.ascontiguousarray(raw))
+    val = None
+    if val_fraction > 0:
+        p = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 77))
+        n_val = max(1, int(len(x) * val_fraction))
+        x, val = x[p[n_val:]], x[p[:n_val]]
+    best, best_state = float("inf"), None
     opt_ = torch.optim.AdamW(model.parameters(), lr=lr)
     for epoch in range(epochs):
         for g in opt_.param_groups:
@@ -104,6 +122,12 @@ def fit_vae(model: VAE, raw: np.ndarray, epochs: int, batch_size: int = 128, lr:
         torch.manual_seed(seed * 100_003 + epoch * 1009)
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919))
         train_epoch(model, (x[perm[i:i + batch_size]] for i in range(0, len(x), batch_size)), opt_, beta=1.0)
+        if val is not None:
+            score = evaluate(model, [val], seed=seed)[0].means()["neg_elbo"]
+            if score < best:
+                best, best_state = score, copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return model.eval()
 
 
@@ -188,7 +212,8 @@ def one_class_mnist(cfg: ProtocolConfig) -> dict[str, Any]:
     for d in cfg.digits:
         t = time.perf_counter()
         torch.manual_seed(cfg.seed)
-        model = fit_vae(VAE(image_config(cfg.arch)), xtr[ytr == d], epochs, batch_size=64, seed=cfg.seed)
+        model = fit_vae(VAE(image_config(cfg.arch)), xtr[ytr == d], epochs, batch_size=64, seed=cfg.seed,
+                        val_fraction=cfg.val_fraction)
         anomalous = (yte != d).astype(int)
         scores = vae_scores(model, xte, cfg.iw_samples, cfg.seed)
         mu_tr, _ = posterior(model, xtr[ytr == d])
@@ -198,7 +223,7 @@ def one_class_mnist(cfg: ProtocolConfig) -> dict[str, Any]:
         print(f"digit {d}: {int((ytr == d).sum())} training images, {epochs} epochs, {time.perf_counter() - t:.0f} s: "
               + " ".join(f"{k} {v:.4f}" for k, v in per_digit[str(d)].items()), flush=True)
     mean = {k: float(np.mean([r[k] for r in per_digit.values()])) for k in (*SCORES, *BASELINES)}
-    return {"protocol": "one-class-mnist", "arch": cfg.arch, "epochs": epochs, "iw_samples": cfg.iw_samples, "per_digit": per_digit,
+    return {"protocol": "one-class-mnist", "arch": cfg.arch, "epochs": epochs, "val_fraction": cfg.val_fraction, "iw_samples": cfg.iw_samples, "per_digit": per_digit,
             "mean": mean, "wall_s": time.perf_counter() - t0}
 
 
@@ -222,7 +247,7 @@ def breast_cancer(cfg: ProtocolConfig) -> dict[str, Any]:
         torch.manual_seed(s)
         model = VAE(VAEConfig(input_shape=(30,), arch="mlp", latent_dim=4, hidden=(64, 32), likelihood="gaussian",
                               preprocessing=pre))
-        model = fit_vae(model, raw_tr, epochs, batch_size=32, lr=2e-3, seed=s)
+        model = fit_vae(model, raw_tr, epochs, batch_size=32, lr=2e-3, seed=s, val_fraction=cfg.val_fraction)
         scores = vae_scores(model, raw_te, cfg.iw_samples, s)
         mu_tr, _ = posterior(model, raw_tr)
         mu_te, _ = posterior(model, raw_te)
@@ -234,7 +259,7 @@ def breast_cancer(cfg: ProtocolConfig) -> dict[str, Any]:
         print(f"draw {s}: fit on {len(tr)} rows ({int((target[tr] == 0).sum())} malignant), scored {len(te)} "
               f"({int(anomalous.sum())} malignant): " + " ".join(f"{k} {v:.4f}" for k, v in runs[-1].items()), flush=True)
     keys = (*SCORES, *BASELINES)
-    return {"protocol": "breast-cancer", "epochs": epochs, "malignant_rows": int(n_mal), "draws": runs,
+    return {"protocol": "breast-cancer", "epochs": epochs, "val_fraction": cfg.val_fraction, "malignant_rows": int(n_mal), "draws": runs,
             "mean": {k: float(np.mean([r[k] for r in runs])) for k in keys},
             "sd": {k: float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0 for k in keys},
             "wall_s": time.perf_counter() - t0}
@@ -281,7 +306,9 @@ def run_protocol(cfg: ProtocolConfig) -> dict[str, Any]:
 
 def summary(r: dict[str, Any]) -> str:
     """The protocol's table, as printed."""
-    lines = [f"{r['protocol']} ({r.get('arch', 'mlp')}, {r['epochs']} epochs): wall {r['wall_s']:.0f} s ({r['threads']} torch threads)"]
+    lines = [f"{r['protocol']} ({r.get('arch', 'mlp')}, {r['epochs']} epochs"
+             + (f", best of them by the ELBO of {r['val_fraction']:.0%} held out" if r.get("val_fraction") else "")
+             + f"): wall {r['wall_s']:.0f} s ({r['threads']} torch threads)"]
     if r["protocol"] == "semi-mnist":
         lines.append("labels | M1+M2 error (mean ± sd) | label spreading on μ")
         for n, v in r["m2"].items():

@@ -17,7 +17,7 @@ from pipeline.config import from_mapping, load_yaml
 from pipeline.errors import VaepipeError
 from pipeline.redact import RedactFilter, RedactingStream, redact_text, secrets_in_args, secrets_in_env
 
-JOBS = ("train", "encode", "decode", "nightly", "query", "neighbours", "evaluate", "demo", "bench")
+JOBS = ("train", "encode", "decode", "nightly", "query", "neighbours", "evaluate", "demo", "bench", "protocol")
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
               "  neighbours  every record's k nearest neighbours (Ray Data batch job; exact or --index usearch)\n"
               "  evaluate  quality report: ELBO, compression vs PCA, few-label probes\n"
               "  demo      the whole pipeline on bundled data, end to end\n"
-              "  bench     encode/train throughput against a plain PyTorch loop; query against DuckDB", file=sys.stderr)
+              "  bench     encode/train throughput against a plain PyTorch loop; query against DuckDB"
+              "\n  protocol  semi-mnist, one-class-mnist, breast-cancer: vaepipe against the baselines in one run", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "bench":
         from jobs.bench import bench_argv

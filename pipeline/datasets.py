@@ -59,3 +59,27 @@ def write_mnist_split(folder: str, seed: int = 0, n_train: int = 6000) -> tuple[
     a = write_parquet(images_table(x[tr], y[tr]), os.path.join(folder, "train"))
     b = write_parquet(images_table(x[te], y[te], start_id=n_train), os.path.join(folder, "test"))
     return a, b
+
+
+def keep_few_labels(folder: str, n: int, seed: int = 0, source: str = "label", column: str = "y") -> str:
+    """Add `column` to every Parquet file of FOLDER: `source`'s value for a balanced seeded draw of n
+    records (pipeline.eval_metrics.balanced_indices, the draws `evaluate` uses), null for the rest:
+    the input of `vaepipe train --labels y` with n labels.
+    python -c "from pipeline.datasets import keep_few_labels as k; k('mnist_split/train', 100)"."""
+    import pyarrow.dataset as pads
+
+    from pipeline.eval_metrics import balanced_indices
+
+    files = sorted(f.path for f in pads.dataset(folder, format="parquet").get_fragments())
+    tables = [pq.read_table(f) for f in files]
+    labels = np.concatenate([t.column(source).to_numpy() for t in tables])
+    keep = np.zeros(len(labels), bool)
+    keep[balanced_indices(labels, n, seed)] = True
+    start = 0
+    for path, t in zip(files, tables):
+        k = keep[start:start + t.num_rows]
+        col = pa.array(np.where(k, labels[start:start + t.num_rows], 0), t.schema.field(source).type, mask=~k)
+        t = t.drop_columns([column]) if column in t.schema.names else t
+        pq.write_table(t.append_column(column, col), path, compression="zstd")
+        start += t.num_rows
+    return folder

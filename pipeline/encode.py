@@ -38,6 +38,7 @@ from pipeline.uris import Location, resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
 from vae.distributions import record_keys, record_normal
 from vae.model import VAE
+from vae.semi import SemiVAE
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class EncodeConfig(WriterConfig):
     use_gpu: bool | None = opt(None, "encode on GPUs (default: when the cluster has them)")
     logvar: bool = opt(False, "also write the posterior log-variance")
     score: bool = opt(False, "also write an anomaly score: -ELBO per record, nats (higher = more unusual)")
+    predict: bool = opt(False, "also write `pred` (the class, in the label column's type) and `pred_prob` "
+                               "(fixed_size_list<float32>[C], in the model's class order) from a model trained "
+                               "with `train --labels`")
     dtype: str = opt("float32", "latent storage: float32, float16, int8 (per-dimension scale in metadata)",
                      choices=DTYPES)
     on_bad_record: str = opt("fail", "NaN/inf/null features: fail the job, or skip them (their ids go to the quarantine file the manifest names)",
@@ -267,6 +271,7 @@ class UnitEncoder:
         self.spec = FeatureSpec(tuple(plan["features"]), plan["layout"])
         self.scale = np.asarray(plan["int8_scale"], np.float32) if plan["int8_scale"] is not None else None
         self.int8_sums: dict[str, float] = {}
+        self.classes = pa.array(list(self.model.classes)) if plan.get("predict") else None   # int64 or string
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Raw records (N, D) in their own dtype → μ (and logvar / score), `batch_size` at a time.
@@ -284,6 +289,8 @@ class UnitEncoder:
             outs["logvar"] = torch.empty(n, lat, device=dev)
         if p["score"]:
             outs["score"] = torch.empty(n, device=dev)
+        if p.get("predict"):
+            outs["pred_prob"] = torch.empty(n, len(self.model.classes), device=dev)
         with torch.inference_mode():
             for i in range(0, n, bs):
                 raw = xt[i:i + bs].to(dev, non_blocking=True)
@@ -294,6 +301,8 @@ class UnitEncoder:
                 if "score" in outs:   # per-record noise: a record's score is the same in any batch or unit
                     eps = record_normal(record_keys(raw), lat).unsqueeze(0)
                     outs["score"][i:i + bs] = self.model.score(raw, eps=eps)
+                if "pred_prob" in outs:   # q(y|μ): the same μ written beside it
+                    outs["pred_prob"][i:i + bs] = torch.softmax(self.model.m2.logits(q.mean), -1)
         return {k: v.cpu().numpy() for k, v in outs.items()}
 
     def output_table(self, t: pa.Table, enc: dict[str, np.ndarray], meta: dict) -> pa.Table:
@@ -310,6 +319,9 @@ class UnitEncoder:
                                             pa.float16() if p["dtype"] != "float32" else pa.float32())
         if "score" in enc:
             out["score"] = pa.array(enc["score"].astype(np.float32))
+        if "pred_prob" in enc:
+            out["pred"] = self.classes.take(pa.array(enc["pred_prob"].argmax(1).astype(np.int64)))   # the class itself
+            out["pred_prob"] = fixed_size_list(np.ascontiguousarray(enc["pred_prob"], np.float32), pa.float32())
         return pa.table(out).replace_schema_metadata(meta)
 
     def run_unit(self, unit: dict) -> dict:
@@ -467,11 +479,16 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
     units, schema, total = plan_units(loc, files, cfg.unit_rows)
     ref, blob = model_blob or registry.load_model_bytes(cfg.model, cfg.resolved_tracking_uri())   # alias resolved once
     model = model_from_checkpoint(load_checkpoint(blob))
+    if cfg.predict and not isinstance(model, SemiVAE):
+        raise ConfigError(f"--predict: model {ref.requested!r} ({ref.uri}) has no classifier; train one with "
+                          f"`vaepipe train --labels COLUMN`")
     spec, keep = _columns(cfg, loc, model, schema, units)
     metadata = {"vaepipe.model_uri": ref.uri, "vaepipe.model_requested": ref.requested,
                 "vaepipe.model_name": ref.name, "vaepipe.model_version": ref.version,
                 "vaepipe.model_run_id": ref.run_id or "", "vaepipe.latent_dim": str(model.config.latent_dim),
                 "vaepipe.dtype": cfg.dtype, "vaepipe.input": loc.uri}
+    if cfg.predict:   # what pred_prob's positions mean
+        metadata["vaepipe.classes"] = json.dumps(list(model.classes))
     commit = Commit(out, control=control, lease=lease)
     if not units:   # empty input: an explicit, committed, empty result
         manifest = commit.commit([], {**metadata, "rows_in": 0, "skipped": 0})
@@ -483,7 +500,7 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
     plan = {"input": cfg.input if "://" in cfg.input else loc.path, "output": cfg.output if "://" in cfg.output else out.path,
             "staging": commit.staging, "features": list(spec.columns), "layout": spec.layout,
             "input_dim": model.config.input_dim, "keep": keep, "id_column": cfg.id_column,
-            "batch_size": cfg.batch_size, "logvar": cfg.logvar, "score": cfg.score, "dtype": cfg.dtype,
+            "batch_size": cfg.batch_size, "logvar": cfg.logvar, "score": cfg.score, "predict": cfg.predict, "dtype": cfg.dtype,
             "int8_scale": scale.tolist() if scale is not None else None, "on_bad_record": cfg.on_bad_record,
             "metadata": metadata, "storage_options": cfg.storage_options_dict()}
     itemsize = np.dtype(raw_dtype(schema, spec)).itemsize

@@ -13,6 +13,8 @@ def flat_metrics(r: dict) -> dict[str, float]:
         for n, d in r.get(key, {}).items():
             for name, e in d.items():
                 m[f"{key}_{name}_{n}"] = e
+    for n, e in r.get("m2_error", {}).items():
+        m[f"m2_error_{n}"], m[f"m2_error_sd_{n}"] = e, r["m2_error_sd"][n]
     return {f"eval_{k}": v for k, v in m.items() if math.isfinite(v)}
 
 
@@ -31,6 +33,9 @@ def table(r: dict) -> str:
             sd = r[f"{key}_sd"][n]
             lines.append(f"{what}, {n:>4} labels (mean ± sd of {r['label_draws']} draws): "
                          + "  ".join(f"{name} {d[k]:.3f} ± {sd[k]:.3f}" for name, k in (("μ", "mu"), ("PCA", "pca"), ("raw", "raw"))))
+    for n, e in r.get("m2_error", {}).items():
+        lines.append(f"M1+M2 error (vae.semi head, {r['m2_epochs']} epochs), {n:>4} labels (mean ± sd of "
+                     f"{r['label_draws']} draws): {e:.3f} ± {r['m2_error_sd'][n]:.3f}")
     if "anomaly_roc_auc" in r:
         lines.append(f"anomaly ROC AUC (-ELBO): {r['anomaly_roc_auc']:.3f}")
     return "\n".join(lines)

@@ -48,12 +48,17 @@ class EvaluateConfig(RuntimeConfig):
     seed: int = opt(0, "seed for sampling z, subsets and probes")
     label_draws: int = opt(5, "balanced label draws (seeds seed, seed+1, …) each probe is averaged over; "
                               "at 100 labels one draw moves the error by a point or more")
+    m2_epochs: int = opt(0, "with --labels: also the M1+M2 probe (vae.semi): per label draw an M2 head fit for this "
+                            "many epochs on the model's frozen q(z|x) of the training records (50 = the "
+                            "protocol's setting; 0 = skip it: minutes on a CPU)")
     log_to_mlflow: bool = opt(True, "log metrics and PNGs to the model version's MLflow run")
 
     def __post_init__(self) -> None:
         self.require("model", "input")
         if self.iw_samples < 1 or self.iw_records < 1:
             raise ConfigError("iw_samples and iw_records must be ≥ 1")
+        if self.m2_epochs < 0:
+            raise ConfigError(f"m2_epochs must be ≥ 0, got {self.m2_epochs}")
         if self.label_draws < 1:
             raise ConfigError(f"label_draws must be ≥ 1, got {self.label_draws}")
 
@@ -118,6 +123,8 @@ def evaluate_model(model: VAE, test_raw: np.ndarray, train_raw: np.ndarray, cfg:
                  "pca": (pca_codes(full_pca, x_train, model.config.latent_dim),
                          pca_codes(full_pca, x_test, model.config.latent_dim))}
         r |= _probes(feats, np.asarray(train_cols[cfg.labels]), np.asarray(labels), cfg)
+        if cfg.m2_epochs:
+            r |= _m2_probe(model, train_raw, test_raw, np.asarray(train_cols[cfg.labels]), np.asarray(labels), cfg)
     if cfg.anomaly_label:
         r["anomaly_roc_auc"] = roc_auc(recon + kl, test_cols[cfg.anomaly_label])
     pngs: list[str] = []
@@ -181,6 +188,25 @@ def _probes(feats: dict, ytr: np.ndarray, yte: np.ndarray, cfg: EvaluateConfig) 
             sd[str(n)] = {name: float(np.std(e, ddof=1)) if len(e) > 1 else 0.0 for name, e in errs.items()}
         r[key], r[f"{key}_sd"] = mean, sd
     return r
+
+
+def _m2_probe(model: VAE, train_raw, test_raw, ytr: np.ndarray, yte: np.ndarray, cfg: EvaluateConfig) -> dict[str, Any]:
+    """M1+M2 (Kingma et al. 2014, two-stage): per balanced label draw, an M2 head (vae.semi) fit on the
+    frozen model's q(z|x) of every training record, those outside the draw unlabelled; error of
+    argmax q(y|μ) on the test records. Mean and sd over the draws, as the other probes."""
+    from pipeline.protocols import m2_error, posterior
+
+    mu_tr, lv_tr = posterior(model, train_raw)
+    mu_te, _ = posterior(model, test_raw)
+    mean, sd = {}, {}
+    for n in (100, 600, 1000):
+        if n > len(ytr):
+            continue
+        errs = [m2_error(mu_tr, lv_tr, ytr, mu_te, yte, n, s, cfg.m2_epochs)
+                for s in range(cfg.seed, cfg.seed + cfg.label_draws)]
+        mean[str(n)] = float(np.mean(errs))
+        sd[str(n)] = float(np.std(errs, ddof=1)) if len(errs) > 1 else 0.0
+    return {"m2_error": mean, "m2_error_sd": sd, "m2_epochs": cfg.m2_epochs}
 
 
 def _split_input(test_raw, test_cols, seed: int):

@@ -22,6 +22,7 @@ import torch
 from pipeline import registry
 from pipeline.errors import ConfigError, InputError, VaepipeError, unwrap_ray_error
 from pipeline.faults import FaultPlan
+from pipeline.labels import check_label_column, read_classes
 from pipeline.features import FeatureSpec, check_finite, feature_dtypes, infer_spec, split_table, to_matrix
 from pipeline.parquet_io import check_inputs, list_parquet_files, read_table
 from pipeline.redact import redact_uri
@@ -30,7 +31,7 @@ from pipeline.train_config import ModelOptions, TrainConfig
 from pipeline.train_loop import RunRef, WorkerConfig, train_loop_per_worker
 from pipeline.uris import Location, arrow_filesystem, resolve
 from vae.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from vae.config import VAEConfig
+from vae.config import SemiConfig, VAEConfig
 from vae.model import VAE
 from vae.preprocess import Preprocessing
 from vae.train_step import evaluate
@@ -135,9 +136,17 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         raise InputError(f"input {cfg.input!r} has no records ({len(files)} file(s), 0 rows)")
     spec = infer_spec(schema, cfg.features, source=cfg.input)
     cols = list(spec.columns) + ([cfg.id_column] if cfg.id_column in schema.names else [])
+    semi = None
+    if cfg.labels:
+        check_label_column(schema, cfg.labels, list(spec.columns), cfg.input)
+        classes, labelled = read_classes(loc, files, cfg.labels, cfg.input)
+        semi = SemiConfig(classes=classes)
+        cols.append(cfg.labels)
+        print(f"labels: {labelled:,} of {rows:,} records labelled in {cfg.labels!r}, {len(classes)} classes")
     x = _sample(loc, files, spec, cols, cfg)
     pre = Preprocessing.fit(x, list(spec.columns), spec.layout, cfg.scaling, dtypes=feature_dtypes(schema, spec))
     model_cfg = _model_config(cfg.model, pre, x.shape[1], spec.layout, bool(x.min() >= 0 and x.max() <= 1))
+    model_cfg.semi = semi
     fp = registry.fingerprint([(loc.full(p), r, "") for p, r in zip(files, per_file)])
     val = None
     if cfg.val_input:
@@ -169,10 +178,10 @@ def build_datasets(data: PreparedData, cfg: TrainConfig):
     """(train, val or None) Ray datasets: --val-input, or a content-hash split of --input."""
     import ray.data
 
-    def read(loc: Location, files: list[str]):
+    def read(loc: Location, files: list[str], cols: list[str] = data.cols):
         ds = ray.data.read_parquet([loc.full(p) if not loc.is_local else p for p in files],
                                    filesystem=loc.arrow_fs() if not loc.is_local else None,
-                                   shuffle=None).select_columns(data.cols)   # projected at the read
+                                   shuffle=None).select_columns(cols)   # projected at the read
         # Blocks in file order, in every execution (materialize() included, which runs with the
         # dataset's own context, not DataConfig's): with the seeded local shuffle, a 1-worker run
         # then sees the same batches in the same order every time. The context is this dataset's
@@ -182,7 +191,7 @@ def build_datasets(data: PreparedData, cfg: TrainConfig):
 
     ds = read(data.loc, data.files)
     if data.val is not None:
-        return ds, read(*data.val)
+        return ds, read(*data.val, [c for c in data.cols if c != cfg.labels])   # validation uses no labels
     if cfg.val_fraction == 0:
         return ds, None
     spec, f = data.spec, cfg.val_fraction
@@ -267,7 +276,7 @@ def worker_config(cfg: TrainConfig, data: PreparedData, plan: RunPlan, run_id: s
         shuffle_buffer=cfg.shuffle_buffer, has_val=has_val, cache=cache,
         run=RunRef(plan.run_dir, so, run_id, tracking, plan.attempt),
         faults=FaultPlan(cfg.fail_at_epoch, cfg.fail_rank, plan.run_dir, so),
-        resume_from=plan.resume_from,
+        resume_from=plan.resume_from, labels=cfg.labels, labelled_per_batch=cfg.labelled_per_batch,
         threads=None if not use_gpu else 4)   # None: from the CPUs of the node each worker lands on
 
 

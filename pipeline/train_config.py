@@ -68,6 +68,8 @@ class DataOptions:
     shuffle_buffer: int
     sample_rows: int
     cache: str
+    labels: str | None
+    labelled_per_batch: int
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,11 @@ class TrainConfig(RuntimeConfig):
     shuffle_buffer: int = opt(4096, "Ray Data local shuffle buffer when streaming (cache off), records; "
                                      "0 = no shuffle (with the cache as well)", group="data")
     sample_rows: int = opt(10_000, "records read up front to fit the preprocessing", group="data")
+    labels: str | None = opt(None, "label column (integers or strings, null where a record has none, as most are): "
+                                   "trains the semi-supervised VAE (vae.semi, M1+M2) whose classifier `encode "
+                                   "--predict` applies; the class list is stored in the model", group="data")
+    labelled_per_batch: int = opt(32, "with --labels: labelled records drawn (with replacement) into every batch "
+                                      "on top of --batch-size, so a few labels reach every step", group="data")
     cache: str = opt("auto", "read the input once: Ray's object store keeps it across epochs and each "
                              "worker holds its shard on its device, shuffled by a seeded permutation per "
                              "epoch; auto (when under 2 GB as float32), on, off (stream every epoch through "
@@ -184,6 +191,14 @@ class TrainConfig(RuntimeConfig):
         if self.patience and self.keep_checkpoints <= self.patience:
             raise ConfigError(f"keep_checkpoints ({self.keep_checkpoints}) must exceed patience ({self.patience}): "
                               f"the best epoch's checkpoint would be deleted before training stops")
+        if self.labels is not None:
+            if self.labels in self.features:
+                raise ConfigError(f"labels column {self.labels!r} is also in features {self.features}")
+            if self.cache == "off":
+                raise ConfigError("--labels needs the cache (--cache auto or on): labelled records are drawn into "
+                                  "every batch from the cached shard")
+            if self.labelled_per_batch < 1:
+                raise ConfigError(f"labelled_per_batch must be ≥ 1, got {self.labelled_per_batch}")
         self.storage_options_dict()
 
     def storage_options_dict(self) -> dict[str, Any]:

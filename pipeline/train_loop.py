@@ -18,13 +18,15 @@ import torch
 
 from pipeline.faults import FaultPlan
 from pipeline.features import FeatureSpec, check_finite, raw_dtype, to_matrix
+from pipeline.labels import label_indices
 from pipeline.run_store import CHECKPOINT_FILE, RunStore
 from pipeline.train_config import OptimConfig
 from vae.checkpoint import checkpoint_bytes, load_checkpoint
 from vae.config import VAEConfig
 from vae.loss import kl_weight
 from vae.model import VAE
-from vae.train_step import EpochStats, active_units, evaluate, train_epoch
+from vae.semi import build_model
+from vae.train_step import EpochStats, active_units, evaluate, labelled_batches, train_epoch
 
 __all__ = ["CHECKPOINT_FILE", "RunStore", "TrainWorker", "WorkerConfig", "train_loop_per_worker"]
 
@@ -54,16 +56,20 @@ class WorkerConfig:
     run: RunRef
     faults: FaultPlan
     resume_from: str | None = None   # `--resume`: our own newest complete checkpoint
+    labels: str | None = None    # `--labels`: the label column (the classes are in `model`)
+    labelled_per_batch: int = 32
     threads: int | None = None   # None: the CPUs of the Ray node this worker lands on / the workers there
 
 
 # --- batches -----------------------------------------------------------------------------------------
 
 def batches(shard, cfg: WorkerConfig, epoch: int, shuffle: bool,
-            mid_epoch: Callable[[], None] | None = None) -> Iterator[torch.Tensor]:
+            mid_epoch: Callable[[], None] | None = None, with_labels: bool = False) -> Iterator[torch.Tensor]:
     """Raw feature tensors (B, D) from a Ray Data shard, converted via Arrow (no object arrays).
     Integer vectors stay integers (`raw_dtype`): the model's scaler casts them, so no float copy here.
-    `mid_epoch` runs before the second batch (fault injection)."""
+    `mid_epoch` runs before the second batch (fault injection). `with_labels`: ((B, D), (B,) class
+    indices, -1 = unlabelled) pairs."""
+    classes = tuple(cfg.model["semi"]["classes"]) if with_labels else ()
     dtype = None
     kw = {}
     if shuffle and cfg.shuffle_buffer > 0:
@@ -78,13 +84,19 @@ def batches(shard, cfg: WorkerConfig, epoch: int, shuffle: bool,
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")   # Arrow's buffers: read-only, never written
             t = torch.from_numpy(x)
-        yield t
+        yield (t, torch.from_numpy(label_indices(b, cfg.labels, classes))) if with_labels else t
 
 
-def load_shard(shard, cfg: WorkerConfig, device: torch.device) -> torch.Tensor:
+def load_shard(shard, cfg: WorkerConfig, device: torch.device, with_labels: bool = False):
     """A worker's whole shard as one raw tensor (N, D) on its device, read and checked once, in the
-    shard's (deterministic) block order. Integer images stay integers: 1 byte per value."""
-    parts = list(batches(shard, cfg, epoch=0, shuffle=False))
+    shard's (deterministic) block order. Integer images stay integers: 1 byte per value.
+    `with_labels`: (records, class indices (N,)) instead."""
+    parts = list(batches(shard, cfg, epoch=0, shuffle=False, with_labels=with_labels))
+    if with_labels:
+        xs, ys = [p[0] for p in parts], [p[1] for p in parts]
+        x = torch.cat(xs) if xs else torch.zeros((0, cfg.input_dim), dtype=torch.float32)
+        y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.long)
+        return x.to(device), y.to(device)
     x = torch.cat(parts) if parts else torch.zeros((0, cfg.input_dim), dtype=torch.float32)
     return x.to(device)
 
@@ -103,6 +115,14 @@ def cached_batches(x: torch.Tensor, batch_size: int, epoch: int, shuffle: bool, 
         if i == batch_size and mid_epoch is not None:
             mid_epoch()
         yield x[perm[i:i + batch_size]]
+
+
+def _before_second(it: Iterator, mid_epoch: Callable[[], None] | None) -> Iterator:
+    """`it`, running `mid_epoch` before its second item (fault injection, as the other batch streams)."""
+    for i, b in enumerate(it):
+        if i == 1 and mid_epoch is not None:
+            mid_epoch()
+        yield b
 
 
 def _allreduce(stats: EpochStats, world: int, device) -> EpochStats:
@@ -187,7 +207,7 @@ class TrainWorker:
     def _setup_model(self, state: dict | None) -> None:
         import ray.train.torch
 
-        model = VAE(VAEConfig.from_dict(self.cfg.model))
+        model = build_model(VAEConfig.from_dict(self.cfg.model))
         if state is not None:
             model.load_state_dict(state["model"])
         self.model = ray.train.torch.prepare_model(model)   # moves to device; DDP when world > 1
@@ -210,8 +230,12 @@ class TrainWorker:
         self.shards = {"train": ray.train.get_dataset_shard("train")}
         if self.cfg.has_val:
             self.shards["val"] = ray.train.get_dataset_shard("val")
-        self.cached = {name: load_shard(s, self.cfg, self.device) for name, s in self.shards.items()} \
-            if self.cfg.cache else None
+        # --labels: the train shard comes with its class indices (train_config refuses --labels without the cache)
+        self.cached = {name: load_shard(s, self.cfg, self.device, with_labels=bool(self.cfg.labels) and name == "train")
+                       for name, s in self.shards.items()} if self.cfg.cache else None
+        if self.cfg.labels:
+            y = self.cached["train"][1]
+            print(f"worker {self.rank}: {int((y >= 0).sum()):,} of {len(y):,} training records labelled", flush=True)
 
     def _setup_tracking(self) -> None:
         if self.rank != 0 or not self.cfg.run.mlflow_run_id:
@@ -225,6 +249,12 @@ class TrainWorker:
 
     def epoch_batches(self, name: str, epoch: int, shuffle: bool) -> Iterator[torch.Tensor]:
         fail = (lambda: self.cfg.faults.maybe_fail(self.rank, epoch)) if shuffle else None
+        if self.cfg.labels and name == "train":
+            x, y = self.cached["train"]
+            if not shuffle:
+                return iter([x[i:i + self.cfg.optim.batch_size] for i in range(0, len(x), self.cfg.optim.batch_size)])
+            return _before_second(labelled_batches(x, y, self.cfg.optim.batch_size, self.cfg.labelled_per_batch,
+                                                   seed=self.cfg.optim.seed, epoch=epoch, rank=self.rank), fail)
         if self.cached is not None:
             return cached_batches(self.cached[name], self.cfg.optim.batch_size, epoch, shuffle, self.rank,
                                   seed=self.cfg.optim.seed, shuffle_buffer=self.cfg.shuffle_buffer, mid_epoch=fail)

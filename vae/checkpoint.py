@@ -10,6 +10,7 @@ import torch
 
 from vae.config import VAEConfig
 from vae.model import VAE
+from vae.semi import build_model
 
 FORMAT = "vaepipe-checkpoint-v1"
 
@@ -57,8 +58,9 @@ def load_checkpoint(source: str | os.PathLike | bytes | io.BytesIO, map_location
 
 
 def model_from_checkpoint(state: dict[str, Any], map_location: str = "cpu") -> VAE:
-    """Build the module from code and config, then load weights (strict)."""
-    model = VAE(VAEConfig.from_dict(state["config"]))
+    """Build the module from code and config (a SemiVAE when the config has a class list), then load
+    weights (strict)."""
+    model = build_model(VAEConfig.from_dict(state["config"]))
     model.load_state_dict(state["model"], strict=True)
     return model.to(map_location).eval()
 

@@ -12,6 +12,43 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 
 
 @dataclass
+class SemiConfig:
+    """The semi-supervised head (vae.semi, Kingma et al. 2014's M1+M2): an M2 model over the VAE's
+    latent z1 ~ q(z1|x), with a classifier q(y|z1), q(z2|z1, y) and a label-conditioned p(z1|z2, y)."""
+
+    classes: tuple = ()
+    """The class list, in index order: what `pred` indexes and `pred_prob` is laid out by (ints or strings)."""
+    hidden: tuple[int, ...] = (128,)
+    """Widths of the hidden layers of each M2 net (classifier, encoder, decoder)."""
+    latent_dim: int = 16
+    """Size of z2."""
+    alpha: float = 10.0
+    """Weight of the classification loss of labelled records, times the number of unlabelled records
+    per labelled one in the batch (the paper's α·N). Fixed on two toys (two Gaussian blobs, 2 labels
+    per class) before any MNIST run of this head: the paper's 0.1 let M2 explain the blobs by z2
+    instead of y (77 % right); 1.0 gave 98 % with a small head but 84 % with the default one; 10 gave
+    ≥ 99 % with both."""
+
+    def __post_init__(self) -> None:
+        self.classes = tuple(self.classes)
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if len(self.classes) < 2:
+            raise ValueError(f"a semi-supervised model needs at least 2 classes, got {list(self.classes)}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be distinct, got {list(self.classes)}")
+        if not all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in self.classes):
+            raise ValueError(f"classes must be ints or strings, got {list(self.classes)}")
+        if self.latent_dim <= 0 or not self.hidden or any(h <= 0 for h in self.hidden):
+            raise ValueError(f"latent_dim and hidden must be positive, got {self.latent_dim}, {self.hidden}")
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be ≥ 0, got {self.alpha}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"classes": list(self.classes), "hidden": list(self.hidden), "latent_dim": self.latent_dim,
+                "alpha": self.alpha}
+
+
+@dataclass
 class VAEConfig:
     """Shape and size of a VAE. Records are always flat vectors of `input_dim` floats at the model's
     boundary; `input_shape` says how the convolutional model views them (C, H, W)."""
@@ -31,8 +68,12 @@ class VAEConfig:
     """log-variance is clamped to this range (as diffusers' DiagonalGaussianDistribution)."""
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     """How raw feature columns become the model's input vector (scaling is part of the model)."""
+    semi: SemiConfig | None = None
+    """The semi-supervised head (classes and sizes), or None for a plain VAE."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.semi, dict):
+            self.semi = SemiConfig(**self.semi)
         self.input_shape = tuple(int(s) for s in self.input_shape)
         self.hidden = tuple(int(h) for h in self.hidden)
         if isinstance(self.preprocessing, dict):
@@ -66,6 +107,7 @@ class VAEConfig:
         d["input_shape"] = list(self.input_shape)
         d["hidden"] = list(self.hidden)
         d["preprocessing"] = self.preprocessing.to_dict()
+        d["semi"] = self.semi.to_dict() if self.semi is not None else None
         return d
 
     @classmethod

@@ -3,7 +3,7 @@ these, and tests call them without Ray."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -40,18 +40,21 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_epoch(model: torch.nn.Module, batches: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer,
-                beta: float, free_bits: float = 0.0, device: torch.device | str = "cpu", amp: str = "off",
+def train_epoch(model: torch.nn.Module, batches: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+                optimizer: torch.optim.Optimizer, beta: float, free_bits: float = 0.0,
+                device: torch.device | str = "cpu", amp: str = "off",
                 scaler: torch.amp.GradScaler | None = None, grad_clip: float = 0.0) -> EpochStats:
-    """batches yield raw records (B, D); the model preprocesses them. Returns sums over the epoch."""
+    """batches yield raw records (B, D), or (records, class indices (B,), -1 = unlabelled) for a
+    semi-supervised model (vae.semi); the model preprocesses them. Returns sums over the epoch."""
     device = torch.device(device)
     model.train()
     core: VAE = getattr(model, "module", model)
     stats = EpochStats()
-    for raw in batches:
+    for batch in batches:
+        raw, kw = (batch[0], {"y": batch[1]}) if isinstance(batch, (tuple, list)) else (batch, {})
         x = core.preprocess(raw.to(device, non_blocking=True))
         with autocast(device, amp):
-            out = model(x, beta=beta, free_bits=free_bits)
+            out = model(x, beta=beta, free_bits=free_bits, **kw)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(out.loss).backward()
@@ -101,3 +104,21 @@ def cosine_lr(peak: float, epoch: int, epochs: int, floor: float = 0.05) -> floa
     if epochs <= 1:
         return peak
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * epoch / (epochs - 1))))
+
+
+def labelled_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, labelled_per_batch: int, *, seed: int,
+                     epoch: int, rank: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches for a semi-supervised model: every record once per epoch in a seeded permutation
+    (labelled ones keep their label), each batch topped up with `labelled_per_batch` labelled records
+    drawn with replacement, so a few hundred labels among thousands of records reach every step.
+    x (N, D) raw, y (N,) class indices with -1 = unlabelled; yields ((B', D), (B',)). A pure function
+    of (seed, epoch, rank)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + rank)
+    perm = torch.randperm(len(x), generator=g).to(x.device)
+    pool = torch.nonzero(y >= 0).flatten()
+    for i in range(0, len(x), batch_size):
+        idx = perm[i:i + batch_size]
+        if len(pool) and labelled_per_batch > 0:
+            extra = pool[torch.randint(len(pool), (labelled_per_batch,), generator=g).to(pool.device)]
+            idx = torch.cat([idx, extra])
+        yield x[idx], y[idx]

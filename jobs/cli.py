@@ -91,6 +91,10 @@ def run_job(name: str, argv: list[str]) -> int:
     except VaepipeError as e:
         print(redact_text(f"vaepipe {name}: error: {e}", secrets), file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:   # the reader went away (`vaepipe query … | head`): stop quietly, as `cat` does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())   # so the interpreter's last flush of stdout finds nowhere to fail
+        return 128 + 13                  # what a shell reports for a process ended by SIGPIPE
     except Exception:
         print(redact_text(traceback.format_exc(), secrets), end="", file=sys.stderr)
         return 1

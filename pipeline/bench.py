@@ -508,7 +508,9 @@ def summary(f: dict[str, Any]) -> str:
             f"  vaepipe query process:            {f['pipeline_wall_s']:.3f} s   runs {_walls(f['all_pipeline_walls_s'])}",
             f"  ratio DuckDB/vaepipe wall: {f['ratio']:.2f} (> 1: vaepipe faster); same answer: {f['same_answer']}",
             f"  CPU (user+sys, median): DuckDB {f['baseline_cpu_s']:.3f} s, vaepipe {f['pipeline_cpu_s']:.3f} s",
-            f"  vaepipe query, {f['pipeline_many_ids']} ids in one pass (--ids-file): {f['pipeline_many_ids_wall_s']:.3f} s",
+            f"  {f['pipeline_many_ids']} query ids in one pass: DuckDB (one SQL, min_by per query) "
+            f"{f['baseline_many_ids_wall_s']:.3f} s, vaepipe (--ids-file) {f['pipeline_many_ids_wall_s']:.3f} s, "
+            f"ratio {f['many_ids_ratio']:.2f}",
             f"  peak RSS: vaepipe {f['peak_rss_mb']:,.0f} MiB, DuckDB {f['baseline_peak_rss_mb']:,.0f} MiB",
             f"  load average before/after: {f['load_avg_before']} / {f['load_avg_after']}"])
     if f.get("whole_process"):

@@ -160,6 +160,36 @@ for i, d in rows:
 """
 
 
+DUCKDB_MANY = r"""
+import json, sys
+import duckdb
+folder, ids_file, k, dim = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rows = duckdb.connect().execute(f'''
+    WITH t AS (SELECT id, mu::FLOAT[{dim}] AS mu FROM read_parquet('{folder}/*.parquet')),
+         q AS (SELECT id AS qid, mu AS qmu FROM t
+               WHERE id IN (SELECT column0 FROM read_csv('{ids_file}', header = false))),
+         d AS (SELECT qid, id, array_distance(mu, qmu) AS d FROM t, q WHERE id != qid)
+    SELECT qid, min_by(id, d, {k}), min_by(d, d, {k}) FROM d GROUP BY qid''').fetchall()
+for qid, ids, ds in rows:
+    for i, d in zip(ids, ds):
+        print(json.dumps({"query": str(qid), "id": i, "distance": d}))
+"""
+
+
+def _many_answer(stdout: str) -> dict[str, dict]:
+    """{query id: {neighbour id: distance}}, from either side's JSON lines."""
+    got: dict[str, dict] = {}
+    for r in map(json.loads, stdout.strip().splitlines()):
+        got.setdefault(str(r["query"]), {})[r["id"]] = r["distance"]
+    return got
+
+
+def _same_many(a: dict[str, dict], b: dict[str, dict], tol: float = 1e-4) -> bool:
+    """The same neighbours for every query, at the same distances (float32 arithmetic on both sides)."""
+    return a.keys() == b.keys() and all(a[q].keys() == b[q].keys() and
+                                        all(abs(a[q][i] - b[q][i]) <= tol for i in a[q]) for q in a)
+
+
 def _answer(stdout: str) -> list[tuple]:
     return [(r["id"], r["distance"]) for r in map(json.loads, stdout.strip().splitlines())]
 
@@ -177,29 +207,35 @@ def bench_query(cfg) -> dict[str, Any]:
                           dim=cfg.latent_dim, files=cfg.query_files)
     n = cfg.records
     qid = (n // 3) + 7 if n > 10 else 0
-    many = np.random.default_rng(1).choice(n, size=min(cfg.query_ids, n), replace=False)
+    many_ids = np.random.default_rng(1).choice(n, size=min(cfg.query_ids, n), replace=False)
     ids_file = os.path.join(root, f"query-ids-{cfg.query_ids}.txt")
     with open(ids_file, "w") as f:
-        f.write("\n".join(str(int(v)) for v in many) + "\n")
+        f.write("\n".join(str(int(v)) for v in many_ids) + "\n")
     ours = [*vaepipe_command(), "query", "--latents", folder, "--id", str(qid), "--k", str(cfg.k), "--format", "jsonl"]
     ours_many = [*vaepipe_command(), "query", "--latents", folder, "--ids-file", ids_file, "--k", str(cfg.k),
                  "--format", "jsonl"]
     theirs = [sys.executable, "-c", DUCKDB_QUERY, folder, str(qid), str(cfg.k), str(cfg.latent_dim)]
+    theirs_many = [sys.executable, "-c", DUCKDB_MANY, folder, ids_file, str(cfg.k), str(cfg.latent_dim)]
     # warm-up: page cache, .pyc files, both sides once
     timed_run(ours), timed_run(theirs)
     load_before = load_avg()
-    base, pipe, many_walls = [], [], []
+    base, pipe, many, base_many = [], [], [], []
     for r in range(cfg.n_repeats):
         for side in (("baseline", "vaepipe") if r % 2 == 0 else ("vaepipe", "baseline")):
             res = timed_run(theirs if side == "baseline" else ours)
             (base if side == "baseline" else pipe).append(res)
-        many_walls.append(timed_run(ours_many)["wall"])
+        for side in (("baseline", "vaepipe") if r % 2 == 0 else ("vaepipe", "baseline")):
+            (base_many if side == "baseline" else many).append(timed_run(theirs_many if side == "baseline" else ours_many))
+    many_walls = [d["wall"] for d in many]
     load_after = load_avg()
     a, b = _answer(pipe[0]["stdout"]), _answer(base[0]["stdout"])
     same = a == b
     if not same:
         raise RuntimeError(f"bench query: vaepipe and DuckDB disagree:\n{a}\n{b}")
+    if not _same_many(_many_answer(many[0]["stdout"]), _many_answer(base_many[0]["stdout"])):
+        raise RuntimeError("bench query: vaepipe and DuckDB disagree on the many-ids query")
     bw = statistics.median(d["wall"] for d in base)
+    bmw = statistics.median(d["wall"] for d in base_many)
     pw = statistics.median(d["wall"] for d in pipe)
     return {
         "what": "query", "records": n, "k": cfg.k, "latent_dim": cfg.latent_dim, "files": cfg.query_files,
@@ -209,7 +245,9 @@ def bench_query(cfg) -> dict[str, Any]:
         "baseline_records_per_s": n / bw, "pipeline_records_per_s": n / pw,
         "baseline_cpu_s": statistics.median(d["cpu"] for d in base),
         "pipeline_cpu_s": statistics.median(d["cpu"] for d in pipe),
-        "pipeline_many_ids": len(many), "pipeline_many_ids_wall_s": statistics.median(many_walls),
+        "pipeline_many_ids": len(many_ids), "pipeline_many_ids_wall_s": statistics.median(many_walls),
+        "baseline_many_ids_wall_s": bmw, "many_ids_ratio": bmw / statistics.median(many_walls),
+        "all_baseline_many_ids_walls_s": [d["wall"] for d in base_many],
         "peak_rss_mb": max(d["own_peak_mb"] for d in pipe), "baseline_peak_rss_mb": max(d["own_peak_mb"] for d in base),
         "repeats": cfg.n_repeats, "all_baseline_walls_s": [d["wall"] for d in base],
         "all_pipeline_walls_s": [d["wall"] for d in pipe], "all_many_ids_walls_s": many_walls,

@@ -171,3 +171,21 @@ def test_cli_prints_jsonl_and_does_not_import_torch_ray_mlflow_or_pandas(latents
     rows = [json.loads(line) for line in p.stdout.strip().splitlines()]
     assert [(r["id"], r["distance"]) for r in rows] == duck(folder, q, 6)
     assert main(["query", "--latents", folder, "--id", "-1", "--k", "3"]) == 2    # unknown id: exit 2
+
+
+def test_output_piped_into_head_stops_quietly(latents):
+    """`vaepipe query … | head -1`: the reader closes the pipe after one line; the query stops with
+    SIGPIPE's status and no BrokenPipeError traceback."""
+    folder, _, ids = latents
+    ids_file = os.path.join(os.path.dirname(folder), "all-ids.txt")
+    with open(ids_file, "w") as f:
+        f.write("\n".join(str(int(v)) for v in ids[:2000]))   # 20,000 lines: far more than a pipe buffer
+    p = subprocess.Popen([sys.executable, "-m", "jobs.cli", "query", "--latents", folder, "--ids-file", ids_file,
+                          "--k", "10", "--format", "jsonl"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    first = p.stdout.readline()
+    p.stdout.close()   # what `head -1` does after its line
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert json.loads(first)["rank"] == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

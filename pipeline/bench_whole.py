@@ -151,7 +151,9 @@ DUCKDB_QUERY = r"""
 import json, sys
 import duckdb
 folder, qid, k, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-rows = duckdb.connect().execute(f'''
+con = duckdb.connect()
+con.execute("SET enable_progress_bar = false")   # its bar goes to stdout on long queries
+rows = con.execute(f'''
     WITH t AS (SELECT id, mu::FLOAT[{dim}] AS mu FROM read_parquet('{folder}/*.parquet'))
     SELECT id, array_distance(mu, (SELECT mu FROM t WHERE id = {qid})) AS d
     FROM t WHERE id != {qid} ORDER BY d LIMIT {k}''').fetchall()
@@ -164,7 +166,9 @@ DUCKDB_MANY = r"""
 import json, sys
 import duckdb
 folder, ids_file, k, dim = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-rows = duckdb.connect().execute(f'''
+con = duckdb.connect()
+con.execute("SET enable_progress_bar = false")   # its bar goes to stdout on long queries
+rows = con.execute(f'''
     WITH t AS (SELECT id, mu::FLOAT[{dim}] AS mu FROM read_parquet('{folder}/*.parquet')),
          q AS (SELECT id AS qid, mu AS qmu FROM t
                WHERE id IN (SELECT column0 FROM read_csv('{ids_file}', header = false))),
@@ -208,7 +212,7 @@ def bench_query(cfg) -> dict[str, Any]:
     n = cfg.records
     qid = (n // 3) + 7 if n > 10 else 0
     many_ids = np.random.default_rng(1).choice(n, size=min(cfg.query_ids, n), replace=False)
-    ids_file = os.path.join(root, f"query-ids-{cfg.query_ids}.txt")
+    ids_file = os.path.join(root, f"query-ids-{n}-{cfg.query_ids}.txt")   # per size: runs may overlap
     with open(ids_file, "w") as f:
         f.write("\n".join(str(int(v)) for v in many_ids) + "\n")
     ours = [*vaepipe_command(), "query", "--latents", folder, "--id", str(qid), "--k", str(cfg.k), "--format", "jsonl"]

@@ -174,6 +174,14 @@ def _sample(loc: Location, files: list[str], spec: FeatureSpec, cols: list[str],
     return np.concatenate(sample)[: cfg.sample_rows]
 
 
+def _ray_train_log_level() -> str:
+    """WARNING, or what VAEPIPE_LOG asks for when that is more detailed (INFO, DEBUG)."""
+    import logging
+
+    want = logging.getLevelName(os.environ.get("VAEPIPE_LOG", "WARNING").upper())
+    return "WARNING" if not isinstance(want, int) or want >= logging.WARNING else logging.getLevelName(want)
+
+
 def build_datasets(data: PreparedData, cfg: TrainConfig):
     """(train, val or None) Ray datasets: --val-input, or a content-hash split of --input."""
     import ray.data
@@ -296,7 +304,10 @@ def fit(cfg: TrainConfig, plan: RunPlan, worker_cfg: WorkerConfig, train_ds, val
             name=plan.ray_name, storage_path=plan.ray_parent.path,
             storage_filesystem=None if plan.root.is_local else arrow_filesystem(plan.root.fs),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            # Ray Train's own INFO lines ("Started training worker group …") stay in its log files
+            # unless VAEPIPE_LOG asks for INFO; its warnings and errors still reach the console
+            logging_config=ray.train.LoggingConfig(log_level=_ray_train_log_level())),
         dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets),
                                             execution_options=ExecutionOptions(preserve_order=True)),
     )

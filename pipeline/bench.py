@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.config import RuntimeConfig, opt
+from pipeline.config import RuntimeConfig, opt, write_json
 from pipeline.errors import ConfigError
 from pipeline.progress import Progress
 
@@ -493,9 +493,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     figures["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     figures["torch"] = torch.__version__
     if cfg.json:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-        with open(cfg.json, "w") as f:
-            json.dump(figures, f, indent=2)
+        write_json(cfg.json, figures)
     return figures
 
 

@@ -189,6 +189,13 @@ def _is_instance(value: Any, tp: Any) -> bool:
     return False
 
 
+def write_json(path: str, figures: dict[str, Any]) -> None:
+    """A job's `--json FILE`: its figures, indented, the file's folder created if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(figures, f, indent=2)
+
+
 def parse_storage_options(value: str | dict | None) -> dict[str, Any]:
     """`--storage-options` as given (JSON text, a YAML mapping or empty) → a dict for fsspec."""
     if not value:

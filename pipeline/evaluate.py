@@ -7,8 +7,6 @@ This module computes the report; the maths is pipeline.eval_metrics, the figures
 the text table and flat metrics pipeline.eval_report, the int8 format pipeline.quantize."""
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +16,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import registry
-from pipeline.config import RuntimeConfig, opt
+from pipeline.config import RuntimeConfig, opt, write_json
 from pipeline.errors import ConfigError, SchemaError
 from pipeline.eval_metrics import (fit_pca, pca_codes, pca_reconstruct, probe_error, psnr, roc_auc,
                                    spreading_error)
@@ -231,9 +229,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     r, pngs = evaluate_model(model, test_raw, train_raw, cfg, test_cols, train_cols, report_dir)
     r["model"] = {"requested": cfg.model, "uri": ref.uri, "run_id": ref.run_id}
     if cfg.json:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-        with open(cfg.json, "w") as f:
-            json.dump(r, f, indent=2)
+        write_json(cfg.json, r)
     if cfg.log_to_mlflow and ref.run_id:
         registry.log_evaluation(ref.run_id, flat_metrics(r), pngs + ([cfg.json] if cfg.json else []), tracking)
     r["pngs"] = pngs

@@ -20,8 +20,6 @@ on the held-out records. The primary vaepipe score (`iwae`: the importance-weigh
 named in advance as the tightest likelihood bound; the others are printed beside it."""
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import RuntimeConfig, opt
+from pipeline.config import RuntimeConfig, opt, write_json
 from pipeline.errors import ConfigError
 from pipeline.eval_metrics import balanced_indices, roc_auc, spreading_error
 from vae.config import SemiConfig, VAEConfig
@@ -298,9 +296,7 @@ def run_protocol(cfg: ProtocolConfig) -> dict[str, Any]:
     r = {"semi-mnist": semi_mnist, "one-class-mnist": one_class_mnist, "breast-cancer": breast_cancer}[cfg.what](cfg)
     r["threads"] = torch.get_num_threads()
     if cfg.json:
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-        with open(cfg.json, "w") as f:
-            json.dump(r, f, indent=2)
+        write_json(cfg.json, r)
     return r
 
 

@@ -43,6 +43,16 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedFixtureScheduling(config, log)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (the test files that train many tiny models use it: on 2
+    shared cores, torch's own thread pool only adds contention), restored after it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def seed():
     """Every test starts from the same random state."""

@@ -7,18 +7,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.errors import ConfigError
 from pipeline.protocols import BASELINES, SCORES, ProtocolConfig, m2_error, run_protocol, summary
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 def test_breast_cancer_reports_every_score_and_baseline_of_the_same_draws(tmp_path):

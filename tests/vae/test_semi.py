@@ -15,12 +15,7 @@ from vae.semi import M2, SemiVAE, build_model, fit_m2
 from vae.train_step import labelled_batches, train_epoch
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 def tiny(classes=(3, 5, 7)) -> SemiVAE:

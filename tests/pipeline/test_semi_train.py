@@ -78,6 +78,17 @@ def test_encode_predict_writes_the_class_and_its_probabilities_beside_mu(semi_mo
     assert acc > 0.5, acc                                    # 100 labels, 1,697 unlabelled; chance is 0.1
     assert json.loads(committed(out).schema.metadata[b"vaepipe.classes"]) == list(range(10))   # every file says it
     assert manifest(out)["rows"] == 1797 and json.loads(manifest(out)["vaepipe.classes"]) == list(range(10))
+    # as outside readers see it: DuckDB's SQL on the folder (pred_prob as FLOAT[], its argmax is pred)
+    # and Polars' scan of the same folder
+    import duckdb
+    import polars as pl
+
+    n_bad, n = duckdb.connect().execute(
+        f"SELECT count(*) FILTER (WHERE list_position(pred_prob, list_max(pred_prob)) - 1 != pred), count(*) "
+        f"FROM read_parquet('{out}/*.parquet')").fetchone()
+    assert (n_bad, n) == (0, 1797)
+    df = pl.scan_parquet(out).select("id", "pred", "pred_prob").collect().sort("id")
+    assert df["pred"].to_list() == pred.tolist() and df["pred_prob"].dtype == pl.Array(pl.Float32, 10)
 
 
 def test_predict_needs_a_model_trained_with_labels(trained_digits, digits_parquet, workdir, tmp_path):

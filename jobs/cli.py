@@ -81,6 +81,8 @@ def run_job(name: str, argv: list[str]) -> int:
     sys.stdout, sys.stderr = RedactingStream(out, secrets), RedactingStream(err, secrets)
     logging.basicConfig(level=os.environ.get("VAEPIPE_LOG", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().level >= logging.WARNING:   # MLflow's own INFO handler: "Creating initial
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)   # MLflow database tables…"
     log_filter = RedactFilter(secrets)
     handlers = list(logging.getLogger().handlers)
     for h in handlers:

@@ -28,6 +28,7 @@ NOISE = [
     "execution finished in",                                           # Ray Data INFO per dataset
     "Downloading artifacts",                                           # MLflow's download bars
     "Started training worker group",                                   # Ray Train's controller at INFO
+    "Creating initial MLflow database tables",                         # MLflow, a new SQLite store
 ]
 # core_worker.cc's ERROR that an actor has "constructor arguments in the object store and
 # max_restarts > 0": gone from every Ray process but one, the driver's own C++ log when Ray Data

@@ -12,8 +12,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import yaml
-
 from pipeline.errors import ConfigError
 
 T = TypeVar("T")
@@ -84,6 +82,8 @@ def from_mapping(cls: type[T], values: dict[str, Any], source: str = "config") -
 
 
 def load_yaml(path: str) -> dict[str, Any]:
+    import yaml   # here, not at the top: a short `vaepipe query` process never reads YAML
+
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import latent_cache
 from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError, InputError, SchemaError
 from pipeline.knn import BlockSearch, from_np, latent_matrix, np_dtype, string_array, to_np
@@ -29,6 +30,7 @@ from pipeline.parquet_io import list_parquet_files, partition_values
 from pipeline.uris import Location, resolve
 
 FORMATS = ("table", "jsonl", "csv")
+CACHE_MODES = ("auto", "off")
 BLOCK_ROWS = 262_144     # a larger row group is read in slices of this many rows
 
 
@@ -46,6 +48,12 @@ class QueryConfig(RuntimeConfig):
     column: str = opt("mu", "latent column")
     exclude_self: bool = opt(True, "with --id, leave records with the query's id out of its neighbours")
     format: str = opt("table", "output: table, jsonl (one JSON object per row) or csv", choices=FORMATS)
+    cache: str = opt("auto", "local memory-mapped copy of the id and latent columns (pipeline.latent_cache): "
+                             "auto = read it when it matches the files, else write it during the scan; off = "
+                             "read the Parquet files only", choices=CACHE_MODES)
+    cache_dir: str = opt("", "cache folder (default $VAEPIPE_CACHE_DIR, else ~/.cache/vaepipe/latents)")
+    cache_max_gb: float = opt(latent_cache.DEFAULT_MAX_GB, "size budget of the cache folder: the least "
+                                                           "recently used entries are deleted beyond it")
 
     def __post_init__(self) -> None:
         self.require("latents")
@@ -54,6 +62,9 @@ class QueryConfig(RuntimeConfig):
         if self.k < 1:
             raise ConfigError(f"k must be ≥ 1, got {self.k}")
         self.choice("format", FORMATS)
+        self.choice("cache", CACHE_MODES)
+        if self.cache_max_gb <= 0:
+            raise ConfigError(f"cache_max_gb must be > 0, got {self.cache_max_gb}")
 
 
 # --- the --where filter ---------------------------------------------------------------------------
@@ -147,6 +158,14 @@ class Latents:
         for k in self.part_keys:
             schema = schema.append(pa.field(k, pa.string()))
         self.schema = schema
+        self.cached: latent_cache.CachedBlocks | None = None   # set by use_cache when an entry matches
+        self.cached_columns: list[str] = []
+
+    def use_cache(self, cache: latent_cache.LatentCache, columns: list[str]) -> bool:
+        """Serve scans of `columns` (or fewer) from `cache` when its entry exists and is whole."""
+        self.cached = cache.open(columns)
+        self.cached_columns = columns if self.cached is not None else []
+        return self.cached is not None
 
     @property
     def rows(self) -> int:
@@ -194,7 +213,11 @@ class Latents:
     def blocks(self, columns: list[str], row_groups: dict[int, list[int]] | None = None, threads: int | None = None):
         """(global first row, table) for every row group (or slice of a large one), in order, decoded
         by `threads` reader threads (default: one per core, at most 4) a few pieces ahead of the
-        consumer: pyarrow decodes without the GIL, so the cores decode while the caller scores."""
+        consumer: pyarrow decodes without the GIL, so the cores decode while the caller scores. A
+        full scan of cached columns reads the memory-mapped cache instead (no decoding at all)."""
+        if self.cached is not None and row_groups is None and set(columns) <= set(self.cached_columns):
+            yield from self.cached.blocks(columns)
+            return
         pieces = self.pieces(row_groups)
         threads = threads or min(4, os.cpu_count() or 1)
         if threads <= 1 or len(pieces) <= 1:
@@ -230,9 +253,12 @@ class Latents:
         return fi, rg, local
 
     def take(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
-        """The `columns` of the given global rows, in that order (reads their row groups only)."""
+        """The `columns` of the given global rows, in that order (reads their row groups only, or the
+        cache)."""
         if not columns or len(rows) == 0:
             return self.schema.empty_table().select(columns)
+        if self.cached is not None and set(columns) <= set(self.cached_columns):
+            return self.cached.take(rows, columns)
         fi, rg, local = self.locate(rows)
         groups = {}
         parts = [c for c in columns if c in self.part_keys]
@@ -317,8 +343,10 @@ def find_queries(lat: Latents, cfg: QueryConfig, ids: pa.Array) -> np.ndarray:
     wanted_np = to_np(ids) if pa.types.is_integer(ids.type) else None
     lo, hi = (wanted_np.min(), wanted_np.max()) if wanted_np is not None and len(wanted_np) else (None, None)
     col_index = lat.schema.names.index(cfg.id_column)
-    candidates: dict[int, list[int]] = {}
-    for i, md in enumerate(lat.meta):
+    candidates: dict[int, list[int]] | None = {}
+    if lat.cached is not None and cfg.id_column in lat.cached_columns:
+        candidates = None   # the cached ids: a scan of memory, no statistics needed
+    for i, md in enumerate(lat.meta if candidates is not None else []):
         for rg in range(md.num_row_groups):
             if wanted_np is None or _may_hold(md, rg, col_index, lo, hi):
                 candidates.setdefault(i, []).append(rg)
@@ -355,6 +383,13 @@ def run_query(cfg: QueryConfig) -> pa.Table:
     if cfg.column not in schema.names:
         raise SchemaError(f"{loc.full(files[0])}: no column {cfg.column!r}; columns: {schema.names}")
     keep = [c for c in schema.names if c not in (cfg.column, "logvar")]
+    # the cache holds every column a query reads (μ, ids, --where and printed columns): all but logvar
+    cache, cache_cols = None, [c for c in schema.names if c != "logvar"]
+    if cfg.cache == "auto":
+        cache = latent_cache.LatentCache(latent_cache.cache_key(loc.uri, loc.fs, files, cache_cols), lat.rows,
+                                         cfg.cache_dir or None, cfg.cache_max_gb)
+        if lat.use_cache(cache, cache_cols):
+            cache = None    # nothing to write
     clauses = parse_where(cfg.where, schema)
     vtype = schema.field(cfg.column).type
     dim = vtype.list_size if pa.types.is_fixed_size_list(vtype) else None
@@ -380,9 +415,32 @@ def run_query(cfg: QueryConfig) -> pa.Table:
 
     search = BlockSearch(queries, cfg.k)
     exclude = ids is not None and cfg.exclude_self
+    cols = list(dict.fromkeys([*([cfg.id_column] if exclude else []), *(c for c, _, _ in clauses), cfg.column,
+                               *(cache_cols if cache else [])]))
+    writer = cache.writer(schema_of(schema, cache_cols)) if cache else None
+    try:
+        scan(lat, cfg, search, cols, clauses, ids, exclude, writer)
+    except BaseException:
+        if writer:
+            writer.abort()
+        raise
+    if writer:
+        writer.commit()
+    return result_table(lat, search, labels, keep)
+
+
+def schema_of(schema: pa.Schema, columns: list[str]) -> pa.Schema:
+    return pa.schema([schema.field(c) for c in columns])
+
+
+def scan(lat: Latents, cfg: QueryConfig, search: BlockSearch, cols: list[str], clauses: list, ids: pa.Array | None,
+         exclude: bool, writer: latent_cache.CacheWriter | None) -> None:
+    """One pass over the latents: each block scored for every query (after --where and leaving each
+    query's own record out), and copied to the cache when one is being written."""
     wanted_np = to_np(ids) if exclude and pa.types.is_integer(ids.type) else None
-    cols = list(dict.fromkeys([*([cfg.id_column] if exclude else []), *(c for c, _, _ in clauses), cfg.column]))
     for start, t in lat.blocks(cols):
+        if writer:
+            writer.add(start, t)
         if t.num_rows == 0:
             continue
         x = latent_matrix(t.column(cfg.column), lat.metadata, cfg.latents)
@@ -403,7 +461,6 @@ def run_query(cfg: QueryConfig) -> pa.Table:
             ok = (pos < len(sel)) & (sel[np.minimum(pos, len(sel) - 1)] == ex[1])
             ex = (ex[0][ok], pos[ok])
         search.add(x[sel], start, ex, row_ids=start + sel)
-    return result_table(lat, search, labels, keep)
 
 
 def result_table(lat: Latents, search: BlockSearch, labels: pa.Array, keep: list[str]) -> pa.Table:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # local Ray on loopback only (see init_ray)
 os.environ.pop("RAY_ADDRESS", None)            # never join a cluster by accident
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# `vaepipe query`'s cache goes to a folder of this test process, never the user's ~/.cache
+os.environ["VAEPIPE_CACHE_DIR"] = tempfile.mkdtemp(prefix="vaepipe-test-cache-")
 
 
 # Test files that share a session fixture: under `make test` (`-n 2 --dist loadfile`) each group runs

@@ -80,6 +80,9 @@ def test_bench_query_runs_both_processes_and_they_agree(tmp_path, capsys):
     check_figures(f, 3000)
     assert f["what"] == "query" and f["same_answer"] is True and len(f["answer"]) == 10
     assert f["pipeline_many_ids"] == 5 and f["pipeline_many_ids_wall_s"] > 0
+    # the cached and the Parquet-only query both timed; the bench's own cache folder holds one entry
+    assert f["pipeline_nocache_wall_s"] > 0 and f["pipeline_first_wall_s"] > 0
+    assert len(list((tmp_path / "bench" / "query-cache-3000").glob("*.arrow"))) == 1
     assert "ratio DuckDB/vaepipe" in capsys.readouterr().out
 
 

@@ -1,0 +1,213 @@
+"""A local, memory-mapped copy of a latents table's id and μ columns, for repeated `vaepipe query`s.
+
+A query process spends most of its time decoding Parquet: the μ column of 1 M 16-dim latents is
+64 MB of zstd pages to decompress on every run. The first full scan of a latents table therefore also
+writes the columns it decoded to an uncompressed Arrow IPC file in a local cache folder; later
+queries of the same table memory-map that file (no decoding, no copy: the page cache serves it) and
+read only the few winners' other columns from Parquet.
+
+Trust: the cache is keyed by the exact files it was made from (path, size and modification time, or
+the object store's ETag, of every file, plus the columns), so a nightly commit, a rewritten file or a
+different column gives a new key and the old entry is never read. An entry is written to a temporary
+name and renamed into place when complete; one that does not open, or whose row count differs from
+the table's footers, is deleted and ignored. The folder (`$VAEPIPE_CACHE_DIR`, default
+`$XDG_CACHE_HOME/vaepipe/latents` or `~/.cache/vaepipe/latents`, mode 0700) is kept under a size
+budget by deleting the least recently used entries."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Iterator
+
+import pyarrow as pa
+
+from pipeline.uris import is_local_fs
+
+SUFFIX = ".arrow"
+DEFAULT_MAX_GB = 8.0
+
+
+def default_dir() -> str:
+    if os.environ.get("VAEPIPE_CACHE_DIR"):
+        return os.environ["VAEPIPE_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vaepipe", "latents")
+
+
+def file_identity(fs, path: str) -> list:
+    """What identifies one file's content without reading it: size, mtime and inode (local), or
+    everything the store's listing says of it (size, ETag / generation, modification time)."""
+    if is_local_fs(fs):
+        st = os.stat(path)
+        return [path, st.st_size, st.st_mtime_ns, st.st_ino]
+    return [path, sorted((k, str(v)) for k, v in fs.info(path).items())]
+
+
+def cache_key(uri: str, fs, files: list[str], columns: list[str]) -> str:
+    """sha256 of the table's files (their identities, in order) and the cached columns."""
+    ident = {"version": 1, "uri": uri, "columns": columns, "files": [file_identity(fs, p) for p in files]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class LatentCache:
+    """One cache entry: `open()` it, or write it with `writer()` during a full scan."""
+
+    def __init__(self, key: str, rows: int, folder: str | None = None, max_gb: float = DEFAULT_MAX_GB):
+        self.folder = folder or default_dir()
+        self.key, self.rows, self.max_gb = key, rows, max_gb
+        self.path = os.path.join(self.folder, key + SUFFIX)
+
+    def open(self, columns: list[str]) -> "CachedBlocks | None":
+        """The entry, memory-mapped, when it exists, is whole and holds `columns`; else None."""
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(self.path, "r"))
+        except FileNotFoundError:
+            return None
+        except (OSError, pa.ArrowException):
+            self._discard()
+            return None
+        blocks = CachedBlocks(self.path, reader)
+        if int(blocks.starts[-1]) != self.rows or not set(columns) <= set(blocks.schema.names):
+            self._discard()
+            return None
+        try:
+            os.utime(self.path)   # recently used: evicted last
+        except OSError:
+            pass
+        return blocks
+
+    def writer(self, schema: pa.Schema) -> "CacheWriter | None":
+        """A writer for this entry, or None when the cache folder cannot be written (a read-only
+        home, a full disk): the query goes on without a cache."""
+        try:
+            os.makedirs(self.folder, mode=0o700, exist_ok=True)
+            return CacheWriter(self, schema)
+        except OSError:
+            return None
+
+    def _discard(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def prune(self) -> None:
+        """Delete the least recently used entries until the folder fits the budget (this one stays)."""
+        entries = []
+        for name in os.listdir(self.folder):
+            p = os.path.join(self.folder, name)
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            if name.endswith(SUFFIX):
+                entries.append((st.st_mtime, st.st_size, p))
+            elif ".tmp-" in name and st.st_mtime < time.time() - 24 * 3600:   # a killed writer's leftovers
+                os.unlink(p)
+        total, budget = sum(e[1] for e in entries), self.max_gb * 2 ** 30
+        for _, size, p in sorted(entries):
+            if total <= budget:
+                break
+            if p != self.path:
+                try:
+                    os.unlink(p)
+                    total -= size
+                except OSError:
+                    pass
+
+
+class CachedBlocks:
+    """A whole entry, read batch by batch: each batch is a zero-copy view of its own memory map of
+    the file, unmapped when the caller drops it, so memory stays one or two batches, not the file."""
+
+    def __init__(self, path: str, reader: pa.ipc.RecordBatchFileReader):
+        import numpy as np
+
+        self.path, self.schema = path, reader.schema
+        self.starts = np.cumsum([0] + [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)])
+
+    def batch(self, i: int) -> pa.RecordBatch:
+        return pa.ipc.open_file(pa.memory_map(self.path, "r")).get_batch(i)
+
+    def blocks(self, columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
+        for i, start in enumerate(self.starts[:-1].tolist()):
+            yield start, pa.Table.from_batches([self.batch(i)]).select(columns)
+
+    def take(self, rows, columns: list[str]) -> pa.Table:
+        """The `columns` of the given global rows (a numpy int array), in that order: each batch that
+        holds one of them is read once."""
+        import numpy as np
+
+        bi = np.searchsorted(self.starts, rows, side="right") - 1
+        parts, order = [], []
+        for b in np.unique(bi).tolist():
+            sel = np.flatnonzero(bi == b)
+            t = pa.Table.from_batches([self.batch(b)]).select(columns)
+            local = (rows[sel] - self.starts[b]).tolist()
+            parts.append(pa.concat_tables([t.slice(r, 1) for r in local]) if len(local) <= 64 else
+                         t.take(pa.array(local)))
+            order.append(sel)
+        t = pa.concat_tables(parts)
+        inverse = np.argsort(np.concatenate(order), kind="stable")
+        return pa.concat_tables([t.slice(int(i), 1) for i in inverse]) if len(rows) <= 4096 else \
+            t.take(pa.array(inverse))
+
+
+class CacheWriter:
+    """Appends the blocks of a full scan, in row order; `commit()` renames the file into place only
+    when every row arrived, `abort()` (or a failure) leaves nothing behind."""
+
+    def __init__(self, cache: LatentCache, schema: pa.Schema):
+        self.cache, self.schema, self.rows, self.failed = cache, schema, 0, False
+        self.tmp = f"{cache.path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        self.sink = pa.OSFile(self.tmp, "wb")
+        self.w = pa.ipc.new_file(self.sink, schema)
+
+    def add(self, start: int, t: pa.Table) -> None:
+        """Append one block; a block out of order or a write that fails (a full disk) gives the
+        entry up, never the query."""
+        if self.failed:
+            return
+        try:
+            if start != self.rows:
+                raise ValueError(f"block starts at row {start}, expected {self.rows}")
+            t = t.select(self.schema.names)
+            if t.schema != self.schema:
+                t = t.cast(self.schema)
+            for b in t.combine_chunks().to_batches():
+                self.w.write_batch(b)
+            self.rows += t.num_rows
+        except (OSError, ValueError, pa.ArrowException):
+            self.abort()
+
+    def commit(self) -> bool:
+        if self.failed:
+            return False
+        try:
+            self.w.close()
+            self.sink.close()
+            if self.rows != self.cache.rows:
+                raise ValueError("incomplete")
+            os.replace(self.tmp, self.cache.path)
+        except (OSError, ValueError, pa.ArrowException):
+            self.abort()
+            return False
+        try:
+            self.cache.prune()
+        except OSError:
+            pass
+        return True
+
+    def abort(self) -> None:
+        self.failed = True
+        for close in (self.w.close, self.sink.close):
+            try:
+                close()
+            except (OSError, pa.ArrowException):
+                pass
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass

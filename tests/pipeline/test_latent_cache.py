@@ -1,0 +1,155 @@
+"""`vaepipe query`'s local cache (pipeline.latent_cache): the same answers as the Parquet path and as
+DuckDB, served without reading Parquet once written; never read after the table changes; a broken,
+partial or killed entry is ignored; the folder stays within its budget."""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import query as query_mod
+from pipeline.query import QueryConfig, run_query
+from tests.pipeline.test_query import ROOT, duck, write_latents
+
+duckdb = pytest.importorskip("duckdb")
+
+
+@pytest.fixture
+def table(tmp_path):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((6_000, 16), dtype=np.float32)
+    ids = rng.permutation(len(x)).astype(np.int64) + 10
+    return write_latents(str(tmp_path / "latents"), x, ids, labels=ids % 10), ids
+
+
+def entries(folder) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "*.arrow")))
+
+
+def queries(folder: str, ids: np.ndarray, **kw) -> list:
+    """One of each kind of query: many ids, a --where filter, vectors."""
+    q = [str(int(v)) for v in ids[[0, 17, 5_999]]]
+    return [run_query(QueryConfig(latents=folder, id=q, k=9, **kw)),
+            run_query(QueryConfig(latents=folder, id=q[:1], k=5, where="label IN (2, 3) AND id > 100", **kw)),
+            run_query(QueryConfig(latents=folder, vector=[0.1] * 32, k=4, **kw))]
+
+
+def test_second_query_reads_the_cache_not_parquet_and_answers_the_same(table, tmp_path, monkeypatch):
+    folder, ids = table
+    cache = str(tmp_path / "cache")
+    want = queries(folder, ids, cache="off")
+    assert not os.path.exists(cache)                        # --cache off writes nothing
+    first = queries(folder, ids, cache_dir=cache)           # writes the entry during its scan
+    assert len(entries(cache)) == 1 and not glob.glob(os.path.join(cache, "*.tmp-*"))
+
+    def no_parquet(*a, **k):
+        raise AssertionError("read Parquet data although the cache holds every column")
+
+    # from now on any row-group read fails: the answers must come from the cache alone
+    monkeypatch.setattr(query_mod.Latents, "_read_piece", no_parquet)
+    monkeypatch.setattr(query_mod.Latents, "open", no_parquet)
+    again = queries(folder, ids, cache_dir=cache)
+    for a, b, c in zip(want, first, again):
+        assert a.equals(b) and a.equals(c)
+    q = int(ids[17])
+    assert [(r["id"], r["distance"]) for r in again[0].to_pylist() if r["query"] == str(q)] == duck(folder, q, 9)
+
+
+def test_a_changed_table_gets_a_new_entry_and_the_new_answer(table, tmp_path):
+    folder, ids = table
+    cache = str(tmp_path / "cache")
+    q = str(int(ids[3]))
+    before = run_query(QueryConfig(latents=folder, id=[q], k=5, cache_dir=cache))
+    # the same ids, new latents, committed over the old table (what a re-encode does)
+    x2 = np.random.default_rng(12).standard_normal((len(ids), 16), dtype=np.float32)
+    write_latents(folder, x2, ids, labels=ids % 10)
+    after = run_query(QueryConfig(latents=folder, id=[q], k=5, cache_dir=cache))
+    assert after.equals(run_query(QueryConfig(latents=folder, id=[q], k=5, cache="off")))
+    assert not after.equals(before)
+    assert [(r["id"], r["distance"]) for r in after.to_pylist()] == duck(folder, int(q), 5)
+    assert len(entries(cache)) == 2
+
+
+def test_a_file_rewritten_in_place_gets_a_new_entry(tmp_path):
+    """A plain Parquet file (no manifest) overwritten under the same path: the key follows the file's
+    size and modification time, not only its name."""
+    path = str(tmp_path / "plain.parquet")
+    cache = str(tmp_path / "cache")
+    rng = np.random.default_rng(15)
+    got = []
+    for _ in range(2):
+        x = rng.standard_normal((3_000, 16), dtype=np.float32)
+        pq.write_table(pa.table({"id": np.arange(3_000), "mu": pa.FixedSizeListArray.from_arrays(
+            pa.array(x.ravel()), 16)}), path)
+        got.append(run_query(QueryConfig(latents=path, id=["4"], k=5, cache_dir=cache)))
+        assert got[-1].equals(run_query(QueryConfig(latents=path, id=["4"], k=5, cache="off")))
+    assert not got[0].equals(got[1]) and len(entries(cache)) == 2
+
+
+def test_truncated_entry_is_discarded_and_rewritten(table, tmp_path):
+    folder, ids = table
+    cache = str(tmp_path / "cache")
+    q = [str(int(ids[5]))]
+    want = run_query(QueryConfig(latents=folder, id=q, k=5, cache="off"))
+    run_query(QueryConfig(latents=folder, id=q, k=5, cache_dir=cache))
+    (entry,) = entries(cache)
+    size = os.path.getsize(entry)
+    with open(entry, "r+b") as f:
+        f.truncate(size // 2)                                # a disk that lost the tail
+    assert run_query(QueryConfig(latents=folder, id=q, k=5, cache_dir=cache)).equals(want)
+    assert entries(cache) == [entry] and os.path.getsize(entry) == size   # rewritten whole
+
+
+def test_unwritable_cache_folder_leaves_the_query_working(table, tmp_path):
+    folder, ids = table
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    q = [str(int(ids[8]))]
+    got = run_query(QueryConfig(latents=folder, id=q, k=5, cache_dir=str(blocker / "cache")))
+    assert got.equals(run_query(QueryConfig(latents=folder, id=q, k=5, cache="off")))
+
+
+def test_budget_keeps_the_most_recently_used_entry(tmp_path):
+    rng = np.random.default_rng(13)
+    cache = str(tmp_path / "cache")
+    folders = [write_latents(str(tmp_path / f"t{i}"), rng.standard_normal((4_000, 16), dtype=np.float32),
+                             np.arange(4_000), files=2) for i in range(2)]
+    run_query(QueryConfig(latents=folders[0], id=["1"], k=3, cache_dir=cache))
+    (first,) = entries(cache)
+    budget_gb = 1.5 * os.path.getsize(first) / 2 ** 30       # room for one entry, not two
+    run_query(QueryConfig(latents=folders[1], id=["1"], k=3, cache_dir=cache, cache_max_gb=budget_gb))
+    (kept,) = entries(cache)
+    assert kept != first
+
+
+def test_query_killed_while_writing_leaves_no_entry(tmp_path):
+    """SIGKILL during the scan that writes the entry: only a temporary file is left, never an entry
+    under the final name; the next query answers right and writes the entry."""
+    rng = np.random.default_rng(14)
+    n = 1_500_000                                           # a scan long enough to be killed inside
+    folder = write_latents(str(tmp_path / "big"), rng.standard_normal((n, 8), dtype=np.float32),
+                           np.arange(n), files=4, row_group=65_536)
+    cache = str(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "jobs.cli", "query", "--latents", folder, "--id", "7", "--k", "3",
+           "--cache-dir", cache, "--format", "jsonl"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not glob.glob(os.path.join(cache, "*.tmp-*")):    # the writer has opened its file: scan under way
+        assert p.poll() is None, p.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait(timeout=60) == -signal.SIGKILL
+    assert entries(cache) == [] and len(glob.glob(os.path.join(cache, "*.tmp-*"))) == 1
+    got = run_query(QueryConfig(latents=folder, id=["7"], k=3, cache_dir=cache))
+    assert got.equals(run_query(QueryConfig(latents=folder, id=["7"], k=3, cache="off")))
+    assert len(entries(cache)) == 1

@@ -22,7 +22,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -198,15 +198,18 @@ def _answer(stdout: str) -> list[tuple]:
     return [(r["id"], r["distance"]) for r in map(json.loads, stdout.strip().splitlines())]
 
 
-def bench_query(cfg) -> dict[str, Any]:
-    """`vaepipe query` vs DuckDB's SQL, both whole processes, alternating, median of the repeats."""
-    try:
-        import duckdb
-    except ImportError:
-        from pipeline.errors import ConfigError
+def alternate_processes(repeats: int, sides: dict[str, Callable[[], dict]]) -> dict[str, list[dict]]:
+    """Run every side `repeats` times, in the given order on even rounds and reversed on odd ones (so
+    neither side always runs after the other on a warm cache). Returns each side's runs."""
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
+    for r in range(repeats):
+        for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+            runs[name].append(sides[name]())
+    return runs
 
-        raise ConfigError("bench query needs duckdb for the baseline: pip install 'vaepipe[dev]'") from None
-    root = os.path.abspath(os.path.join(cfg.workdir, "bench"))
+
+def _query_commands(cfg, root: str) -> dict[str, Any]:
+    """The latents, the query ids and each side's command line."""
     folder = make_latents(os.path.join(root, f"latents-{cfg.records}-{cfg.latent_dim}"), cfg.records,
                           dim=cfg.latent_dim, files=cfg.query_files)
     n = cfg.records
@@ -215,64 +218,82 @@ def bench_query(cfg) -> dict[str, Any]:
     ids_file = os.path.join(root, f"query-ids-{n}-{cfg.query_ids}.txt")   # per size: runs may overlap
     with open(ids_file, "w") as f:
         f.write("\n".join(str(int(v)) for v in many_ids) + "\n")
-    ours = [*vaepipe_command(), "query", "--latents", folder, "--id", str(qid), "--k", str(cfg.k), "--format", "jsonl"]
-    ours_many = [*vaepipe_command(), "query", "--latents", folder, "--ids-file", ids_file, "--k", str(cfg.k),
-                 "--format", "jsonl"]
-    theirs = [sys.executable, "-c", DUCKDB_QUERY, folder, str(qid), str(cfg.k), str(cfg.latent_dim)]
-    theirs_many = [sys.executable, "-c", DUCKDB_MANY, folder, ids_file, str(cfg.k), str(cfg.latent_dim)]
-    ours_cold = [*ours, "--cache", "off"]
+    ours = [*vaepipe_command(), "query", "--latents", folder, "--k", str(cfg.k), "--format", "jsonl"]
+    sql = [str(cfg.k), str(cfg.latent_dim)]
+    return {"qid": qid, "many": len(many_ids), "cmd": {
+        "baseline": [sys.executable, "-c", DUCKDB_QUERY, folder, str(qid), *sql],
+        "vaepipe": [*ours, "--id", str(qid)],
+        "vaepipe_cold": [*ours, "--id", str(qid), "--cache", "off"],
+        "baseline_many": [sys.executable, "-c", DUCKDB_MANY, folder, ids_file, *sql],
+        "vaepipe_many": [*ours, "--ids-file", ids_file]}}
+
+
+def bench_query(cfg) -> dict[str, Any]:
+    """`vaepipe query` vs DuckDB's SQL, both whole processes, alternating, median of the repeats:
+    one id (vaepipe with its cache, and with `--cache off`) and many ids in one pass."""
+    try:
+        import duckdb
+    except ImportError:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError("bench query needs duckdb for the baseline: pip install 'vaepipe[dev]'") from None
+    root = os.path.abspath(os.path.join(cfg.workdir, "bench"))
+    q = _query_commands(cfg, root)
+    cmd = q["cmd"]
     # vaepipe query's cache (pipeline.latent_cache) in a fresh folder of the bench's own: the first
     # query writes it (timed once, as `first`), the repeats read it; `--cache off` reads Parquet only
     env = child_env()
-    env["VAEPIPE_CACHE_DIR"] = os.path.join(root, f"query-cache-{n}")
+    env["VAEPIPE_CACHE_DIR"] = os.path.join(root, f"query-cache-{cfg.records}")
     shutil.rmtree(env["VAEPIPE_CACHE_DIR"], ignore_errors=True)
-    timed_run(theirs), timed_run(ours_cold, env)          # warm-up: page cache, .pyc files
-    first = timed_run(ours, env)
+    timed_run(cmd["baseline"]), timed_run(cmd["vaepipe_cold"], env)      # warm-up: page cache, .pyc files
+    first = timed_run(cmd["vaepipe"], env)
     load_before = load_avg()
-    sides = {"baseline": (theirs, []), "vaepipe": (ours, []), "vaepipe_cold": (ours_cold, []),
-             "baseline_many": (theirs_many, []), "vaepipe_many": (ours_many, [])}
-    for r in range(cfg.n_repeats):
-        order = list(sides) if r % 2 == 0 else list(reversed(sides))
-        for side in order:
-            cmd, runs = sides[side]
-            runs.append(timed_run(cmd, env))
-    base, pipe, cold = sides["baseline"][1], sides["vaepipe"][1], sides["vaepipe_cold"][1]
-    base_many, many = sides["baseline_many"][1], sides["vaepipe_many"][1]
-    many_walls = [d["wall"] for d in many]
-    load_after = load_avg()
-    a, b = _answer(pipe[0]["stdout"]), _answer(base[0]["stdout"])
-    same = a == b == _answer(cold[0]["stdout"]) == _answer(first["stdout"])
-    if not same:
-        raise RuntimeError(f"bench query: vaepipe and DuckDB disagree:\n{a}\n{b}")
-    if not _same_many(_many_answer(many[0]["stdout"]), _many_answer(base_many[0]["stdout"])):
+    runs = alternate_processes(cfg.n_repeats, {name: (lambda c=c: timed_run(c, env)) for name, c in cmd.items()})
+    _check_query_answers(runs, first)
+    f = _query_figures(cfg, runs, first)
+    return {**f, "query_id": q["qid"], "pipeline_many_ids": q["many"],
+            "baseline": f"duckdb {duckdb.__version__} SQL in its own process", "pipeline": "vaepipe query process",
+            "load_avg_before": load_before, "load_avg_after": load_avg()}
+
+
+def _check_query_answers(runs: dict[str, list[dict]], first: dict) -> None:
+    """Every side gave the same neighbours at the same distances, or the bench fails."""
+    a = _answer(runs["vaepipe"][0]["stdout"])
+    for other in (runs["baseline"][0], runs["vaepipe_cold"][0], first):
+        if _answer(other["stdout"]) != a:
+            raise RuntimeError(f"bench query: vaepipe and DuckDB disagree:\n{a}\n{_answer(other['stdout'])}")
+    if not _same_many(_many_answer(runs["vaepipe_many"][0]["stdout"]), _many_answer(runs["baseline_many"][0]["stdout"])):
         raise RuntimeError("bench query: vaepipe and DuckDB disagree on the many-ids query")
-    bw = statistics.median(d["wall"] for d in base)
-    bmw = statistics.median(d["wall"] for d in base_many)
-    pw = statistics.median(d["wall"] for d in pipe)
-    cw = statistics.median(d["wall"] for d in cold)
+
+
+def _query_figures(cfg, runs: dict[str, list[dict]], first: dict) -> dict[str, Any]:
+    walls = {name: [d["wall"] for d in r] for name, r in runs.items()}
+    med = {name: statistics.median(w) for name, w in walls.items()}
+    n, base, pipe = cfg.records, runs["baseline"], runs["vaepipe"]
     return {
         "what": "query", "records": n, "k": cfg.k, "latent_dim": cfg.latent_dim, "files": cfg.query_files,
-        "device": "cpu: " + f"{os.cpu_count()} cores", "query_id": qid,
-        "baseline": f"duckdb {duckdb.__version__} SQL in its own process", "pipeline": "vaepipe query process",
-        "baseline_wall_s": bw, "pipeline_wall_s": pw, "ratio": bw / pw,
-        "pipeline_nocache_wall_s": cw, "ratio_nocache": bw / cw, "pipeline_first_wall_s": first["wall"],
-        "all_pipeline_nocache_walls_s": [d["wall"] for d in cold],
-        "baseline_records_per_s": n / bw, "pipeline_records_per_s": n / pw,
+        "device": "cpu: " + f"{os.cpu_count()} cores",
+        "baseline_wall_s": med["baseline"], "pipeline_wall_s": med["vaepipe"],
+        "ratio": med["baseline"] / med["vaepipe"],
+        "pipeline_nocache_wall_s": med["vaepipe_cold"], "ratio_nocache": med["baseline"] / med["vaepipe_cold"],
+        "pipeline_first_wall_s": first["wall"],
+        "baseline_records_per_s": n / med["baseline"], "pipeline_records_per_s": n / med["vaepipe"],
         "baseline_cpu_s": statistics.median(d["cpu"] for d in base),
         "pipeline_cpu_s": statistics.median(d["cpu"] for d in pipe),
-        "pipeline_many_ids": len(many_ids), "pipeline_many_ids_wall_s": statistics.median(many_walls),
-        "baseline_many_ids_wall_s": bmw, "many_ids_ratio": bmw / statistics.median(many_walls),
-        "all_baseline_many_ids_walls_s": [d["wall"] for d in base_many],
+        "pipeline_many_ids_wall_s": med["vaepipe_many"], "baseline_many_ids_wall_s": med["baseline_many"],
+        "many_ids_ratio": med["baseline_many"] / med["vaepipe_many"],
         "peak_rss_mb": max(d["own_peak_mb"] for d in pipe), "baseline_peak_rss_mb": max(d["own_peak_mb"] for d in base),
-        "repeats": cfg.n_repeats, "all_baseline_walls_s": [d["wall"] for d in base],
-        "all_pipeline_walls_s": [d["wall"] for d in pipe], "all_many_ids_walls_s": many_walls,
-        "same_answer": same, "answer": a, "load_avg_before": load_before, "load_avg_after": load_after,
+        "repeats": cfg.n_repeats, "all_baseline_walls_s": walls["baseline"], "all_pipeline_walls_s": walls["vaepipe"],
+        "all_pipeline_nocache_walls_s": walls["vaepipe_cold"], "all_many_ids_walls_s": walls["vaepipe_many"],
+        "all_baseline_many_ids_walls_s": walls["baseline_many"],
+        "same_answer": True, "answer": _answer(pipe[0]["stdout"]),
         "notes": "walls = whole processes (python start, imports, read, search, print), median of the "
                  "alternating repeats after one warm-up run of each; ratio = duckdb wall / vaepipe wall "
                  "(> 1: vaepipe faster); vaepipe = the default, reading its cache (written once by the "
                  "first query, pipeline_first_wall_s); nocache = `--cache off`, Parquet only (every query "
                  "a first one); cpu = user + system seconds of the process (all its threads; wait4), "
-                 "the more robust figure on a shared machine; peak RSS = each process's own ru_maxrss (wait4), the max over the runs",
+                 "the more robust figure on a shared machine; peak RSS = each process's own ru_maxrss "
+                 "(wait4), the max over the runs",
     }
 
 
@@ -358,14 +379,17 @@ def bench_encode_whole(cfg) -> dict[str, Any]:
                 "--workdir", os.path.join(root, "whole-work"), "--use-gpu" if device == "cuda" else "--no-use-gpu",
                 *(["--concurrency", str(cfg.concurrency)] if cfg.concurrency else [])]
         theirs = [sys.executable, "-c", PLAIN_ENCODE, model_uri, tracking, src, base_dst, str(cfg.bs), device]
-        base, pipe = [], []
-        for r in range(cfg.n_repeats):
-            for side in (("baseline", "vaepipe") if r % 2 == 0 else ("vaepipe", "baseline")):
-                shutil.rmtree(base_dst if side == "baseline" else pipe_dst, ignore_errors=True)
-                res = timed_run(theirs if side == "baseline" else ours, peak_tree=True)
-                if side == "baseline" and int(res["stdout"].split()[-1]) != cfg.records:
-                    raise RuntimeError(f"bench: the plain script wrote {res['stdout'].split()[-1]} records")
-                (base if side == "baseline" else pipe).append(res)
+
+        def side(cmd: list[str], dst: str) -> dict:
+            shutil.rmtree(dst, ignore_errors=True)
+            return timed_run(cmd, peak_tree=True)
+
+        runs = alternate_processes(cfg.n_repeats, {"baseline": lambda: side(theirs, base_dst),
+                                                   "vaepipe": lambda: side(ours, pipe_dst)})
+        base, pipe = runs["baseline"], runs["vaepipe"]
+        for res in base:
+            if int(res["stdout"].split()[-1]) != cfg.records:
+                raise RuntimeError(f"bench: the plain script wrote {res['stdout'].split()[-1]} records")
         rows_out = sum(f["rows"] for f in read_manifest(resolve(pipe_dst))["files"])
         if rows_out != cfg.records:
             raise RuntimeError(f"bench: vaepipe encode committed {rows_out} records, expected {cfg.records}")

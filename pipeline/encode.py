@@ -258,6 +258,23 @@ def release_memory() -> None:
 _LIBC = None
 
 
+class StagedWriter:
+    """One unit's staged Parquet file, opened on the first row group (a unit whose records were all
+    skipped writes nothing)."""
+
+    def __init__(self, fs, path: str, schema: pa.Schema):
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self.sink = fs.open(path, "wb")
+        self.writer = pq.ParquetWriter(self.sink, schema, compression="zstd")
+
+    def write(self, table: pa.Table) -> None:
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.sink.close()
+
+
 class UnitEncoder:
     """A Ray Data actor: loads the model once, then encodes whole units (row groups → one file)."""
 
@@ -334,7 +351,8 @@ class UnitEncoder:
         meta = {k.encode(): v.encode() for k, v in p["metadata"].items()}
         meta[b"vaepipe.source_file"] = source.encode()
         rows = skipped = 0
-        writer, quarantined = None, []
+        writer: StagedWriter | None = None
+        quarantined: list[pa.Table] = []
         self.int8_sums = {}
         t_start = time.time()
         with self.loc.fs.open(unit["file"], "rb") as f:
@@ -355,24 +373,14 @@ class UnitEncoder:
             pieces = []
             for item in prefetched(slices()):   # the next slice decodes while this one encodes
                 if item is not None:
-                    t, x = item
-                    bad = nonfinite_rows(x)
-                    if bad.any():
-                        if p["on_bad_record"] == "fail":
-                            check_finite(t, x, p["id_column"], source)
-                        ids = t.filter(pa.array(bad)).select([c for c in (p["id_column"],) if c in t.schema.names])
-                        quarantined.append(ids.append_column("source_file", pa.array([source] * ids.num_rows)))
-                        skipped += int(bad.sum())
-                        t, x = t.filter(pa.array(~bad)), x[~bad]
+                    t, x = self.screen(*item, source, quarantined)
+                    skipped += item[0].num_rows - t.num_rows
                     pieces.append(self.output_table(t, self.encode(x), meta))
                     del t, x, item
                     continue
                 table = pa.concat_tables(pieces)   # one output row group per input row group
-                if writer is None:
-                    self.out.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
-                    sink = self.out.fs.open(staged, "wb")
-                    writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
-                writer.write_table(table)
+                writer = writer or StagedWriter(self.out.fs, staged, table.schema)
+                writer.write(table)
                 rows += table.num_rows
                 del table
                 pieces = []
@@ -383,11 +391,23 @@ class UnitEncoder:
                 pq.write_table(pa.concat_tables(quarantined), sf)
         if writer is not None:
             writer.close()
-            sink.close()
             pause_point("unit.written")   # crash tests: a driver killed while its actors work
         return {"index": unit["index"], "staged": staged if writer is not None else "", "rows": rows,
                 "skipped": skipped, "skipped_file": skipped_path if skipped else "",
                 "t_start": t_start, "t_end": time.time(), "int8_sums": json.dumps(self.int8_sums)}
+
+    def screen(self, t: pa.Table, x: np.ndarray, source: str, quarantined: list) -> tuple[pa.Table, np.ndarray]:
+        """Records with a NaN or ±inf value: an error naming the first (`--on-bad-record fail`), or
+        left out, their ids (and file) appended to `quarantined` (`skip`)."""
+        bad = nonfinite_rows(x)
+        if not bad.any():
+            return t, x
+        p = self.plan
+        if p["on_bad_record"] == "fail":
+            check_finite(t, x, p["id_column"], source)
+        ids = t.filter(pa.array(bad)).select([c for c in (p["id_column"],) if c in t.schema.names])
+        quarantined.append(ids.append_column("source_file", pa.array([source] * ids.num_rows)))
+        return t.filter(pa.array(~bad)), x[~bad]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         units = [json.loads(u) for u in batch["unit"]]

@@ -89,7 +89,7 @@ def read_footer(loc: Location, path: str) -> pq.FileMetaData:
     try:
         with loc.fs.open(path, "rb") as f:
             return pq.read_metadata(f)
-    except Exception as e:
+    except (OSError, ValueError, pa.ArrowException) as e:
         raise InputError(f"{loc.full(path)}: not a readable Parquet file ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
@@ -112,7 +112,7 @@ def read_table(loc: Location, path: str, columns: list[str] | None = None) -> pa
     try:
         with loc.fs.open(path, "rb") as f:
             return pq.read_table(f, columns=columns)
-    except Exception as e:
+    except (OSError, ValueError, pa.ArrowException) as e:
         raise InputError(f"{loc.full(path)}: cannot read Parquet ({type(e).__name__}: {str(e)[:200]})") from None
 
 

@@ -26,7 +26,7 @@ from pipeline import latent_cache
 from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError, InputError, SchemaError
 from pipeline.knn import BlockSearch, from_np, latent_matrix, np_dtype, string_array, to_np
-from pipeline.parquet_io import list_parquet_files, partition_values
+from pipeline.parquet_io import list_parquet_files, partition_values, read_footer
 from pipeline.uris import Location, resolve
 
 FORMATS = ("table", "jsonl", "csv")
@@ -140,12 +140,7 @@ class Latents:
         self.afs = loc.arrow_fs()
         self.meta = []
         for path in files:
-            try:
-                with self.afs.open_input_file(path) as f:
-                    self.meta.append(pq.read_metadata(f))
-            except Exception as e:
-                raise InputError(f"{loc.full(path)}: not a readable Parquet file ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+            self.meta.append(read_footer(loc, path))
         self.file_start = np.cumsum([0] + [m.num_rows for m in self.meta])
         self.rg_start = [np.cumsum([0] + [m.row_group(i).num_rows for i in range(m.num_row_groups)])
                          for m in self.meta]
@@ -333,7 +328,7 @@ def _may_hold(md: pq.FileMetaData, rg: int, col_index: int, lo, hi) -> bool:
         if st is None or not st.has_min_max:
             return True
         return not (st.max < lo or st.min > hi)
-    except Exception:
+    except (TypeError, ValueError, pa.ArrowException):   # statistics of another type, or unreadable
         return True
 
 

@@ -101,8 +101,24 @@ class BenchConfig(RuntimeConfig):
 
 # --- memory -------------------------------------------------------------------------------------
 
-def tree_rss_bytes(root: int | None = None) -> int:
-    """RSS summed over `root` (default: this process) and every descendant, from /proc (no psutil)."""
+def _pss(pid: int) -> int | None:
+    """A process's proportional set size in bytes (its private pages plus its share of each page it
+    shares: shared libraries, Ray's object store), from /proc/PID/smaps_rollup; None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def tree_memory(root: int | None = None, pss: bool = False) -> tuple[int, int]:
+    """(RSS, PSS) in bytes summed over `root` (default: this process) and every descendant, from
+    /proc (no psutil). Summed RSS counts a page shared by n processes n times (torch's libraries in
+    every Ray worker, the object store); summed PSS counts it once: the tree's real footprint. PSS
+    (`pss=True`, slower: one smaps_rollup read per process) is 0 when not asked for."""
     root = os.getpid() if root is None else root
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
@@ -117,25 +133,39 @@ def tree_rss_bytes(root: int | None = None) -> int:
             rss[int(d)] = int(parts[21]) * page
         except (OSError, IndexError, ValueError):
             continue
-    total, stack = 0, [root]
+    total_rss = total_pss = 0
+    stack = [root]
     while stack:
         p = stack.pop()
-        total += rss.get(p, 0)
+        total_rss += rss.get(p, 0)
+        if pss and p in rss:
+            v = _pss(p)
+            total_pss += rss[p] if v is None else v
         stack.extend(children.get(p, []))
-    return total
+    return total_rss, total_pss
+
+
+def tree_rss_bytes(root: int | None = None) -> int:
+    """RSS summed over `root` and every descendant (see tree_memory)."""
+    return tree_memory(root)[0]
 
 
 class PeakRSS:
-    """`with PeakRSS() as m: ...` samples the process tree's RSS every `interval` s; `m.peak_mb`."""
+    """`with PeakRSS() as m: ...` samples the process tree's summed RSS and PSS every `interval` s;
+    `m.peak_mb` (RSS), `m.peak_pss_mb` (PSS: shared pages counted once)."""
 
     def __init__(self, interval: float = 0.2, root: int | None = None):
-        self.interval, self.root, self.peak = interval, root, 0
+        self.interval, self.root, self.peak, self.peak_pss = interval, root, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self) -> None:
+        r, p = tree_memory(self.root, pss=True)
+        self.peak, self.peak_pss = max(self.peak, r), max(self.peak_pss, p)
+
     def _run(self) -> None:
         while True:
-            self.peak = max(self.peak, tree_rss_bytes(self.root))
+            self._sample()
             if self._stop.wait(self.interval):
                 return
 
@@ -146,11 +176,15 @@ class PeakRSS:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, tree_rss_bytes(self.root))
+        self._sample()
 
     @property
     def peak_mb(self) -> float:
         return self.peak / 2**20
+
+    @property
+    def peak_pss_mb(self) -> float:
+        return self.peak_pss / 2**20
 
 
 # --- input --------------------------------------------------------------------------------------
@@ -314,7 +348,7 @@ def alternate(repeats: int, run_side) -> tuple[list[dict], list[dict]]:
                 d = run_side(side, r)
                 wall = time.perf_counter() - t0
             torch.set_num_threads(torch_threads)
-            runs[side].append({**d, "wall": wall, "peak": mem.peak_mb})
+            runs[side].append({**d, "wall": wall, "peak": mem.peak_mb, "peak_pss": mem.peak_pss_mb})
     return runs["baseline"], runs["vaepipe"]
 
 
@@ -369,6 +403,7 @@ def bench_encode(cfg: BenchConfig) -> dict[str, Any]:
         "pipeline_steady_records_per_s": n / span, "steady_ratio": b["wall"] / span,
         "baseline_wall_s": b["wall"], "pipeline_wall_s": p["wall"], "pipeline_units_span_s": span,
         "peak_rss_mb": max(d["peak"] for d in pipe), "baseline_peak_rss_mb": max(d["peak"] for d in base),
+        "peak_pss_mb": max(d["peak_pss"] for d in pipe), "baseline_peak_pss_mb": max(d["peak_pss"] for d in base),
         "baseline_threads": threads, "pipeline_actors": cfg.concurrency or os.cpu_count(),
         "pipeline_files": p["res"].files, "repeats": cfg.n_repeats,
         "all_baseline_walls_s": [d["wall"] for d in base], "all_pipeline_walls_s": [d["wall"] for d in pipe],
@@ -467,6 +502,7 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
         "baseline_end_to_end_s": b["wall"], "pipeline_end_to_end_s": p["wall"], "end_to_end_ratio": b["wall"] / p["wall"],
         "baseline_read_s": b["read_s"], "final_train_neg_elbo": p["final_train_neg_elbo"],
         "peak_rss_mb": max(d["peak"] for d in pipe), "baseline_peak_rss_mb": max(d["peak"] for d in base),
+        "peak_pss_mb": max(d["peak_pss"] for d in pipe), "baseline_peak_pss_mb": max(d["peak_pss"] for d in base),
         "repeats": cfg.n_repeats, "all_baseline_records_per_s": [d["sps"] for d in base],
         "all_pipeline_records_per_s": [d["sps"] for d in pipe],
         "baseline_threads": threads, "pipeline_workers": 1, "load_avg_before": load_before, "load_avg_after": load_after,
@@ -531,8 +567,9 @@ def summary(f: dict[str, Any]) -> str:
     else:
         lines += [f"  (steady state over epochs 2..{f['epochs']}; end to end: baseline {f['baseline_end_to_end_s']:.1f} s, "
                   f"vaepipe run_train {f['pipeline_end_to_end_s']:.1f} s, ratio {f['end_to_end_ratio']:.2f})"]
-    lines += [f"  peak RSS (process tree incl. Ray): vaepipe {f['peak_rss_mb']:,.0f} MiB, "
-              f"baseline {f['baseline_peak_rss_mb']:,.0f} MiB",
+    lines += [f"  peak memory of the process tree incl. Ray, PSS (shared pages once): vaepipe "
+              f"{f['peak_pss_mb']:,.0f} MiB, baseline {f['baseline_peak_pss_mb']:,.0f} MiB; summed RSS: "
+              f"vaepipe {f['peak_rss_mb']:,.0f} MiB, baseline {f['baseline_peak_rss_mb']:,.0f} MiB",
               f"  load average before/after: {f['load_avg_before']} / {f['load_avg_after']}"]
     return "\n".join(lines)
 

@@ -66,7 +66,8 @@ with open(res, "w") as f:
 def timed_run(cmd: list[str], env: dict | None = None, peak_tree: bool = False) -> dict[str, Any]:
     """Run `cmd` to completion: wall seconds (spawn to exit, measured by a small launcher), its
     stdout, and its peak RSS in MiB (`own_peak_mb`: the process's own ru_maxrss from wait4; with
-    `peak_tree`, also `tree_peak_mb`: the summed RSS of it and its descendants sampled every 0.2 s,
+    `peak_tree`, also `tree_peak_mb` / `tree_peak_pss_mb`: the summed RSS / PSS of it and its
+    descendants sampled every 0.2 s,
     for jobs that start Ray's processes)."""
     import tempfile
 
@@ -97,7 +98,7 @@ def timed_run(cmd: list[str], env: dict | None = None, peak_tree: bool = False) 
             stdout = f.read().decode()
     res = {"wall": r["wall"], "stdout": stdout, "own_peak_mb": r["maxrss_kb"] / 1024, "cpu": r["cpu"]}
     if sampler is not None:
-        res["tree_peak_mb"] = sampler.peak_mb
+        res["tree_peak_mb"], res["tree_peak_pss_mb"] = sampler.peak_mb, sampler.peak_pss_mb
     return res
 
 
@@ -405,6 +406,8 @@ def bench_encode_whole(cfg) -> dict[str, Any]:
             "baseline_wall_s": bw, "pipeline_wall_s": pw, "pipeline_units_span_s": None,
             "peak_rss_mb": max(d["tree_peak_mb"] for d in pipe),
             "baseline_peak_rss_mb": max(d["tree_peak_mb"] for d in base),
+            "peak_pss_mb": max(d["tree_peak_pss_mb"] for d in pipe),
+            "baseline_peak_pss_mb": max(d["tree_peak_pss_mb"] for d in base),
             "baseline_threads": os.cpu_count(), "pipeline_actors": cfg.concurrency or os.cpu_count(),
             "pipeline_files": len(read_manifest(resolve(pipe_dst))["files"]),
             "repeats": cfg.n_repeats, "all_baseline_walls_s": [d["wall"] for d in base],
@@ -432,7 +435,9 @@ def summary_encode_whole(f: dict[str, Any]) -> str:
                   f"records/s  runs {', '.join(f'{w:.1f}' for w in g['all_baseline_walls_s'])}",
                   f"    vaepipe encode process: {g['pipeline_wall_s']:7.1f} s  {g['pipeline_records_per_s']:>9,.0f} "
                   f"records/s  runs {', '.join(f'{w:.1f}' for w in g['all_pipeline_walls_s'])}",
-                  f"    ratio vaepipe/baseline: {g['ratio']:.2f}; max |Δμ| {g['max_abs_mu_diff']:.2e}; peak RSS "
-                  f"(tree) vaepipe {g['peak_rss_mb']:,.0f} MiB, baseline {g['baseline_peak_rss_mb']:,.0f} MiB"]
+                  f"    ratio vaepipe/baseline: {g['ratio']:.2f}; max |Δμ| {g['max_abs_mu_diff']:.2e}",
+                  f"    peak memory (process tree), PSS: vaepipe {g['peak_pss_mb']:,.0f} MiB, baseline "
+                  f"{g['baseline_peak_pss_mb']:,.0f} MiB; summed RSS: vaepipe {g['peak_rss_mb']:,.0f} MiB, "
+                  f"baseline {g['baseline_peak_rss_mb']:,.0f} MiB"]
     lines.append(f"  load average before/after: {f['load_avg_before']} / {f['load_avg_after']}")
     return "\n".join(lines)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from pipeline.bench import BenchConfig, PeakRSS, make_input, tree_rss_bytes
+from pipeline.bench import BenchConfig, PeakRSS, make_input, tree_memory, tree_rss_bytes
 from pipeline.errors import ConfigError
 
 KEYS = ("baseline_records_per_s", "pipeline_records_per_s", "ratio", "peak_rss_mb", "records", "device")
@@ -68,6 +71,28 @@ def test_bench_config_checks_and_rss_helpers():
     with PeakRSS(interval=0.01) as m:
         blob = bytearray(64 * 2**20)
     assert m.peak >= tree_rss_bytes() - 2**30 and m.peak_mb > 64
+    assert 0 < m.peak_pss_mb <= m.peak_mb
+    del blob
+
+
+def test_tree_pss_counts_a_page_shared_by_a_forked_child_once():
+    blob = bytearray(b"x" * (64 * 2**20))             # touched: 64 MiB resident in this process
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                       # the child shares those pages (copy-on-write)
+        os.close(r)
+        os.write(w, b"1")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        os.close(w)
+        os.read(r, 1)
+        rss, pss = tree_memory(pss=True)
+        # summed RSS counts the shared 64 MiB twice (parent and child), PSS once
+        assert rss - pss >= 0.9 * 64 * 2**20, (rss, pss)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
     del blob
 
 

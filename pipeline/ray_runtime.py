@@ -182,9 +182,20 @@ def init_ray(address: str | None = None, reserve_cpus: float = 0.0) -> None:
     # The dashboard stays on: Ray Train V2's controller watchdog queries the State API it serves.
     ray.init(address="local", num_cpus=int(cpus + 0.999), log_to_driver=True, configure_logging=True,
              logging_level=logging.WARNING, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1")  # local Ray talks over loopback only
+             _node_ip_address="127.0.0.1",  # local Ray talks over loopback only
+             runtime_env={"worker_process_setup_hook": "pipeline.ray_runtime.pin_ray_address"})
     _STARTED_LOCAL = True
     _filter_streamed_logs()
+
+
+def pin_ray_address() -> None:
+    """Worker setup hook of a local Ray: each worker's $RAY_ADDRESS names its own Ray. Ray Train V2's
+    PlacementGroupCleaner asks the State API for its controller with no address; with a second Ray
+    on the machine (another vaepipe job, a `ray start`), Ray cannot tell which one is meant, and the
+    cleaner's thread died with a "Found multiple active Ray instances" traceback in the job's output."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 # --- Sizing from the cluster: the alive nodes that do the work, not the driver's machine. -----------

@@ -125,11 +125,22 @@ class CachedBlocks:
     def __init__(self, path: str, reader: pa.ipc.RecordBatchFileReader):
         import numpy as np
 
-        self.path, self.schema = path, reader.schema
+        self.schema = reader.schema
         self.starts = np.cumsum([0] + [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)])
+        # Hold the file open and map it through its descriptor: another query pruning the cache, or
+        # replacing this entry, while this one reads it, leaves this one reading the file it opened.
+        self.fd = os.open(path, os.O_RDONLY)
+        by_fd = f"/proc/self/fd/{self.fd}"
+        self.path = by_fd if os.path.exists(by_fd) else path   # Linux; elsewhere the path itself
 
     def batch(self, i: int) -> pa.RecordBatch:
         return pa.ipc.open_file(pa.memory_map(self.path, "r")).get_batch(i)
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except (OSError, AttributeError):
+            pass
 
     def blocks(self, columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
         for i, start in enumerate(self.starts[:-1].tolist()):

@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import query as query_mod
+from pipeline.parquet_io import list_parquet_files
 from pipeline.query import QueryConfig, run_query
+from pipeline.uris import resolve
 from tests.pipeline.test_query import ROOT, duck, write_latents
 
 duckdb = pytest.importorskip("duckdb")
@@ -92,6 +94,24 @@ def test_a_file_rewritten_in_place_gets_a_new_entry(tmp_path):
         got.append(run_query(QueryConfig(latents=path, id=["4"], k=5, cache_dir=cache)))
         assert got[-1].equals(run_query(QueryConfig(latents=path, id=["4"], k=5, cache="off")))
     assert not got[0].equals(got[1]) and len(entries(cache)) == 2
+
+
+def test_an_entry_deleted_while_read_is_read_to_the_end(table, tmp_path):
+    """Another query's pruning (or a rewrite of the entry) while this one reads: this one reads the
+    file it opened."""
+    from pipeline.latent_cache import LatentCache
+
+    folder, ids = table
+    cache = str(tmp_path / "cache")
+    run_query(QueryConfig(latents=folder, id=[str(int(ids[0]))], k=3, cache_dir=cache))
+    (entry,) = entries(cache)
+    key = os.path.basename(entry)[: -len(".arrow")]
+    opened = LatentCache(key, len(ids), cache).open(["id", "mu"])
+    os.unlink(entry)
+    got = pa.concat_tables([t for _, t in opened.blocks(["id", "mu"])])
+    files = list_parquet_files(resolve(folder))
+    assert got.column("id").to_pylist() == [v for f in files for v in pq.read_table(f).column("id").to_pylist()]
+    assert opened.take(np.array([5, 0]), ["id"]).column("id").to_pylist() == got.column("id").to_pylist()[5::-5]
 
 
 def test_truncated_entry_is_discarded_and_rewritten(table, tmp_path):

@@ -93,9 +93,14 @@ class SemiVAE(VAE):
         return out
 
     @torch.no_grad()
+    def class_probs(self, mu: torch.Tensor) -> torch.Tensor:
+        """q(y|μ) for records' μ: (B, L) -> (B, C), rows sum to 1, columns in `classes` order."""
+        return F.softmax(self.m2.logits(mu), -1)
+
+    @torch.no_grad()
     def predict_proba(self, raw: torch.Tensor) -> torch.Tensor:
-        """q(y|μ) for raw records: (B, D) -> (B, C), rows sum to 1, columns in `classes` order."""
-        return F.softmax(self.m2.logits(self.embed(raw).mean), -1)
+        """q(y|μ) for raw records: (B, D) -> (B, C)."""
+        return self.class_probs(self.embed(raw).mean)
 
 
 def build_model(config: VAEConfig) -> VAE:

@@ -319,7 +319,7 @@ class UnitEncoder:
                     eps = record_normal(record_keys(raw), lat).unsqueeze(0)
                     outs["score"][i:i + bs] = self.model.score(raw, eps=eps)
                 if "pred_prob" in outs:   # q(y|μ): the same μ written beside it
-                    outs["pred_prob"][i:i + bs] = torch.softmax(self.model.m2.logits(q.mean), -1)
+                    outs["pred_prob"][i:i + bs] = self.model.class_probs(q.mean)
         return {k: v.cpu().numpy() for k, v in outs.items()}
 
     def output_table(self, t: pa.Table, enc: dict[str, np.ndarray], meta: dict) -> pa.Table:

@@ -156,9 +156,14 @@ def content_split_mask(x: np.ndarray, fraction: float, salt: int = 0) -> np.ndar
     return (h % np.uint64(1_000_000)) < np.uint64(int(fraction * 1_000_000))
 
 
-def split_table(batch: pa.Table, spec: FeatureSpec, fraction: float, want_val: bool) -> pa.Table:
-    """The validation (or training) side of a batch, by `content_split_mask`. It lives here, not in
-    pipeline.train, so the Ray Data tasks that run it need pyarrow and numpy only, not torch."""
+def split_table(batch: pa.Table, spec: FeatureSpec, fraction: float, want_val: bool,
+                labels: str | None = None) -> pa.Table:
+    """The validation (or training) side of a batch, by `content_split_mask`. With `labels` (the
+    `train --labels` column), a labelled record always stays on the training side: validation uses
+    no labels, and with a few labels every one of them counts. It lives here, not in pipeline.train,
+    so the Ray Data tasks that run it need pyarrow and numpy only, not torch."""
     x = to_matrix(batch, spec, source="input")
     mask = content_split_mask(x, fraction)
+    if labels is not None:
+        mask &= batch.column(labels).is_null().to_numpy(zero_copy_only=False)
     return batch.filter(pa.array(mask if want_val else ~mask))

@@ -44,3 +44,9 @@ def label_indices(table: pa.Table | pa.RecordBatch, column: str, classes: tuple)
     which only a separate --val-input can hold: validation uses no labels)."""
     idx = pc.index_in(table.column(column), value_set=pa.array(list(classes)))
     return pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def prob_columns(classes: tuple) -> list[str]:
+    """The served model's probability columns (pipeline.mlflow_model), one per class in class order:
+    `pred_prob_<class>`."""
+    return [f"pred_prob_{c}" for c in classes]

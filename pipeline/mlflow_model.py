@@ -1,7 +1,11 @@
 """MLflow pyfunc for a vaepipe model, logged as code (models-from-code): loading it builds the module
 from vaepipe's code and a weights-only checkpoint, so nothing pickled can break when code moves.
 
-`mlflow.pyfunc.load_model(uri).predict(records)` returns μ (N, L) for raw records. Features are
+`mlflow.pyfunc.load_model(uri).predict(records)` returns μ (N, L) for raw records. A model trained
+with `--labels` (a class list) returns a DataFrame instead, one row per record: `mu` (the same μ, a
+list of L floats), `pred` (the class, in the label column's type) and `pred_prob_<class>`, one
+probability column per class in class order: served as JSON, each record is
+{"mu": [...], "pred": 7, "pred_prob_0": 0.01, ...}, self-describing without the class list. Features are
 matched by name, never by position: scalar features come as columns of a DataFrame (any order,
 extra columns ignored, a missing one is an error naming it); a list feature (e.g. `image`) as a
 column of vectors, {name: (N, D) array}, or a bare (N, D) array, in the value type training read
@@ -67,7 +71,21 @@ class VAEPyfunc(PythonModel):
     def predict(self, context, model_input, params=None):
         cfg = self.model.config
         x = records_matrix(cfg.preprocessing, model_input, cfg.input_dim)
-        return self.model.embed(torch.from_numpy(np.require(x, requirements=["C", "W"]))).mean.numpy()
+        with torch.no_grad():
+            mu = self.model.embed(torch.from_numpy(np.require(x, requirements=["C", "W"]))).mean
+        if cfg.semi is None:
+            return mu.numpy()
+        return prediction_frame(mu.numpy(), self.model.class_probs(mu).numpy(), cfg.semi.classes)
+
+
+def prediction_frame(mu: np.ndarray, prob: np.ndarray, classes: tuple):
+    """A semi-supervised model's output (see the module's docstring): mu (N, L), prob (N, C)."""
+    import pandas as pd
+
+    from pipeline.labels import prob_columns
+
+    frame = pd.DataFrame({"mu": list(mu), "pred": np.asarray(classes)[prob.argmax(1)]})
+    return frame.assign(**dict(zip(prob_columns(classes), prob.T)))
 
 
 mlflow.models.set_model(VAEPyfunc())

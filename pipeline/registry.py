@@ -168,7 +168,7 @@ def log_model(run_id: str, checkpoint_path: str, input_dim: int, latent_dim: int
     from vae.config import VAEConfig
 
     cfg = VAEConfig.from_dict(load_checkpoint(checkpoint_path)["config"])
-    signature = model_signature(cfg.preprocessing, input_dim, latent_dim)
+    signature = model_signature(cfg.preprocessing, input_dim, latent_dim, cfg.semi.classes if cfg.semi else None)
     with using_tracking(tracking_uri), mlflow.start_run(run_id=run_id), _no_download_bars(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
@@ -191,14 +191,23 @@ def _mlflow_type(dtype: np.dtype):
     raise ValueError(f"no MLflow column type for feature dtype {dtype}")
 
 
-def model_signature(pre, input_dim: int, latent_dim: int):
+def model_signature(pre, input_dim: int, latent_dim: int, classes: tuple | None = None):
     """What the served model accepts, by name: one column per feature (scalar features, any order,
     each of its training type or one that converts safely), or one named tensor (N, D) of the
-    training value type (a list feature, e.g. uint8 images). Output: μ, float32 (N, L)."""
+    training value type (a list feature, e.g. uint8 images). Output: μ, float32 (N, L); with a class
+    list (`train --labels`), the columns pipeline.mlflow_model.prediction_frame returns: `mu` (an
+    array of floats), `pred` (long or string) and one float `pred_prob_<class>` per class."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+    from mlflow.types.schema import Array
+
+    from pipeline.labels import prob_columns
 
     out = Schema([TensorSpec(np.dtype(np.float32), (-1, latent_dim))])
+    if classes:
+        pred = DataType.long if isinstance(classes[0], int) else DataType.string
+        out = Schema([ColSpec(Array(DataType.float), "mu"), ColSpec(pred, "pred"),
+                      *[ColSpec(DataType.float, c) for c in prob_columns(classes)]])
     if not pre.features:   # a config without preprocessing: an unnamed float32 matrix, as before
         return ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, input_dim))]), out)
     if pre.layout == "scalars":

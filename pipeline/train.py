@@ -183,7 +183,8 @@ def _ray_train_log_level() -> str:
 
 
 def build_datasets(data: PreparedData, cfg: TrainConfig):
-    """(train, val or None) Ray datasets: --val-input, or a content-hash split of --input."""
+    """(train, val or None) Ray datasets: --val-input, or a content-hash split of --input (with
+    --labels, of its unlabelled records: every labelled one trains)."""
     import ray.data
 
     def read(loc: Location, files: list[str], cols: list[str] = data.cols):
@@ -202,9 +203,9 @@ def build_datasets(data: PreparedData, cfg: TrainConfig):
         return ds, read(*data.val, [c for c in data.cols if c != cfg.labels])   # validation uses no labels
     if cfg.val_fraction == 0:
         return ds, None
-    spec, f = data.spec, cfg.val_fraction
-    train = ds.map_batches(split_table, batch_format="pyarrow", fn_kwargs=dict(spec=spec, fraction=f, want_val=False))
-    val = ds.map_batches(split_table, batch_format="pyarrow", fn_kwargs=dict(spec=spec, fraction=f, want_val=True))
+    split = dict(spec=data.spec, fraction=cfg.val_fraction, labels=cfg.labels)   # labelled records stay in train
+    train = ds.map_batches(split_table, batch_format="pyarrow", fn_kwargs=dict(split, want_val=False))
+    val = ds.map_batches(split_table, batch_format="pyarrow", fn_kwargs=dict(split, want_val=True))
     return train, val
 
 
@@ -319,11 +320,14 @@ def fit(cfg: TrainConfig, plan: RunPlan, worker_cfg: WorkerConfig, train_ds, val
 
 def pick_checkpoint(plan: RunPlan) -> tuple[str, dict, int]:
     """(path, state, epochs run): the best epoch's checkpoint when it is still kept, else the newest
-    complete one."""
+    complete one; after head-only epochs (train --labels), the newest: they trained the head on the
+    best epoch's VAE (train_loop.TrainWorker._restore_best_vae)."""
     found = plan.store.newest_complete()
     if found is None:
         raise RuntimeError(f"training {plan.name} finished without a checkpoint in {plan.run_dir}")
     path, state = found
+    if state["extra"].get("phase") == "head":
+        return path, state, state["epoch"] + 1
     ckpts = plan.store.checkpoints()
     best_epoch = state["extra"]["best_epoch"]
     if best_epoch != state["epoch"]:

@@ -48,6 +48,7 @@ class OptimConfig:
     free_bits: float
     patience: int
     min_delta: float
+    head_epochs: int
     amp: str
     compile: bool
     seed: int
@@ -109,7 +110,9 @@ class TrainConfig(RuntimeConfig):
     features: list[str] = opt(help="one list column, or several numeric scalar columns", factory=list, group="data")
     id_column: str = opt("id", "record id column (named in errors)", group="data")
     val_input: str | None = opt(None, "validation Parquet (default: a content-hash split of --input)", group="data")
-    val_fraction: float = opt(0.1, "fraction of --input held out for validation when no --val-input", group="data")
+    val_fraction: float = opt(0.1, "fraction of --input held out for validation when no --val-input, by a hash of "
+                                  "each record's content; with --labels only unlabelled records are held out "
+                                  "(validation uses no labels, so every labelled record trains)", group="data")
     shuffle_buffer: int = opt(4096, "Ray Data local shuffle buffer when streaming (cache off), records; "
                                      "0 = no shuffle (with the cache as well)", group="data")
     sample_rows: int = opt(10_000, "records read up front to fit the preprocessing", group="data")
@@ -143,6 +146,9 @@ class TrainConfig(RuntimeConfig):
     patience: int = opt(0, "early stopping: epochs without val ELBO improvement (0 = off)", group="optimisation")
     min_delta: float = opt(0.0, "early stopping: improvement smaller than this (nats) does not count",
                            group="optimisation")
+    head_epochs: int = opt(50, "with --labels: epochs after the VAE's that train only the M2 head (AdamW 1e-3, "
+                                "the VAE frozen) on each record's q(z1|x), computed once from the cached "
+                                "shard: no decoder passes of the VAE; 0 = none", group="optimisation")
     seed: int = opt(0, "seed: a 1-worker CPU run is reproducible", group="optimisation")
     amp: str = opt("off", "mixed precision: off, bf16, fp16", choices=AMPS, group="optimisation")
     compile: bool = opt(False, "torch.compile the model", group="optimisation")
@@ -184,6 +190,8 @@ class TrainConfig(RuntimeConfig):
         for name in ("epochs", "batch_size", "workers", "latent_dim", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.head_epochs < 0:
+            raise ConfigError(f"head_epochs must be ≥ 0, got {self.head_epochs}")
         if self.beta < 0 or self.free_bits < 0 or self.lr <= 0:
             raise ConfigError("beta and free_bits must be ≥ 0 and lr > 0")
         if self.image_shape and len(self.image_shape) != 3:

@@ -2,7 +2,12 @@
 `setup()` builds the model, optimiser and data (`_setup_model`, `_setup_optimizer`, `_setup_data`),
 `train()` runs the epochs, `cleanup()` releases what setup took. Ray touches it at a few named
 points only: get_context (rank), get_dataset_shard (data), get_checkpoint/report (checkpoints),
-prepare_model (DDP) and get_device. The maths is vae.train_step, which tests run without Ray."""
+prepare_model (DDP) and get_device. The maths is vae.train_step, which tests run without Ray.
+
+With `--labels`, `train()` has two phases, each epoch checkpointed and journalled alike, numbered on
+from the VAE's: the VAE epochs (M1 and the M2 head in one loss), then `--head-epochs` that train the
+M2 head alone on the frozen VAE's q(z1|x) of the cached shard (vae.semi.m2_epoch). A checkpoint's
+`extra["phase"]` says which; a restarted or resumed run continues from its phase and epoch."""
 from __future__ import annotations
 
 import logging
@@ -25,8 +30,10 @@ from vae.checkpoint import checkpoint_bytes, load_checkpoint
 from vae.config import VAEConfig
 from vae.loss import kl_weight
 from vae.model import VAE
-from vae.semi import build_model
+from vae.semi import M2_LR, build_model, m2_epoch
 from vae.train_step import EpochStats, active_units, evaluate, labelled_batches, train_epoch
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_FILE", "RunStore", "TrainWorker", "WorkerConfig", "train_loop_per_worker"]
 
@@ -125,14 +132,29 @@ def _before_second(it: Iterator, mid_epoch: Callable[[], None] | None) -> Iterat
         yield b
 
 
+def _sum_over_workers(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
 def _allreduce(stats: EpochStats, world: int, device) -> EpochStats:
     if world == 1:
         return stats
-    import torch.distributed as dist
-
     t = torch.tensor([stats.records, stats.neg_elbo, stats.recon, stats.kl], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    t = _sum_over_workers(t, world)
     return EpochStats(int(t[0]), float(t[1]), float(t[2]), float(t[3]))
+
+
+def _average_grads(params, world: int) -> None:
+    """Average gradients over the workers: the head-only epochs step M2 outside DDP's forward."""
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            _sum_over_workers(p.grad, world).div_(world)
 
 
 # --- the recipe --------------------------------------------------------------------------------------
@@ -144,6 +166,7 @@ class _Progress:
     best: float = float("inf")
     best_epoch: int = -1
     stale: int = 0
+    head_done: int = 0       # head-only epochs finished (train --labels)
 
     def update(self, score: float, epoch: int, min_delta: float) -> None:
         if score < self.best - min_delta:
@@ -167,6 +190,7 @@ class TrainWorker:
         self.progress = _Progress()
         self.mlflow = None
         self.cached: dict[str, torch.Tensor] | None = None
+        self.vae_metrics: dict[str, float] = {}   # the kept VAE epoch's figures: head checkpoints carry them
 
     # setup ---------------------------------------------------------------------------------------
 
@@ -199,7 +223,9 @@ class TrainWorker:
         state = newer[1] if newer else state
         if state is not None:
             extra = state["extra"]
-            self.progress = _Progress(state["epoch"] + 1, extra["best"], extra["best_epoch"], extra["stale"])
+            self.progress = _Progress(state["epoch"] + 1, extra["best"], extra["best_epoch"], extra["stale"],
+                                      extra.get("head_done", 0))
+            self.vae_metrics = {k: v for k, v in extra["metrics"].items() if not k.startswith("head_")}
             if self.rank == 0 and "journal" in extra:
                 self.store.ensure_journal(extra["journal"])
         return state
@@ -217,8 +243,11 @@ class TrainWorker:
     def _setup_optimizer(self, state: dict | None) -> None:
         o = self.cfg.optim
         self.optimizer = torch.optim.AdamW(self.core.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])   # state moves to the parameters' device
+        # --labels: the head-only epochs' own optimiser, over M2's parameters only (the VAE stays frozen)
+        self.head_optimizer = torch.optim.AdamW(self.core.m2.parameters(), lr=M2_LR) if self.cfg.labels else None
+        if state is not None:   # a checkpoint holds the optimiser of its phase; its state moves to the device
+            head = state["extra"].get("phase") == "head"
+            (self.head_optimizer if head else self.optimizer).load_state_dict(state["optimizer"])
         self.scaler = torch.amp.GradScaler(self.device.type) if o.amp == "fp16" else None
 
     def _setup_data(self) -> None:
@@ -261,15 +290,83 @@ class TrainWorker:
         return batches(self.shards[name], self.cfg, epoch, shuffle, mid_epoch=fail)
 
     def train(self) -> None:
+        """The VAE epochs, then (with --labels) the head-only epochs; each skipped once done."""
+        if not self._vae_done():
+            self._train_vae()
+        if self.cfg.labels and self.progress.head_done < self.cfg.optim.head_epochs:
+            self._train_head()
+
+    def _vae_done(self) -> bool:
+        o, p = self.cfg.optim, self.progress
+        return p.start_epoch >= o.epochs or p.head_done > 0 or (o.patience > 0 and p.stale >= o.patience)
+
+    def _train_vae(self) -> None:
         o = self.cfg.optim
         for epoch in range(self.progress.start_epoch, o.epochs):
             metrics = self._run_epoch(epoch)
             score = metrics.get("val_neg_elbo", metrics["train_neg_elbo"])
             self.progress.update(score, epoch, o.min_delta)
             metrics.update(best_neg_elbo=self.progress.best, best_epoch=self.progress.best_epoch)
-            self._report(epoch, metrics)
+            self.progress.start_epoch = epoch + 1
+            self.vae_metrics = metrics
+            self._report(epoch, metrics, metrics, self._vae_line(metrics))
             if o.patience > 0 and self.progress.stale >= o.patience:
                 break
+
+    def _train_head(self) -> None:
+        """Head-only epochs: M2 alone on the frozen VAE's q(z1|x) of this worker's cached shard
+        (one encoder pass, then no VAE work at all), numbered on from the VAE's epochs."""
+        o = self.cfg.optim
+        self._restore_best_vae()
+        stats, y = self._shard_posterior(), self.cached["train"][1]
+        for h in range(self.progress.head_done, o.head_epochs):
+            epoch = self.progress.start_epoch
+            head = self._run_head_epoch(epoch, h, stats, y)
+            self.progress.start_epoch, self.progress.head_done = epoch + 1, h + 1
+            self._report(epoch, {**self.vae_metrics, **head, "epoch": epoch}, head,
+                         f"head epoch {h + 1}/{o.head_epochs}: M2 loss {head['head_loss']:.3f}, labelled training "
+                         f"records right {head['head_train_acc']:.1%} {head['head_epoch_time_s']:.1f}s",
+                         phase="head")
+
+    def _restore_best_vae(self) -> None:
+        """The head trains on the VAE the run keeps: when early stopping ended after the best epoch,
+        that epoch's weights (pick_checkpoint would register them without head epochs)."""
+        p = self.progress
+        if p.head_done or p.best_epoch in (-1, p.start_epoch - 1):
+            return
+        path = self.store.checkpoints().get(p.best_epoch)
+        if path is None:
+            log.warning("best epoch %d's checkpoint is no longer kept; the head trains on the last", p.best_epoch)
+            return
+        state = self.store.load(path)
+        self.core.load_state_dict(state["model"])
+        self.vae_metrics = state["extra"]["metrics"]
+
+    @torch.no_grad()
+    def _shard_posterior(self, batch: int = 1024) -> torch.Tensor:
+        """[μ, log σ²] (N, 2·L) of q(z1|x) for every record of the cached train shard."""
+        x = self.cached["train"][0]
+        self.core.eval()
+        qs = [self.core.embed(x[i:i + batch]) for i in range(0, len(x), batch)]
+        return torch.cat([torch.cat([q.mean, q.logvar], -1) for q in qs]) if qs else \
+            torch.zeros((0, 2 * self.core.config.latent_dim), device=self.device)
+
+    def _run_head_epoch(self, epoch: int, h: int, stats: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        o, m2 = self.cfg.optim, self.core.m2
+        torch.manual_seed(o.seed * 100_003 + epoch * 1009 + self.rank)   # z1 and z2 draws, as _run_epoch's ε
+        self.cfg.faults.maybe_fail(self.rank, epoch)
+        t0 = time.perf_counter()
+        loss, records = m2_epoch(m2, stats, y, self.head_optimizer, o.batch_size, self.cfg.labelled_per_batch,
+                                 seed=o.seed, epoch=h, rank=self.rank,
+                                 after_backward=lambda: _average_grads(m2.parameters(), self.world))
+        wall = time.perf_counter() - t0
+        lab = y >= 0
+        with torch.no_grad():
+            right = (m2.logits(stats[lab].chunk(2, -1)[0]).argmax(-1) == y[lab]).sum()
+        t = _sum_over_workers(torch.tensor([loss, records, float(right), float(lab.sum())], dtype=torch.float64,
+                                            device=self.device), self.world)
+        return {"head_loss": float(t[0] / max(t[1], 1)), "head_train_acc": float(t[2] / max(t[3], 1)),
+                "head_lr": M2_LR, "head_epoch_time_s": wall}
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
         o = self.cfg.optim
@@ -292,8 +389,15 @@ class TrainWorker:
             metrics["active_units"] = active_units(kl_dims)
         return metrics
 
-    def _report(self, epoch: int, metrics: dict[str, Any]) -> None:
-        """Rank 0: MLflow metrics, a checkpoint reported to Ray, a progress line, the journal."""
+    def _vae_line(self, metrics: dict[str, Any]) -> str:
+        return (f"epoch {int(metrics['epoch']) + 1}/{self.cfg.optim.epochs}: train -ELBO {metrics['train_neg_elbo']:.3f}"
+                + (f" val -ELBO {metrics['val_neg_elbo']:.3f}" if "val_neg_elbo" in metrics else "")
+                + f" lr {metrics['lr']:.2e} {metrics['samples_per_s']:.0f} samples/s {metrics['epoch_time_s']:.1f}s")
+
+    def _report(self, epoch: int, metrics: dict[str, Any], logged: dict[str, Any], line: str,
+                phase: str = "vae") -> None:
+        """Rank 0: `logged` to MLflow (step = epoch) and the journal, a checkpoint of this phase
+        carrying `metrics` reported to Ray, a progress line."""
         import ray.train
 
         if self.rank != 0:
@@ -304,22 +408,21 @@ class TrainWorker:
 
             ts = int(time.time() * 1000)
             self.mlflow.log_batch(self.cfg.run.mlflow_run_id, metrics=[
-                Metric(k, float(v), ts, epoch) for k, v in metrics.items() if k != "epoch"])
+                Metric(k, float(v), ts, epoch) for k, v in logged.items() if k != "epoch"])
         p = self.progress
-        entry = {"epoch": epoch, "time": time.time(), "attempt": self.cfg.run.attempt,
-                 "world_size": self.world, **{k: float(v) for k, v in metrics.items()}}
+        entry = {"epoch": epoch, "phase": phase, "time": time.time(), "attempt": self.cfg.run.attempt,
+                 "world_size": self.world, **{k: float(v) for k, v in logged.items() if k != "epoch"}}
+        optimizer = self.head_optimizer if phase == "head" else self.optimizer
         with tempfile.TemporaryDirectory() as d:
             with open(os.path.join(d, CHECKPOINT_FILE), "wb") as f:
-                f.write(checkpoint_bytes(self.core, self.optimizer, epoch,
+                f.write(checkpoint_bytes(self.core, optimizer, epoch,
                                          {"best": p.best, "best_epoch": p.best_epoch, "stale": p.stale,
+                                          "phase": phase, "head_done": p.head_done,
                                           "metrics": {k: float(v) for k, v in metrics.items()},
                                           "journal": entry}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"epoch_{epoch:04d}")
-        print(f"epoch {epoch + 1}/{self.cfg.optim.epochs}: train -ELBO {metrics['train_neg_elbo']:.3f}"
-              + (f" val -ELBO {metrics['val_neg_elbo']:.3f}" if "val_neg_elbo" in metrics else "")
-              + f" lr {metrics['lr']:.2e} {metrics['samples_per_s']:.0f} samples/s {metrics['epoch_time_s']:.1f}s",
-              flush=True)
+        print(line, flush=True)
         # An append-only journal of finished epochs in the run folder, across restarts and resumes.
         # The checkpoint is the commit point and carries this entry too: a worker group torn down
         # between the two gets the line back from the checkpoint it resumes from (_load_state).

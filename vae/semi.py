@@ -93,9 +93,14 @@ class SemiVAE(VAE):
         return out
 
     @torch.no_grad()
+    def class_probs(self, mu: torch.Tensor) -> torch.Tensor:
+        """q(y|μ) for records' μ: (B, L) -> (B, C), rows sum to 1, columns in `classes` order."""
+        return F.softmax(self.m2.logits(mu), -1)
+
+    @torch.no_grad()
     def predict_proba(self, raw: torch.Tensor) -> torch.Tensor:
-        """q(y|μ) for raw records: (B, D) -> (B, C), rows sum to 1, columns in `classes` order."""
-        return F.softmax(self.m2.logits(self.embed(raw).mean), -1)
+        """q(y|μ) for raw records: (B, D) -> (B, C)."""
+        return self.class_probs(self.embed(raw).mean)
 
 
 def build_model(config: VAEConfig) -> VAE:
@@ -103,23 +108,41 @@ def build_model(config: VAEConfig) -> VAE:
     return SemiVAE(config) if config.semi is not None else VAE(config)
 
 
-def fit_m2(m2: M2, mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int = 128,
-           labelled_per_batch: int = 32, lr: float = 1e-3, seed: int = 0) -> None:
-    """Train an M2 head alone on a frozen VAE's q(z1|x) (the paper's two-stage M1+M2): mu, logvar
-    (N, L1) of every record, y (N,) class indices with -1 = unlabelled. Each step draws a fresh
-    z1 ~ q(z1|x); batches as vae.train_step.labelled_batches."""
+M2_LR = 1e-3
+"""AdamW learning rate of an M2 head trained alone (fit_m2, and `train --labels`'s head-only epochs)."""
+
+
+def m2_epoch(m2: M2, stats: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, batch_size: int,
+             labelled_per_batch: int, *, seed: int, epoch: int, rank: int = 0,
+             generator: torch.Generator | None = None, after_backward=None) -> tuple[float, int]:
+    """One epoch of an M2 head alone on a frozen VAE's q(z1|x): stats (N, 2·L1) = [μ, log σ²] of every
+    record, y (N,) class indices with -1 = unlabelled. Each step draws a fresh z1 ~ q(z1|x); batches
+    as vae.train_step.labelled_batches. `after_backward` runs before each optimiser step (e.g. to
+    average gradients over workers). Returns (summed loss, records seen)."""
     from vae.train_step import labelled_batches
 
+    m2.train()
+    total, records = 0.0, 0
+    for s, yb in labelled_batches(stats, y, batch_size, labelled_per_batch, seed=seed, epoch=epoch, rank=rank):
+        m, lv = s.chunk(2, dim=-1)
+        z1 = m + (0.5 * lv).exp() * torch.randn(m.shape, generator=generator).to(m.device)
+        loss = m2.loss(z1, yb, generator).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        opt.step()
+        total, records = total + float(loss.detach()) * len(yb), records + len(yb)
+    m2.eval()
+    return total, records
+
+
+def fit_m2(m2: M2, mu: torch.Tensor, logvar: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int = 128,
+           labelled_per_batch: int = 32, lr: float = M2_LR, seed: int = 0) -> None:
+    """Train an M2 head alone on a frozen VAE's q(z1|x) (the paper's two-stage M1+M2): mu, logvar
+    (N, L1) of every record, y (N,) class indices with -1 = unlabelled; `epochs` of m2_epoch."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(m2.parameters(), lr=lr)
     stats = torch.cat([mu, logvar], -1)                                       # (N, 2·L1)
-    m2.train()
     for epoch in range(epochs):
-        for s, yb in labelled_batches(stats, y, batch_size, labelled_per_batch, seed=seed, epoch=epoch):
-            m, lv = s.chunk(2, dim=-1)
-            z1 = m + (0.5 * lv).exp() * torch.randn(m.shape, generator=g)
-            loss = m2.loss(z1, yb, g).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    m2.eval()
+        m2_epoch(m2, stats, y, opt, batch_size, labelled_per_batch, seed=seed, epoch=epoch, generator=g)

@@ -1,6 +1,8 @@
 """`train --labels` and `encode --predict` on the real stack (local Ray Train, MLflow store, Ray Data
-/ local encode): a few labels among many nulls train the semi-supervised VAE, the registered model
-carries its class list, and encode writes `pred` and `pred_prob` beside μ in the same pass."""
+/ local encode): a few labels among many nulls train the semi-supervised VAE, the head-only epochs
+after the VAE's train M2 alone (journalled, logged, resumable), every labelled record stays out of the
+validation split, the registered model carries its class list, and encode writes `pred` and
+`pred_prob` beside μ in the same pass."""
 from __future__ import annotations
 
 import json
@@ -14,8 +16,9 @@ import pytest
 from pipeline.encode import EncodeConfig, run_encode
 from pipeline.errors import ConfigError, InputError, SchemaError
 from pipeline.labels import label_indices, read_classes
-from pipeline.registry import load_model_bytes
-from pipeline.train import TrainConfig, run_train
+from pipeline.registry import client, load_model_bytes
+from pipeline.run_store import RunStore
+from pipeline.train import TrainConfig, build_datasets, prepare_data, run_train
 from pipeline.uris import resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
 from vae.semi import SemiVAE
@@ -47,10 +50,76 @@ def few_labels(digits_parquet, tmp_path_factory):
     return str(folder)
 
 
+VAE_EPOCHS, HEAD_EPOCHS = 25, 20
+
+
 @pytest.fixture(scope="module")
 def semi_model(ray_local, few_labels, workdir):
-    return run_train(TrainConfig(input=few_labels, labels="y", epochs=25, lr=5e-3, model_name="semi",
-                                 workdir=workdir, **TINY))
+    # every checkpoint kept, so the tests can look at the last VAE epoch's as well as the final one
+    return run_train(TrainConfig(input=few_labels, labels="y", epochs=VAE_EPOCHS, head_epochs=HEAD_EPOCHS, lr=5e-3,
+                                 keep_checkpoints=VAE_EPOCHS + HEAD_EPOCHS, model_name="semi", workdir=workdir,
+                                 **TINY))
+
+
+def _accuracy(model, few_labels) -> float:
+    """argmax q(y|μ) against the true digit, over all 1,797 records (1,697 of them unlabelled in training)."""
+    import torch
+
+    t = pq.read_table(few_labels)
+    raw = t.column("image").combine_chunks().flatten().to_numpy().reshape(t.num_rows, 64)
+    pred = model.predict_proba(torch.from_numpy(raw.copy())).argmax(-1).numpy()
+    return float((pred == t.column("label").to_numpy()).mean())
+
+
+def test_head_epochs_train_the_head_alone_after_the_vae_epochs(semi_model, few_labels, workdir):
+    assert semi_model.epochs_run == VAE_EPOCHS + HEAD_EPOCHS
+    store = RunStore(semi_model.run_dir)
+    # journalled like the VAE's epochs, numbered on from them, each once
+    assert [(e["epoch"], e["phase"]) for e in store.journal()] == \
+        [(i, "vae") for i in range(VAE_EPOCHS)] + [(VAE_EPOCHS + h, "head") for h in range(HEAD_EPOCHS)]
+    # MLflow: the head's figures at the head epochs' steps; the VAE's curves stop where the VAE did
+    c = client(_tracking(workdir))
+    steps = lambda key: [m.step for m in c.get_metric_history(semi_model.run_id, key)]
+    assert steps("head_train_acc") == steps("head_loss") == list(range(VAE_EPOCHS, VAE_EPOCHS + HEAD_EPOCHS))
+    assert steps("train_neg_elbo") == list(range(VAE_EPOCHS))
+    history = lambda key: [m.value for m in c.get_metric_history(semi_model.run_id, key)]
+    assert history("head_loss")[-1] < history("head_loss")[0], history("head_loss")
+    assert history("head_train_acc")[-1] > history("head_train_acc")[0], history("head_train_acc")   # labelled records
+    # the VAE was frozen: only M2's weights moved after the last VAE epoch
+    last_vae = store.load(store.checkpoints()[VAE_EPOCHS - 1])
+    final = load_checkpoint(semi_model.checkpoint)
+    assert final["extra"]["phase"] == "head" and final["extra"]["head_done"] == HEAD_EPOCHS
+    for name, w in final["model"].items():
+        same = bool((w == last_vae["model"][name]).all())
+        assert same != name.startswith("m2."), name
+    # and the head got better at the task than the jointly trained one it started from
+    before, after = _accuracy(model_from_checkpoint(last_vae), few_labels), _accuracy(model_from_checkpoint(final),
+                                                                                      few_labels)
+    assert after > before, (before, after)
+    assert np.isfinite(semi_model.metrics["val_neg_elbo"])            # the kept VAE epoch's figures travel on
+
+
+def test_a_restarted_or_resumed_run_does_not_redo_finished_epochs(ray_local, few_labels, tmp_path):
+    work = str(tmp_path)
+    kw = dict(input=few_labels, labels="y", epochs=2, run_name="semi-r", model_name="semi_r", workdir=work, **TINY)
+    # the worker exits at the start of the second head epoch; Ray restarts the group from epoch 2's checkpoint
+    r = run_train(TrainConfig(head_epochs=3, max_failures=1, fail_at_epoch=3, **kw))
+    assert os.path.exists(os.path.join(r.run_dir, ".fault_injected"))
+    phases = lambda: [(e["epoch"], e["phase"]) for e in RunStore(r.run_dir).journal()]
+    assert phases() == [(0, "vae"), (1, "vae"), (2, "head"), (3, "head"), (4, "head")]
+    # --resume with more head epochs: only the missing head epochs run, the VAE's are not redone
+    again = run_train(TrainConfig(head_epochs=5, resume=True, **kw))
+    assert phases()[5:] == [(5, "head"), (6, "head")] and again.epochs_run == 7
+
+
+def test_labelled_records_all_stay_in_the_training_split(ray_local, few_labels, workdir):
+    """Validation uses no labels: the content-hash split holds out unlabelled records only, so all
+    100 labels train (before, about val_fraction of them were lost to validation)."""
+    cfg = TrainConfig(input=few_labels, labels="y", val_fraction=0.5, workdir=workdir, **TINY)
+    tr, va = (pa.concat_tables(ray_local.get(ds.to_arrow_refs())) for ds in build_datasets(prepare_data(cfg), cfg))
+    assert tr.column("y").null_count == tr.num_rows - 100 and va.column("y").null_count == va.num_rows
+    assert tr.num_rows + va.num_rows == 1797 and 700 < va.num_rows < 900     # about half of the 1,697 unlabelled
+    assert sorted(tr.column("id").to_pylist() + va.column("id").to_pylist()) == list(range(1797))
 
 
 def test_train_labels_registers_a_model_with_its_class_list(semi_model, workdir, capsys):

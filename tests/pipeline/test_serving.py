@@ -1,7 +1,9 @@
 """The registered model's interface, as MLflow serves it: a real `mlflow models serve --env-manager
 local` on 127.0.0.1 takes records with named columns in any order (split and records JSON) and returns
-the same μ as the model; a missing column is a 4xx naming it. The pyfunc also takes the image dtype
-training read (uint8), and the signature says both."""
+the same μ as the model; a missing column is a 4xx naming it. The served model is trained with
+`--labels`, so each record also comes back with `pred` and one `pred_prob_<class>` per class, the
+figures `encode --predict` writes for the same records. The pyfunc also takes the image dtype training
+read (uint8), and the signature says all of it."""
 from __future__ import annotations
 
 import json
@@ -30,8 +32,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def cancer(ray_local, tmp_path_factory):
-    """scikit-learn's breast-cancer table (569 × 30 float64 columns + id) and a tiny MLP VAE trained on
-    it for 1 epoch, registered as `cancer@production`. Returns (frame, tracking URI, version)."""
+    """scikit-learn's breast-cancer table (569 × 30 float64 columns + id) and a tiny semi-supervised
+    MLP VAE trained on it for 1 epoch and 1 head epoch, with a `diagnosis` label ("benign" /
+    "malignant") on 20 rows of each class, registered as `cancer@production`. Returns (frame of the id
+    and feature columns, tracking URI, version, data folder, work folder)."""
     from sklearn.datasets import load_breast_cancer
 
     from pipeline.train import TrainConfig, run_train
@@ -39,12 +43,18 @@ def cancer(ray_local, tmp_path_factory):
     d = load_breast_cancer(as_frame=True)
     df = d.data.copy()
     df.insert(0, "id", np.arange(len(df), dtype=np.int64))
+    names = np.where(d.target == 0, "malignant", "benign")
+    labelled = np.zeros(len(df), bool)
+    for c in ("benign", "malignant"):
+        labelled[np.flatnonzero(names == c)[:20]] = True
     data = tmp_path_factory.mktemp("cancer")
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), str(data / "part-0.parquet"))
+    t = pa.Table.from_pandas(df, preserve_index=False).append_column("diagnosis", pa.array(names, mask=~labelled))
+    pq.write_table(t, str(data / "part-0.parquet"))
     work = str(tmp_path_factory.mktemp("cancer-work"))
-    r = run_train(TrainConfig(input=str(data), features=list(d.data.columns), epochs=1, workers=1, latent_dim=3,
-                              hidden=[16], batch_size=128, model_name="cancer", workdir=work))
-    return df, f"sqlite:///{os.path.join(work, 'mlflow.db')}", r.version
+    r = run_train(TrainConfig(input=str(data), features=list(d.data.columns), labels="diagnosis", epochs=1,
+                              head_epochs=1, workers=1, latent_dim=3, hidden=[16], batch_size=128,
+                              model_name="cancer", workdir=work))
+    return df, f"sqlite:///{os.path.join(work, 'mlflow.db')}", r.version, str(data), work
 
 
 def _mu(tracking: str, x: np.ndarray) -> np.ndarray:
@@ -70,7 +80,7 @@ def _post(url: str, body: dict) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def served(cancer, tmp_path_factory):
     """`mlflow models serve` of cancer@production in its own process group; yields its base URL."""
-    _, tracking, _ = cancer
+    tracking = cancer[1]
     port = _free_port()
     bindir = os.path.dirname(sys.executable)           # the venv: mlflow runs `uvicorn` from PATH
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking, PYTHONPATH=REPO, PATH=bindir + os.pathsep + os.environ["PATH"])
@@ -107,7 +117,7 @@ def served(cancer, tmp_path_factory):
 
 
 def test_served_model_matches_columns_by_name(cancer, served):
-    df, tracking, _ = cancer
+    df, tracking = cancer[:2]
     feats = [c for c in df.columns if c != "id"]
     rows = df.iloc[:20]
     want = _mu(tracking, rows[feats].to_numpy(np.float32))
@@ -121,12 +131,38 @@ def test_served_model_matches_columns_by_name(cancer, served):
         for body in (split, records):
             status, text = _post(served + "/invocations", body)
             assert status == 200, text
-            got = np.asarray(json.loads(text)["predictions"], np.float32)
+            got = np.asarray([r["mu"] for r in json.loads(text)["predictions"]], np.float32)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_served_semi_model_predicts_what_encode_predict_writes(cancer, served, tmp_path):
+    """Every record of the table through the server and through `encode --predict`: the same class
+    and probabilities, one self-describing column per class, and μ unchanged beside them."""
+    from committed_io import committed
+    from pipeline.encode import EncodeConfig, run_encode
+
+    df, _, _, data, work = cancer
+    out = str(tmp_path / "pred")
+    run_encode(EncodeConfig(model="models:/cancer@production", input=data, output=out, keep=["id"], predict=True,
+                            workdir=work))
+    enc = committed(out).sort_by("id")
+    assert enc.column("id").to_pylist() == df["id"].tolist()
+    feats = [c for c in df.columns if c != "id"]
+    status, text = _post(served + "/invocations",
+                         {"dataframe_split": {"columns": feats, "data": df[feats].to_numpy().tolist()}})
+    assert status == 200, text
+    got = json.loads(text)["predictions"]
+    classes = ["benign", "malignant"]                                        # sorted, as train stores them
+    assert [list(r) for r in got[:1]] == [["mu", "pred", "pred_prob_benign", "pred_prob_malignant"]]
+    assert [r["pred"] for r in got] == enc.column("pred").to_pylist()
+    prob = np.asarray([[r[f"pred_prob_{c}"] for c in classes] for r in got], np.float32)
+    np.testing.assert_allclose(prob, np.stack(enc.column("pred_prob").to_numpy(zero_copy_only=False)), atol=1e-6)
+    mu = np.asarray([r["mu"] for r in got], np.float32)
+    np.testing.assert_allclose(mu, np.stack(enc.column("mu").to_numpy(zero_copy_only=False)), rtol=1e-5, atol=1e-6)
+
+
 def test_served_model_names_a_missing_column(cancer, served):
-    df, _, _ = cancer
+    df = cancer[0]
     cols = [c for c in df.columns if c not in ("id", "mean texture")]
     status, text = _post(served + "/invocations",
                          {"dataframe_split": {"columns": cols, "data": df[cols].iloc[:3].to_numpy().tolist()}})
@@ -134,23 +170,25 @@ def test_served_model_names_a_missing_column(cancer, served):
 
 
 def test_signature_names_the_columns_and_their_types(cancer):
-    df, tracking, version = cancer
+    df, tracking, version = cancer[:3]
     with using_tracking(tracking):
         sig = mlflow.models.get_model_info(f"models:/cancer/{version}").signature
     inputs = sig.inputs.to_dict()
     assert [c["name"] for c in inputs] == [c for c in df.columns if c != "id"]
     assert {c["type"] for c in inputs} == {"double"}
-    out = sig.outputs.to_dict()[0]["tensor-spec"]
-    assert out["dtype"] == "float32" and list(out["shape"]) == [-1, 3]
+    out = sig.outputs.to_dict()                                  # a model trained with --labels
+    assert [(c["name"], c["type"]) for c in out] == [("mu", "array"), ("pred", "string"),
+                                                     ("pred_prob_benign", "float"), ("pred_prob_malignant", "float")]
+    assert out[0]["items"] == {"type": "float"}
 
 
 def test_pyfunc_by_name_in_process(cancer):
-    df, tracking, version = cancer
+    df, tracking, version = cancer[:3]
     feats = [c for c in df.columns if c != "id"]
     with using_tracking(tracking):
         model = mlflow.pyfunc.load_model(f"models:/cancer/{version}")
     want = _mu(tracking, df[feats].iloc[:8].to_numpy(np.float32))
-    np.testing.assert_allclose(model.predict(df[feats[::-1]].iloc[:8]), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.stack(model.predict(df[feats[::-1]].iloc[:8])["mu"]), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(Exception, match="mean radius"):
         model.predict(df[feats[1:]].iloc[:8])
     # the model's own check, without MLflow's schema enforcement in front of it
@@ -169,6 +207,8 @@ def test_pyfunc_takes_uint8_images(trained_digits, digits_parquet, workdir):
         model = mlflow.pyfunc.load_model(f"models:/digits/{ref.version}")
     spec = model.metadata.signature.inputs.to_dict()[0]
     assert spec["name"] == "image" and spec["tensor-spec"]["dtype"] == "uint8" and list(spec["tensor-spec"]["shape"]) == [-1, 64]
+    out = model.metadata.signature.outputs.to_dict()[0]["tensor-spec"]      # no labels: μ alone, as before
+    assert out["dtype"] == "float32" and list(out["shape"]) == [-1, want.shape[1]]
     np.testing.assert_allclose(model.predict(raw), want, rtol=1e-5, atol=1e-6)
     # the same records as a column of vectors (what a JSON request carries)
     frame = pd.DataFrame({"image": [r.tolist() for r in raw]})

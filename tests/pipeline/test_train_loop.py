@@ -69,5 +69,5 @@ def test_cosine_schedule_starts_at_peak_and_ends_at_five_percent():
     assert cosine_lr(1.0, 0, 11) == 1.0 and cosine_lr(1.0, 10, 11) == pytest.approx(0.05)
     assert cosine_lr(1.0, 5, 11) == pytest.approx(0.525) and cosine_lr(0.3, 0, 1) == 0.3
     o = OptimConfig(epochs=11, batch_size=1, lr=2.0, lr_schedule="constant", weight_decay=0, grad_clip=0, beta=1,
-                    warmup_epochs=0, free_bits=0, patience=0, min_delta=0, amp="off", compile=False, seed=0)
+                    warmup_epochs=0, free_bits=0, patience=0, min_delta=0, head_epochs=0, amp="off", compile=False, seed=0)
     assert o.lr_at(10) == 2.0

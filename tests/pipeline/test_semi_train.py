@@ -200,3 +200,16 @@ def test_every_record_labelled_still_validates(ray_local, digits_parquet, tmp_pa
     r = run_train(TrainConfig(input=digits_parquet, labels="label", epochs=1, head_epochs=1, model_name="all_labelled",
                               workdir=str(tmp_path), **TINY))
     assert r.metrics["val_neg_elbo"] > 1.0
+
+
+def test_carve_validation_splits_the_training_records_only(digits_parquet, tmp_path):
+    """The validation split settings are chosen on (docs/quality.md): disjoint, seeded, sizes as asked."""
+    from pipeline.datasets import carve_validation
+
+    tr, va = carve_validation(digits_parquet, str(tmp_path / "a"), n_val=300)
+    t, v = pq.read_table(tr), pq.read_table(va)
+    assert (t.num_rows, v.num_rows) == (1497, 300)
+    rows = lambda tab: {bytes(r) for r in tab.column("image").to_pylist()}
+    assert not rows(t) & rows(v) and len(rows(t) | rows(v)) == len(rows(pq.read_table(digits_parquet)))
+    again = carve_validation(digits_parquet, str(tmp_path / "b"), n_val=300)[1]
+    assert pq.read_table(again).equals(v)

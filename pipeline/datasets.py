@@ -61,6 +61,21 @@ def write_mnist_split(folder: str, seed: int = 0, n_train: int = 6000) -> tuple[
     return a, b
 
 
+def carve_validation(folder: str, out: str, n_val: int = 1000, seed: int = 1) -> tuple[str, str]:
+    """An image split's training records (FOLDER, e.g. mnist_split/train: id, label, image) → OUT/train
+    and OUT/val (n_val records), by a seeded permutation of the records in id order: the validation
+    split settings are chosen on, so the held-out records are never read (docs/quality.md).
+    python -c "from pipeline.datasets import carve_validation as c; c('mnist_split/train', 'mnist_val')"."""
+    import pyarrow.dataset as pads
+
+    t = pads.dataset(folder, format="parquet").to_table(columns=["id", "label", "image"]).sort_by("id")
+    x, y = np.stack(t.column("image").to_numpy(zero_copy_only=False)), t.column("label").to_numpy()
+    p = np.random.default_rng(seed).permutation(len(y))
+    tr, va = p[n_val:], p[:n_val]
+    return (write_parquet(images_table(x[tr], y[tr]), os.path.join(out, "train")),
+            write_parquet(images_table(x[va], y[va], start_id=len(tr)), os.path.join(out, "val")))
+
+
 def keep_few_labels(folder: str, n: int, seed: int = 0, source: str = "label", column: str = "y") -> str:
     """Add `column` to every Parquet file of FOLDER: `source`'s value for a balanced seeded draw of n
     records (pipeline.eval_metrics.balanced_indices, the draws `evaluate` uses), null for the rest:

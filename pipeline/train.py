@@ -182,9 +182,9 @@ def _ray_train_log_level() -> str:
     return "WARNING" if not isinstance(want, int) or want >= logging.WARNING else logging.getLevelName(want)
 
 
-def build_datasets(data: PreparedData, cfg: TrainConfig):
+def build_datasets(data: PreparedData, cfg: TrainConfig, labelled_train: bool = True):
     """(train, val or None) Ray datasets: --val-input, or a content-hash split of --input (with
-    --labels, of its unlabelled records: every labelled one trains)."""
+    --labels and `labelled_train`, of its unlabelled records: every labelled one trains)."""
     import ray.data
 
     def read(loc: Location, files: list[str], cols: list[str] = data.cols):
@@ -203,7 +203,7 @@ def build_datasets(data: PreparedData, cfg: TrainConfig):
         return ds, read(*data.val, [c for c in data.cols if c != cfg.labels])   # validation uses no labels
     if cfg.val_fraction == 0:
         return ds, None
-    split = dict(spec=data.spec, fraction=cfg.val_fraction, labels=cfg.labels)   # labelled records stay in train
+    split = dict(spec=data.spec, fraction=cfg.val_fraction, labels=cfg.labels if labelled_train else None)
     train = ds.map_batches(split_table, batch_format="pyarrow", fn_kwargs=dict(split, want_val=False))
     val = ds.map_batches(split_table, batch_format="pyarrow", fn_kwargs=dict(split, want_val=True))
     return train, val
@@ -391,6 +391,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             # device (train_loop.load_shard), and promotion re-reads the validation set from here.
             train_ds = train_ds.materialize()
             val_ds = val_ds.materialize() if val_ds is not None else None
+            if cfg.labels and not cfg.val_input and val_ds is not None and val_ds.count() == 0:
+                print(f"no unlabelled record fell in the --val-fraction split: validating on "
+                      f"{cfg.val_fraction:.0%} of all records, labelled ones included")
+                train_ds, val_ds = (ds.materialize() for ds in build_datasets(data, cfg, labelled_train=False))
         wcfg = worker_config(cfg, data, plan, run_id, tracking, val_ds is not None, cache, use_gpu)
         fit(cfg, plan, wcfg, train_ds, val_ds, use_gpu)
         ckpt_path, state, epochs_run = pick_checkpoint(plan)

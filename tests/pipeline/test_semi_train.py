@@ -101,12 +101,15 @@ def test_head_epochs_train_the_head_alone_after_the_vae_epochs(semi_model, few_l
 
 def test_a_restarted_or_resumed_run_does_not_redo_finished_epochs(ray_local, few_labels, tmp_path):
     work = str(tmp_path)
-    kw = dict(input=few_labels, labels="y", epochs=2, run_name="semi-r", model_name="semi_r", workdir=work, **TINY)
-    # the worker exits at the start of the second head epoch; Ray restarts the group from epoch 2's checkpoint
-    r = run_train(TrainConfig(head_epochs=3, max_failures=1, fail_at_epoch=3, **kw))
+    kw = dict(input=few_labels, labels="y", epochs=2, run_name="semi-r", model_name="semi_r", workdir=work,
+              **{**TINY, "workers": 2})                  # DDP: the head-only epochs average M2's gradients themselves
+    # rank 1 exits at the start of the second head epoch; Ray restarts the group from epoch 2's checkpoint
+    r = run_train(TrainConfig(head_epochs=3, max_failures=1, fail_at_epoch=3, fail_rank=1, **kw))
     assert os.path.exists(os.path.join(r.run_dir, ".fault_injected"))
+    journal = RunStore(r.run_dir).journal()
     phases = lambda: [(e["epoch"], e["phase"]) for e in RunStore(r.run_dir).journal()]
     assert phases() == [(0, "vae"), (1, "vae"), (2, "head"), (3, "head"), (4, "head")]
+    assert {e["world_size"] for e in journal} == {2}
     # --resume with more head epochs: only the missing head epochs run, the VAE's are not redone
     again = run_train(TrainConfig(head_epochs=5, resume=True, **kw))
     assert phases()[5:] == [(5, "head"), (6, "head")] and again.epochs_run == 7
@@ -189,3 +192,24 @@ def test_string_labels_keep_their_values_and_nulls_are_unlabelled(tmp_path):
     classes, labelled = read_classes(loc, [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], "y", "t")
     assert classes == ("cat", "dog", "eel") and labelled == 4
     assert label_indices(t, "y", classes).tolist() == [0, -1, 1, 0, -1, 2]
+
+
+def test_every_record_labelled_still_validates(ray_local, digits_parquet, tmp_path):
+    """With no unlabelled record to hold out, the split falls back to all records: validation is
+    never silently empty (an empty one reads as a -ELBO of 0)."""
+    r = run_train(TrainConfig(input=digits_parquet, labels="label", epochs=1, head_epochs=1, model_name="all_labelled",
+                              workdir=str(tmp_path), **TINY))
+    assert r.metrics["val_neg_elbo"] > 1.0
+
+
+def test_carve_validation_splits_the_training_records_only(digits_parquet, tmp_path):
+    """The validation split settings are chosen on (docs/quality.md): disjoint, seeded, sizes as asked."""
+    from pipeline.datasets import carve_validation
+
+    tr, va = carve_validation(digits_parquet, str(tmp_path / "a"), n_val=300)
+    t, v = pq.read_table(tr), pq.read_table(va)
+    assert (t.num_rows, v.num_rows) == (1497, 300)
+    rows = lambda tab: {bytes(r) for r in tab.column("image").to_pylist()}
+    assert not rows(t) & rows(v) and len(rows(t) | rows(v)) == len(rows(pq.read_table(digits_parquet)))
+    again = carve_validation(digits_parquet, str(tmp_path / "b"), n_val=300)[1]
+    assert pq.read_table(again).equals(v)

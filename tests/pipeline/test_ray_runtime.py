@@ -2,6 +2,7 @@
 cluster that is already running on this machine (`ray start --head`) instead of dying on it."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import secrets
@@ -89,13 +90,12 @@ def test_train_plan_line_says_how_and_warns_when_the_group_cannot_fit(monkeypatc
 
 
 @pytest.mark.slow
-def test_encode_joins_a_running_local_cluster_instead_of_a_traceback(ray_local, tmp_path, digits_parquet,
-                                                                    trained_digits, workdir):
+def test_encode_joins_a_running_local_cluster_instead_of_a_traceback(tmp_path, digits_parquet, trained_digits, workdir):
     """A head started with `ray start --head` (its address file in a private RAY_TMPDIR, where a plain
     `ray.init()` looks), then `vaepipe encode` without --ray-address: it joins, says so, exits 0.
-    Meanwhile this session's own local Ray is a second Ray on the machine: its workers' State API
-    calls without an address (Ray Train's PlacementGroupCleaner makes them) still find their own Ray
-    (before pin_ray_address: "Found multiple active Ray instances")."""
+    Meanwhile a job starting its own local Ray beside it gets workers whose State API calls without
+    an address (Ray Train's PlacementGroupCleaner makes them) find their own Ray (before
+    pin_ray_address: "Found multiple active Ray instances")."""
     jobs = _load_job_servers()
     tmp = tempfile.mkdtemp(prefix="vpj-", dir="/tmp")        # short: Ray's socket paths
     token = secrets.token_hex(32)
@@ -117,15 +117,13 @@ def test_encode_joins_a_running_local_cluster_instead_of_a_traceback(ray_local, 
     try:
         assert starter.wait(timeout=180) == 0, log.read_text()[-3000:]
         assert os.path.exists(os.path.join(tmp, "ray", "ray_current_cluster"))   # where ray.init() looks
-        def state_api_without_address():   # defined here: shipped by value, not imported by the worker
-            from ray.util.state import list_nodes
-
-            return os.environ.get("RAY_ADDRESS"), [n.node_id for n in list_nodes()]
-
-        probe = ray_local.remote(num_cpus=0)(state_api_without_address)
-        address, nodes = ray_local.get(probe.remote(), timeout=120)
-        assert address == ray_local.get_runtime_context().gcs_address
-        assert nodes == [ray_local.get_runtime_context().get_node_id()]
+        # a job starting its own local Ray beside that head (and this session's Ray): its workers'
+        # State API calls without an address answer for their own Ray
+        probe = subprocess.run([sys.executable, "-c", PROBE], env={**env, "RAY_TMPDIR": tempfile.mkdtemp(dir="/tmp")},
+                               cwd=str(REPO), capture_output=True, text=True, timeout=300)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        got = json.loads(probe.stdout.strip().splitlines()[-1])
+        assert got["worker_address"] == got["own_address"] and got["nodes"] == [got["own_node"]], got
         out_dir = tmp_path / "latents"
         p = subprocess.run([sys.executable, "-m", "jobs.cli", "encode", "--model", "models:/digits@production",
                             "--input", digits_parquet, "--output", str(out_dir), "--workdir", workdir],
@@ -143,6 +141,23 @@ def test_encode_joins_a_running_local_cluster_instead_of_a_traceback(ray_local, 
 
         shutil.rmtree(tmp, ignore_errors=True)
         assert not survivors, f"Ray head processes survived teardown: {survivors}"
+
+
+PROBE = """
+import json, os, ray
+from pipeline.ray_runtime import init_ray
+init_ray("local")
+
+@ray.remote(num_cpus=0)
+def state_api_without_address():
+    from ray.util.state import list_nodes
+    return os.environ.get("RAY_ADDRESS"), [n.node_id for n in list_nodes()]
+
+address, nodes = ray.get(state_api_without_address.remote(), timeout=120)
+ctx = ray.get_runtime_context()
+print(json.dumps({"worker_address": address, "own_address": ctx.gcs_address, "nodes": nodes,
+                  "own_node": ctx.get_node_id()}))
+"""
 
 
 def _load_job_servers():

@@ -1,10 +1,10 @@
-"""A local, memory-mapped copy of a latents table's id and μ columns, for repeated `vaepipe query`s.
+"""A local copy of a latents table's columns (all but `logvar`), for repeated `vaepipe query`s.
 
 A query process spends most of its time decoding Parquet: the μ column of 1 M 16-dim latents is
 64 MB of zstd pages to decompress on every run. The first full scan of a latents table therefore also
 writes the columns it decoded to an uncompressed Arrow IPC file in a local cache folder; later
-queries of the same table memory-map that file (no decoding, no copy: the page cache serves it) and
-read only the few winners' other columns from Parquet.
+queries of the same table read that file batch by batch through memory maps (no decoding, no copy:
+the page cache serves it), ids, μ, `--where` and printed columns alike, and open no Parquet page.
 
 Trust: the cache is keyed by the exact files it was made from (path, size and modification time, or
 the object store's ETag, of every file, plus the columns), so a nightly commit, a rewritten file or a
@@ -60,15 +60,14 @@ class LatentCache:
         self.path = os.path.join(self.folder, key + SUFFIX)
 
     def open(self, columns: list[str]) -> "CachedBlocks | None":
-        """The entry, memory-mapped, when it exists, is whole and holds `columns`; else None."""
+        """The entry when it exists, is whole and holds `columns`; else None (a broken one is deleted)."""
         try:
-            reader = pa.ipc.open_file(pa.memory_map(self.path, "r"))
+            blocks = CachedBlocks(self.path)
         except FileNotFoundError:
             return None
         except (OSError, pa.ArrowException):
             self._discard()
             return None
-        blocks = CachedBlocks(self.path, reader)
         if int(blocks.starts[-1]) != self.rows or not set(columns) <= set(blocks.schema.names):
             self._discard()
             return None
@@ -122,16 +121,21 @@ class CachedBlocks:
     """A whole entry, read batch by batch: each batch is a zero-copy view of its own memory map of
     the file, unmapped when the caller drops it, so memory stays one or two batches, not the file."""
 
-    def __init__(self, path: str, reader: pa.ipc.RecordBatchFileReader):
+    def __init__(self, path: str):
         import numpy as np
 
-        self.schema = reader.schema
-        self.starts = np.cumsum([0] + [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)])
-        # Hold the file open and map it through its descriptor: another query pruning the cache, or
+        # Open the file once and map it through that descriptor: another query pruning the cache, or
         # replacing this entry, while this one reads it, leaves this one reading the file it opened.
         self.fd = os.open(path, os.O_RDONLY)
         by_fd = f"/proc/self/fd/{self.fd}"
         self.path = by_fd if os.path.exists(by_fd) else path   # Linux; elsewhere the path itself
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(self.path, "r"))
+            self.schema = reader.schema
+            self.starts = np.cumsum([0] + [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)])
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def batch(self, i: int) -> pa.RecordBatch:
         return pa.ipc.open_file(pa.memory_map(self.path, "r")).get_batch(i)

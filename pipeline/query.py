@@ -6,7 +6,9 @@ torch, Ray or MLflow import. The latents are read row group by row group (only t
 `--where` columns) by reader threads, a few row groups ahead, while the main thread scores
 (`pipeline.knn`: one matrix product per block, then an exact re-score of the few rows that can still
 make the k nearest), so memory is one or two row groups plus k rows per query, whatever the size of
-the input. The kept columns of the winners are read at the end, from their row groups only.
+the input. The kept columns of the winners are read at the end, from their row groups only. The
+first full scan also keeps the columns in a local cache (pipeline.latent_cache) that later queries
+of the same files read instead of Parquet.
 Distances equal DuckDB's `array_distance` on the same FLOAT arrays."""
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ class QueryConfig(RuntimeConfig):
     column: str = opt("mu", "latent column")
     exclude_self: bool = opt(True, "with --id, leave records with the query's id out of its neighbours")
     format: str = opt("table", "output: table, jsonl (one JSON object per row) or csv", choices=FORMATS)
-    cache: str = opt("auto", "local memory-mapped copy of the id and latent columns (pipeline.latent_cache): "
+    cache: str = opt("auto", "local memory-mapped copy of the latents' columns, all but logvar (pipeline.latent_cache): "
                              "auto = read it when it matches the files, else write it during the scan; off = "
                              "read the Parquet files only", choices=CACHE_MODES)
     cache_dir: str = opt("", "cache folder (default $VAEPIPE_CACHE_DIR, else ~/.cache/vaepipe/latents)")
@@ -154,13 +156,15 @@ class Latents:
             schema = schema.append(pa.field(k, pa.string()))
         self.schema = schema
         self.cached: latent_cache.CachedBlocks | None = None   # set by use_cache when an entry matches
-        self.cached_columns: list[str] = []
 
     def use_cache(self, cache: latent_cache.LatentCache, columns: list[str]) -> bool:
-        """Serve scans of `columns` (or fewer) from `cache` when its entry exists and is whole."""
+        """Serve reads of `columns` (or fewer) from `cache` when its entry exists and is whole."""
         self.cached = cache.open(columns)
-        self.cached_columns = columns if self.cached is not None else []
         return self.cached is not None
+
+    def from_cache(self, columns: list[str]) -> bool:
+        """Whether reads of `columns` come from the cache."""
+        return self.cached is not None and set(columns) <= set(self.cached.schema.names)
 
     @property
     def rows(self) -> int:
@@ -210,7 +214,7 @@ class Latents:
         by `threads` reader threads (default: one per core, at most 4) a few pieces ahead of the
         consumer: pyarrow decodes without the GIL, so the cores decode while the caller scores. A
         full scan of cached columns reads the memory-mapped cache instead (no decoding at all)."""
-        if self.cached is not None and row_groups is None and set(columns) <= set(self.cached_columns):
+        if row_groups is None and self.from_cache(columns):
             yield from self.cached.blocks(columns)
             return
         pieces = self.pieces(row_groups)
@@ -252,7 +256,7 @@ class Latents:
         cache)."""
         if not columns or len(rows) == 0:
             return self.schema.empty_table().select(columns)
-        if self.cached is not None and set(columns) <= set(self.cached_columns):
+        if self.from_cache(columns):
             return self.cached.take(rows, columns)
         fi, rg, local = self.locate(rows)
         groups = {}
@@ -338,13 +342,13 @@ def find_queries(lat: Latents, cfg: QueryConfig, ids: pa.Array) -> np.ndarray:
     wanted_np = to_np(ids) if pa.types.is_integer(ids.type) else None
     lo, hi = (wanted_np.min(), wanted_np.max()) if wanted_np is not None and len(wanted_np) else (None, None)
     col_index = lat.schema.names.index(cfg.id_column)
-    candidates: dict[int, list[int]] | None = {}
-    if lat.cached is not None and cfg.id_column in lat.cached_columns:
-        candidates = None   # the cached ids: a scan of memory, no statistics needed
-    for i, md in enumerate(lat.meta if candidates is not None else []):
-        for rg in range(md.num_row_groups):
-            if wanted_np is None or _may_hold(md, rg, col_index, lo, hi):
-                candidates.setdefault(i, []).append(rg)
+    candidates: dict[int, list[int]] | None = None   # None: every row group (the cache: a scan of memory)
+    if not lat.from_cache([cfg.id_column]):
+        candidates = {}
+        for i, md in enumerate(lat.meta):
+            for rg in range(md.num_row_groups):
+                if wanted_np is None or _may_hold(md, rg, col_index, lo, hi):
+                    candidates.setdefault(i, []).append(rg)
     found = np.full(len(ids), -1, np.int64)     # global row of each query id
     for start, t in lat.blocks([cfg.id_column], candidates):
         hit = match_ids(t.column(cfg.id_column), ids, wanted_np)

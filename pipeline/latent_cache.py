@@ -12,7 +12,14 @@ different column gives a new key and the old entry is never read. An entry is wr
 name and renamed into place when complete; one that does not open, or whose row count differs from
 the table's footers, is deleted and ignored. The folder (`$VAEPIPE_CACHE_DIR`, default
 `$XDG_CACHE_HOME/vaepipe/latents` or `~/.cache/vaepipe/latents`, mode 0700) is kept under a size
-budget by deleting the least recently used entries."""
+budget by deleting the least recently used entries.
+
+A local table also gets a small note beside its entry, keyed by the identity (path, size, mtime,
+inode) of every file under the table's folder and under its control folder: `find_local` reads the
+note and opens the entry without listing the table through fsspec or reading any Parquet footer,
+the imports and reads a short query process would otherwise spend most of its start-up on. Any
+change under either folder (a commit, a rewritten file, a writer's lease being renewed) changes that
+identity, and the query takes the full path, which checks the files themselves."""
 from __future__ import annotations
 
 import hashlib
@@ -23,9 +30,9 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from pipeline.uris import is_local_fs
-
 SUFFIX = ".arrow"
+NOTE_SUFFIX = ".tree.json"
+KEY_VERSION = 2          # 2: the entry keeps the table's schema metadata (int8 scales, model version)
 DEFAULT_MAX_GB = 8.0
 
 
@@ -39,6 +46,8 @@ def default_dir() -> str:
 def file_identity(fs, path: str) -> list:
     """What identifies one file's content without reading it: size, mtime and inode (local), or
     everything the store's listing says of it (size, ETag / generation, modification time)."""
+    from pipeline.uris import is_local_fs
+
     if is_local_fs(fs):
         st = os.stat(path)
         return [path, st.st_size, st.st_mtime_ns, st.st_ino]
@@ -47,8 +56,55 @@ def file_identity(fs, path: str) -> list:
 
 def cache_key(uri: str, fs, files: list[str], columns: list[str]) -> str:
     """sha256 of the table's files (their identities, in order) and the cached columns."""
-    ident = {"version": 1, "uri": uri, "columns": columns, "files": [file_identity(fs, p) for p in files]}
+    ident = {"version": KEY_VERSION, "uri": uri, "columns": columns, "files": [file_identity(fs, p) for p in files]}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def tree_identity(path: str) -> str | None:
+    """sha256 of every file under a local table's path and under its control folder (the sibling
+    `_<name>.vaepipe`, where its manifests live): path, size, mtime and inode of each, in order.
+    None when the path does not exist."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        return None
+    parent, name = os.path.split(path)
+    roots = [path] + ([os.path.join(parent, f"_{name}.vaepipe")] if name and name[0] not in "_." else [])
+    items = []
+    for root in roots:
+        if os.path.isfile(root):
+            files = [root]
+        else:
+            files = []
+            for dirpath, dirnames, names in os.walk(root):
+                dirnames.sort()
+                files += [os.path.join(dirpath, n) for n in sorted(names)]
+        for p in files:
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:   # removed while listed: this identity will not be seen again
+                continue
+            items.append([p, st.st_size, st.st_mtime_ns, st.st_ino])
+    return hashlib.sha256(json.dumps([KEY_VERSION, items]).encode()).hexdigest()[:32]
+
+
+def find_local(path: str, folder: str | None = None, max_gb: float = DEFAULT_MAX_GB) -> "CachedBlocks | None":
+    """The entry of the local table at `path` through its note (see the module's docstring), or None:
+    not local, no note for the table as it is now, or the entry is gone."""
+    if "://" in path and not path.startswith("file://"):
+        return None
+    path = path[len("file://"):] if path.startswith("file://") else path
+    ident = tree_identity(path)
+    if ident is None:
+        return None
+    folder = folder or default_dir()
+    try:
+        with open(os.path.join(folder, ident + NOTE_SUFFIX)) as f:
+            note = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(note, dict) or not isinstance(note.get("key"), str) or not isinstance(note.get("rows"), int):
+        return None
+    return LatentCache(note["key"], note["rows"], folder, max_gb).open([])
 
 
 class LatentCache:
@@ -77,6 +133,22 @@ class LatentCache:
             pass
         return blocks
 
+    def remember(self, ident: str | None) -> None:
+        """Write the note that maps a local table's tree identity to this entry (when both exist)."""
+        if ident is None or not os.path.exists(self.path):
+            return
+        note = os.path.join(self.folder, ident + NOTE_SUFFIX)
+        tmp = f"{note}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"key": self.key, "rows": self.rows}, f)
+            os.replace(tmp, note)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
     def writer(self, schema: pa.Schema) -> "CacheWriter | None":
         """A writer for this entry, or None when the cache folder cannot be written (a read-only
         home, a full disk): the query goes on without a cache."""
@@ -94,7 +166,7 @@ class LatentCache:
 
     def prune(self) -> None:
         """Delete the least recently used entries until the folder fits the budget (this one stays)."""
-        entries = []
+        entries, notes = [], []
         for name in os.listdir(self.folder):
             p = os.path.join(self.folder, name)
             try:
@@ -103,6 +175,8 @@ class LatentCache:
                 continue
             if name.endswith(SUFFIX):
                 entries.append((st.st_mtime, st.st_size, p))
+            elif name.endswith(NOTE_SUFFIX):
+                notes.append(p)
             elif ".tmp-" in name and st.st_mtime < time.time() - 24 * 3600:   # a killed writer's leftovers
                 os.unlink(p)
         total, budget = sum(e[1] for e in entries), self.max_gb * 2 ** 30
@@ -113,6 +187,17 @@ class LatentCache:
                 try:
                     os.unlink(p)
                     total -= size
+                except OSError:
+                    pass
+        for p in notes:   # a note whose entry is gone points nowhere
+            try:
+                with open(p) as f:
+                    key = json.load(f).get("key")
+                if not os.path.exists(os.path.join(self.folder, f"{key}{SUFFIX}")):
+                    os.unlink(p)
+            except (OSError, ValueError, AttributeError):
+                try:
+                    os.unlink(p)
                 except OSError:
                     pass
 

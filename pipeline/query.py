@@ -2,7 +2,8 @@
 one or many query records (`--id`, repeated, or `--ids-file`) or vectors, in one streaming pass.
 
 The path is kept light on purpose (a query is a short process): numpy, pyarrow and fsspec only; no
-torch, Ray or MLflow import. The latents are read row group by row group (only the id, μ and any
+torch, Ray or MLflow import. A repeated query of a local table whose cache entry matches it imports
+neither fsspec nor pyarrow's Parquet module (latent_cache.find_local). The latents are read row group by row group (only the id, μ and any
 `--where` columns) by reader threads, a few row groups ahead, while the main thread scores
 (`pipeline.knn`: one matrix product per block, then an exact re-score of the few rows that can still
 make the k nearest), so memory is one or two row groups plus k rows per query, whatever the size of
@@ -20,16 +21,20 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import latent_cache
 from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError, InputError, SchemaError
 from pipeline.knn import BlockSearch, from_np, latent_matrix, np_dtype, string_array, to_np
-from pipeline.parquet_io import list_parquet_files, partition_values, read_footer
-from pipeline.uris import Location, resolve
+
+if TYPE_CHECKING:   # imported where used: a cached query of a local table needs neither
+    import pyarrow.parquet as pq
+
+    from pipeline.uris import Location
 
 FORMATS = ("table", "jsonl", "csv")
 CACHE_MODES = ("auto", "off")
@@ -138,6 +143,8 @@ class Latents:
     """The files of a latents folder with their footers: global row numbers, row-group offsets."""
 
     def __init__(self, loc: Location, files: list[str]):
+        from pipeline.parquet_io import partition_values, read_footer
+
         self.loc, self.files = loc, files
         self.afs = loc.arrow_fs()
         self.meta = []
@@ -171,6 +178,8 @@ class Latents:
         return int(self.file_start[-1])
 
     def open(self, i: int) -> pq.ParquetFile:
+        import pyarrow.parquet as pq
+
         return pq.ParquetFile(self.afs.open_input_file(self.files[i]), metadata=self.meta[i], pre_buffer=True)
 
     def pieces(self, row_groups: dict[int, list[int]] | None = None) -> list[tuple[int, int, int, int]]:
@@ -278,15 +287,42 @@ class Latents:
         return t.take(from_np(np.argsort(np.concatenate(order), kind="stable")))
 
 
+class CachedLatents:
+    """A local table served wholly from its cache entry, found through the entry's note
+    (latent_cache.find_local): the same reads as Latents, no footer or Parquet page opened. Its
+    schema is the cached columns' (all but logvar), with the table's metadata."""
+
+    def __init__(self, cached: latent_cache.CachedBlocks):
+        self.cached, self.schema = cached, cached.schema
+        self.metadata = self.schema.metadata or {}
+        self.rows = int(cached.starts[-1])
+
+    def from_cache(self, columns: list[str]) -> bool:
+        return set(columns) <= set(self.schema.names)
+
+    def blocks(self, columns: list[str], row_groups: dict[int, list[int]] | None = None, threads: int | None = None):
+        assert row_groups is None, "a cached table is scanned whole"
+        return self.cached.blocks(columns)
+
+    def take(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
+        if not columns or len(rows) == 0:
+            return self.schema.empty_table().select(columns)
+        return self.cached.take(rows, columns)
+
+
 # --- query ids ------------------------------------------------------------------------------------
 
 def read_ids_file(path: str) -> list[str]:
     """Query ids from a text file (one per line, blank lines and '#' comments skipped) or from the
     first column of a Parquet file."""
+    from pipeline.uris import resolve
+
     loc = resolve(path)
     if not loc.fs.exists(loc.path):
         raise InputError(f"ids file {path!r} does not exist")
     if path.endswith((".parquet", ".parq")):
+        import pyarrow.parquet as pq
+
         with loc.fs.open(loc.path, "rb") as f:
             t = pq.read_table(f)
         return [str(v) for v in t.column(0).drop_null().to_pylist()]
@@ -336,7 +372,7 @@ def _may_hold(md: pq.FileMetaData, rg: int, col_index: int, lo, hi) -> bool:
         return True
 
 
-def find_queries(lat: Latents, cfg: QueryConfig, ids: pa.Array) -> np.ndarray:
+def find_queries(lat: Latents | CachedLatents, cfg: QueryConfig, ids: pa.Array) -> np.ndarray:
     """The latent vector of each query id (its first occurrence), reading only the id column of the
     row groups whose statistics allow it, then μ of the row groups that hold a hit."""
     wanted_np = to_np(ids) if pa.types.is_integer(ids.type) else None
@@ -372,8 +408,19 @@ def find_queries(lat: Latents, cfg: QueryConfig, ids: pa.Array) -> np.ndarray:
 
 # --- the query ------------------------------------------------------------------------------------
 
-def run_query(cfg: QueryConfig) -> pa.Table:
+def open_latents(cfg: QueryConfig) -> tuple[Latents | CachedLatents, latent_cache.LatentCache | None, str | None]:
+    """The table to query; the cache entry to write during the scan (None: nothing to write); the
+    local table's tree identity, for the note that lets the next query skip this (None: not local)."""
+    if cfg.cache == "auto":
+        hit = latent_cache.find_local(cfg.latents, cfg.cache_dir or None, cfg.cache_max_gb)
+        if hit is not None and cfg.column in hit.schema.names:
+            return CachedLatents(hit), None, None
+    from pipeline.parquet_io import list_parquet_files
+    from pipeline.uris import is_local_fs, resolve
+
     loc = resolve(cfg.latents)
+    # taken before the listing: a change made while this query lists the table leaves no note behind
+    ident = latent_cache.tree_identity(loc.path) if cfg.cache == "auto" and is_local_fs(loc.fs) else None
     files = list_parquet_files(loc)
     if not files:
         raise InputError(f"latents {cfg.latents!r} hold no Parquet files")
@@ -381,14 +428,29 @@ def run_query(cfg: QueryConfig) -> pa.Table:
     schema = lat.schema
     if cfg.column not in schema.names:
         raise SchemaError(f"{loc.full(files[0])}: no column {cfg.column!r}; columns: {schema.names}")
-    keep = [c for c in schema.names if c not in (cfg.column, "logvar")]
+    if cfg.cache != "auto":
+        return lat, None, None
     # the cache holds every column a query reads (μ, ids, --where and printed columns): all but logvar
-    cache, cache_cols = None, [c for c in schema.names if c != "logvar"]
-    if cfg.cache == "auto":
-        cache = latent_cache.LatentCache(latent_cache.cache_key(loc.uri, loc.fs, files, cache_cols), lat.rows,
-                                         cfg.cache_dir or None, cfg.cache_max_gb)
-        if lat.use_cache(cache, cache_cols):
-            cache = None    # nothing to write
+    cache_cols = [c for c in schema.names if c != "logvar"]
+    cache = latent_cache.LatentCache(latent_cache.cache_key(loc.uri, loc.fs, files, cache_cols), lat.rows,
+                                     cfg.cache_dir or None, cfg.cache_max_gb)
+    if lat.use_cache(cache, cache_cols):
+        _remember(cache, ident, loc.path)
+        return lat, None, None
+    return lat, cache, ident
+
+
+def _remember(cache: latent_cache.LatentCache, ident: str | None, path: str) -> None:
+    """The note for the next query, when the table is as it was before it was listed."""
+    if ident is not None and latent_cache.tree_identity(path) == ident:
+        cache.remember(ident)
+
+
+def run_query(cfg: QueryConfig) -> pa.Table:
+    lat, cache, ident = open_latents(cfg)
+    schema = lat.schema
+    keep = [c for c in schema.names if c not in (cfg.column, "logvar")]
+    cache_cols = [c for c in schema.names if c != "logvar"]
     clauses = parse_where(cfg.where, schema)
     vtype = schema.field(cfg.column).type
     dim = vtype.list_size if pa.types.is_fixed_size_list(vtype) else None
@@ -423,16 +485,17 @@ def run_query(cfg: QueryConfig) -> pa.Table:
         if writer:
             writer.abort()
         raise
-    if writer:
-        writer.commit()
+    if writer and writer.commit():
+        _remember(cache, ident, lat.loc.path)
     return result_table(lat, search, labels, keep)
 
 
 def schema_of(schema: pa.Schema, columns: list[str]) -> pa.Schema:
-    return pa.schema([schema.field(c) for c in columns])
+    """`columns` of `schema`, with its metadata (int8 scales, the model version)."""
+    return pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
 
 
-def scan(lat: Latents, cfg: QueryConfig, search: BlockSearch, cols: list[str], clauses: list, ids: pa.Array | None,
+def scan(lat: Latents | CachedLatents, cfg: QueryConfig, search: BlockSearch, cols: list[str], clauses: list, ids: pa.Array | None,
          exclude: bool, writer: latent_cache.CacheWriter | None) -> None:
     """One pass over the latents: each block scored for every query (after --where and leaving each
     query's own record out), and copied to the cache when one is being written."""
@@ -462,7 +525,7 @@ def scan(lat: Latents, cfg: QueryConfig, search: BlockSearch, cols: list[str], c
         search.add(x[sel], start, ex, row_ids=start + sel)
 
 
-def result_table(lat: Latents, search: BlockSearch, labels: pa.Array, keep: list[str]) -> pa.Table:
+def result_table(lat: Latents | CachedLatents, search: BlockSearch, labels: pa.Array, keep: list[str]) -> pa.Table:
     """query, rank, distance and the kept columns of each neighbour, ordered by query then rank."""
     d, rows = search.result.d, search.result.rows
     found = np.isfinite(d)

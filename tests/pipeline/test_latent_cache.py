@@ -173,3 +173,62 @@ def test_query_killed_while_writing_leaves_no_entry(tmp_path):
     got = run_query(QueryConfig(latents=folder, id=["7"], k=3, cache_dir=cache))
     assert got.equals(run_query(QueryConfig(latents=folder, id=["7"], k=3, cache="off")))
     assert len(entries(cache)) == 1
+
+
+def test_a_repeated_query_of_a_local_table_imports_no_parquet_reader(table, tmp_path):
+    """The note beside the entry lets a later query process open the entry directly: no fsspec, no
+    pyarrow.parquet import (they are most of a short query's start-up), the same answer."""
+    folder, ids = table
+    cache = str(tmp_path / "cache")
+    q = str(int(ids[42]))
+    want = run_query(QueryConfig(latents=folder, id=[q], k=6, cache="off"))
+    probe = ("import sys, json; from pipeline.query import QueryConfig, run_query; "
+             f"t = run_query(QueryConfig(latents={folder!r}, id=[{q!r}], k=6, cache_dir={cache!r})); "
+             "print(json.dumps([sorted(m for m in ('fsspec', 'pyarrow.parquet') if m in sys.modules), t.to_pylist()]))")
+    runs = [subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                           capture_output=True, text=True, check=True) for _ in range(2)]
+    (first_mods, first), (again_mods, again) = [__import__("json").loads(r.stdout) for r in runs]
+    assert first_mods == ["fsspec", "pyarrow.parquet"]   # the first lists the table and writes entry and note
+    assert again_mods == []
+    assert first == again == want.to_pylist()
+
+
+def test_the_note_is_not_used_once_anything_under_the_table_changes(table, tmp_path):
+    """Any file added or changed under the table's folder or its control folder (a commit, a lease
+    renewed, a stray file) sends the query the full way, which checks the files themselves."""
+    from pipeline.latent_cache import find_local
+
+    folder, ids = table
+    cache = str(tmp_path / "cache")
+    q = [str(int(ids[1]))]
+    run_query(QueryConfig(latents=folder, id=q, k=3, cache_dir=cache))
+    assert find_local(folder, cache) is not None
+    control = os.path.join(os.path.dirname(folder), "_" + os.path.basename(folder) + ".vaepipe")
+    assert os.path.isdir(control)
+    for where in (control, folder):
+        with open(os.path.join(where, "_touched"), "w") as f:
+            f.write("x")
+        assert find_local(folder, cache) is None
+        got = run_query(QueryConfig(latents=folder, id=q, k=3, cache_dir=cache))   # full path, writes a note
+        assert got.equals(run_query(QueryConfig(latents=folder, id=q, k=3, cache="off")))
+        assert find_local(folder, cache) is not None
+    assert len(entries(cache)) == 1            # the data files did not change: the same entry throughout
+
+
+def test_a_note_whose_entry_is_gone_is_ignored_and_pruned(table, tmp_path):
+    from pipeline.latent_cache import NOTE_SUFFIX, find_local
+
+    folder, ids = table
+    cache = str(tmp_path / "cache")
+    q = [str(int(ids[2]))]
+    run_query(QueryConfig(latents=folder, id=q, k=3, cache_dir=cache))
+    (entry,) = entries(cache)
+    os.unlink(entry)
+    assert find_local(folder, cache) is None
+    assert run_query(QueryConfig(latents=folder, id=q, k=3, cache_dir=cache)).equals(
+        run_query(QueryConfig(latents=folder, id=q, k=3, cache="off")))
+    other = write_latents(str(tmp_path / "other"), np.ones((10, 16), np.float32), np.arange(10))
+    os.unlink(entries(cache)[0])
+    run_query(QueryConfig(latents=other, id=["1"], k=3, cache_dir=cache))   # its commit prunes the cache
+    notes = glob.glob(os.path.join(cache, "*" + NOTE_SUFFIX))
+    assert len(notes) == 1 and find_local(other, cache) is not None

@@ -8,11 +8,11 @@ figure of the same run (issue 14):
   two-stage M1+M2. Error on the 2,000 held-out images, beside label spreading on the same μ.
 * `one-class-mnist`: Ruff et al. 2018's protocol: for each digit d a VAE is trained on the training
   images of d only and scores all 2,000 held-out images; ROC AUC with the other nine digits as the
-  anomalies. vaepipe's scores (-ELBO, reconstruction only, importance-weighted -log p(x)) against
-  IsolationForest and One-Class SVM on pixels, PCA reconstruction error and k-NN distance on μ.
+  anomalies. vaepipe's candidate scores (below) against IsolationForest and One-Class SVM on
+  pixels, PCA reconstruction error and k-NN distance on μ.
 * `breast-cancer`: scikit-learn's breast-cancer table, malignant rows subsampled to 5 % of the rows
-  (the anomalies), a seeded half of the rows to fit on (labels unused, anomalies included, as a
-  batch job sees them), the other half scored; an MLP VAE over the 30 columns against the same
+  (the anomalies), a seeded half of the rows to fit on (anomalies included, no model sees a label,
+  as a batch job sees them), the other half scored; an MLP VAE over the 30 columns against the same
   baselines; mean ± sd over seeded draws.
 
 Every setting is fixed in the config below; nothing is chosen on the held-out records. The anomaly
@@ -20,8 +20,8 @@ protocols' vaepipe figure is the candidate score (CANDIDATES: likelihood bounds,
 errors, latent densities and their standardised sums) chosen on the training split only: in
 one-class MNIST a seeded 20 % of digit d's training images kept out of fitting (validation normals)
 against a seeded sample of the other digits' training images (validation anomalies); in breast
-cancer a two-fold cross-fit inside the fit half, whose labels are read for that choice only (the
-scored half is never read until the choice is made). Every candidate's held-out figure is printed
+cancer a two-fold cross-fit inside the fit half, whose labels are read for that choice only (nothing
+of the scored half enters the choice). Every candidate's held-out figure is printed
 beside the chosen one. The choice is one candidate for the whole run (the best mean training-split
 AUC), not one per digit or draw: a validation set of ~120 normal images per digit is too small to
 choose between close candidates digit by digit."""
@@ -57,7 +57,7 @@ BASELINES = ("isolation_forest", "ocsvm", "pca_recon", "knn_mu")
 class ProtocolConfig(RuntimeConfig):
     what: str = opt("one-class-mnist", "the protocol: semi-mnist, one-class-mnist, breast-cancer", choices=PROTOCOLS)
     epochs: int = opt(0, "VAE training epochs (0: the protocol's own: 20 semi-mnist, 100 one-class-mnist, "
-                         "300 breast-cancer)")
+                         "breast-cancer chosen among --epoch-grid)")
     head_epochs: int = opt(50, "semi-mnist: epochs of the M2 head per label draw")
     labels: list[int] = opt(help="semi-mnist: label counts", factory=lambda: [100, 600, 1000])
     draws: int = opt(5, "semi-mnist, breast-cancer: seeded draws (labels / anomaly subsample) averaged over")

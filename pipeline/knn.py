@@ -65,6 +65,16 @@ def string_array(values: list[str]) -> pa.Array:
     return pa.Array.from_buffers(pa.string(), len(data), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
 
 
+def unique_first(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique values, index of each one's first occurrence): `np.unique(a, return_index=True)`
+    without its `np.ma` check, whose first use imports numpy.ma (~8 ms of a short query process)."""
+    order = np.argsort(a, kind="stable")
+    s = a[order]
+    keep = np.ones(len(s), bool)
+    keep[1:] = s[1:] != s[:-1]
+    return s[keep], order[keep]
+
+
 def latent_matrix(col: pa.Array | pa.ChunkedArray, metadata: dict | None = None, source: str = "") -> np.ndarray:
     """A list column of latent vectors → a float32 (N, D) array (a zero-copy view for float32
     fixed_size_list without nulls). int8 latents written by `encode --dtype int8` are scaled back

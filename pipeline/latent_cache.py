@@ -242,7 +242,9 @@ class CachedBlocks:
 
         bi = np.searchsorted(self.starts, rows, side="right") - 1
         parts, order = [], []
-        for b in np.unique(bi).tolist():
+        from pipeline.knn import unique_first
+
+        for b in unique_first(bi)[0].tolist():
             sel = np.flatnonzero(bi == b)
             t = pa.Table.from_batches([self.batch(b)]).select(columns)
             local = (rows[sel] - self.starts[b]).tolist()

@@ -29,7 +29,7 @@ import pyarrow as pa
 from pipeline import latent_cache
 from pipeline.config import RuntimeConfig, opt
 from pipeline.errors import ConfigError, InputError, SchemaError
-from pipeline.knn import BlockSearch, from_np, latent_matrix, np_dtype, string_array, to_np
+from pipeline.knn import BlockSearch, from_np, latent_matrix, np_dtype, string_array, to_np, unique_first
 
 if TYPE_CHECKING:   # imported where used: a cached query of a local table needs neither
     import pyarrow.parquet as pq
@@ -253,7 +253,7 @@ class Latents:
         fi = np.searchsorted(self.file_start, rows, side="right") - 1
         rg = np.empty_like(rows)
         local = np.empty_like(rows)
-        for f in np.unique(fi):
+        for f in unique_first(fi)[0]:
             sel = fi == f
             r = rows[sel] - self.file_start[f]
             g = np.searchsorted(self.rg_start[f], r, side="right") - 1
@@ -394,7 +394,7 @@ def find_queries(lat: Latents | CachedLatents, cfg: QueryConfig, ids: pa.Array) 
             new = found[qi] < 0
             # first occurrence of each id: the lowest row, scanned in order
             qi, rows = qi[new], rows[new]
-            _, first = np.unique(qi, return_index=True)
+            _, first = unique_first(qi)
             found[qi[first]] = start + rows[first]
         if (found >= 0).all():
             break

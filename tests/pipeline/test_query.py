@@ -157,6 +157,16 @@ def test_string_ids_float16_latents_and_errors(tmp_path):
         run_query(QueryConfig(latents=folder, id=["r1"], where="nope = 3"))
 
 
+def test_unique_first_is_np_unique_with_return_index():
+    from pipeline.knn import unique_first
+
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 7, 5_000):
+        a = rng.integers(0, 40, n)
+        got, want = unique_first(a), np.unique(a, return_index=True)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
 def test_cli_prints_jsonl_and_does_not_import_torch_ray_mlflow_or_pandas(latents):
     folder, _, ids = latents
     q = int(ids[42])

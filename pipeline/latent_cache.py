@@ -133,9 +133,11 @@ class LatentCache:
             pass
         return blocks
 
-    def remember(self, ident: str | None) -> None:
-        """Write the note that maps a local table's tree identity to this entry (when both exist)."""
-        if ident is None or not os.path.exists(self.path):
+    def remember(self, ident: str | None, path: str) -> None:
+        """Write the note that maps the local table at `path` to this entry: when the entry exists and
+        the table's tree identity is still `ident`, taken before the table was listed (a change made
+        meanwhile leaves no note behind)."""
+        if ident is None or not os.path.exists(self.path) or tree_identity(path) != ident:
             return
         note = os.path.join(self.folder, ident + NOTE_SUFFIX)
         tmp = f"{note}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
@@ -240,10 +242,12 @@ class CachedBlocks:
         holds one of them is read once."""
         import numpy as np
 
-        bi = np.searchsorted(self.starts, rows, side="right") - 1
-        parts, order = [], []
         from pipeline.knn import unique_first
 
+        if len(rows) == 0:
+            return self.schema.empty_table().select(columns)
+        bi = np.searchsorted(self.starts, rows, side="right") - 1
+        parts, order = [], []
         for b in unique_first(bi)[0].tolist():
             sel = np.flatnonzero(bi == b)
             t = pa.Table.from_batches([self.batch(b)]).select(columns)

@@ -2,9 +2,9 @@
 one or many query records (`--id`, repeated, or `--ids-file`) or vectors, in one streaming pass.
 
 The path is kept light on purpose (a query is a short process): numpy, pyarrow and fsspec only; no
-torch, Ray or MLflow import. A repeated query of a local table whose cache entry matches it imports
-neither fsspec nor pyarrow's Parquet module (latent_cache.find_local). The latents are read row group by row group (only the id, μ and any
-`--where` columns) by reader threads, a few row groups ahead, while the main thread scores
+torch, Ray or MLflow import; a repeated query of a local table whose cache entry matches it imports
+neither fsspec nor pyarrow's Parquet module (latent_cache.find_local). The latents are read row
+group by row group (only the id, μ and any `--where` columns) by reader threads, a few row groups ahead, while the main thread scores
 (`pipeline.knn`: one matrix product per block, then an exact re-score of the few rows that can still
 make the k nearest), so memory is one or two row groups plus k rows per query, whatever the size of
 the input. The kept columns of the winners are read at the end, from their row groups only. The
@@ -19,9 +19,7 @@ import os
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -305,8 +303,6 @@ class CachedLatents:
         return self.cached.blocks(columns)
 
     def take(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
-        if not columns or len(rows) == 0:
-            return self.schema.empty_table().select(columns)
         return self.cached.take(rows, columns)
 
 
@@ -430,27 +426,26 @@ def open_latents(cfg: QueryConfig) -> tuple[Latents | CachedLatents, latent_cach
         raise SchemaError(f"{loc.full(files[0])}: no column {cfg.column!r}; columns: {schema.names}")
     if cfg.cache != "auto":
         return lat, None, None
-    # the cache holds every column a query reads (μ, ids, --where and printed columns): all but logvar
-    cache_cols = [c for c in schema.names if c != "logvar"]
+    cache_cols = cached_columns(schema)
     cache = latent_cache.LatentCache(latent_cache.cache_key(loc.uri, loc.fs, files, cache_cols), lat.rows,
                                      cfg.cache_dir or None, cfg.cache_max_gb)
     if lat.use_cache(cache, cache_cols):
-        _remember(cache, ident, loc.path)
+        cache.remember(ident, loc.path)
         return lat, None, None
     return lat, cache, ident
 
 
-def _remember(cache: latent_cache.LatentCache, ident: str | None, path: str) -> None:
-    """The note for the next query, when the table is as it was before it was listed."""
-    if ident is not None and latent_cache.tree_identity(path) == ident:
-        cache.remember(ident)
+def cached_columns(schema: pa.Schema) -> list[str]:
+    """What the cache holds: every column a query reads (μ, ids, --where and printed columns), all
+    but logvar."""
+    return [c for c in schema.names if c != "logvar"]
 
 
 def run_query(cfg: QueryConfig) -> pa.Table:
     lat, cache, ident = open_latents(cfg)
     schema = lat.schema
     keep = [c for c in schema.names if c not in (cfg.column, "logvar")]
-    cache_cols = [c for c in schema.names if c != "logvar"]
+    cache_cols = cached_columns(schema)
     clauses = parse_where(cfg.where, schema)
     vtype = schema.field(cfg.column).type
     dim = vtype.list_size if pa.types.is_fixed_size_list(vtype) else None
@@ -486,7 +481,7 @@ def run_query(cfg: QueryConfig) -> pa.Table:
             writer.abort()
         raise
     if writer and writer.commit():
-        _remember(cache, ident, lat.loc.path)
+        cache.remember(ident, lat.loc.path)
     return result_table(lat, search, labels, keep)
 
 

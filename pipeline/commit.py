@@ -177,16 +177,18 @@ def write_bytes_atomic(loc: Location, path: str, data: bytes) -> None:
 
 
 def pause_point(name: str) -> None:
-    """Test hook for crash tests: with VAEPIPE_PAUSE_AT=name the process announces the point (the file
-    VAEPIPE_PAUSE_MARKER) and waits there to be killed. Does nothing otherwise."""
+    """Test hook for crash and race tests: with VAEPIPE_PAUSE_AT=name the process announces the point
+    (the file VAEPIPE_PAUSE_MARKER) and waits there: to be killed, or, with VAEPIPE_PAUSE_UNTIL=FILE,
+    until FILE exists, then goes on. Does nothing otherwise."""
     if os.environ.get("VAEPIPE_PAUSE_AT") != name:
         return
     marker = os.environ.get("VAEPIPE_PAUSE_MARKER")
     if marker:
         with open(marker, "w") as f:
             f.write(name)
-    while True:
-        time.sleep(3600)
+    release = os.environ.get("VAEPIPE_PAUSE_UNTIL")
+    while not (release and os.path.exists(release)):
+        time.sleep(0.1 if release else 3600)
 
 
 # --- the commit ---------------------------------------------------------------------------------------

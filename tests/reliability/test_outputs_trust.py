@@ -153,9 +153,19 @@ def test_19_a_crafted_nightly_state_is_refused_before_any_partition_runs(trained
 
 # --- case 20: one writer per output --------------------------------------------------------------
 
+def _wait_for(path: pathlib.Path, p: subprocess.Popen, log: pathlib.Path, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert p.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "the run never reached " + what
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("job", ["encode", "nightly"])
 def test_20_two_writers_on_one_output_one_commits_the_other_exits_2_naming_it(trained_digits, digits_parquet,
                                                                               workdir, tmp_path, job):
+    """Run a is held (a test hook) right after its first staged unit, lease held, until run b has
+    exited; then it goes on and commits. No race on start-up times: the overlap is certain."""
     out = tmp_path / "out"
     if job == "nightly":
         inp = tmp_path / "in"
@@ -163,39 +173,42 @@ def test_20_two_writers_on_one_output_one_commits_the_other_exits_2_naming_it(tr
             _put(pq.read_table(os.path.join(digits_parquet, f)), inp / f"day={i}" / "part.parquet")
     else:
         inp = pathlib.Path(digits_parquet)
-    args = [job, "--model", MODEL, "--input", str(inp), "--output", str(out), "--concurrency", "1"]
-    a = _vaepipe(workdir, tmp_path / "a.log", *args)
-    time.sleep(1.0)
+    args = [job, "--model", MODEL, "--input", str(inp), "--output", str(out)]
+    held, release = tmp_path / "held", tmp_path / "release"
+    a = _vaepipe(workdir, tmp_path / "a.log", *args, env={
+        "VAEPIPE_PAUSE_AT": "unit.written", "VAEPIPE_PAUSE_MARKER": str(held), "VAEPIPE_PAUSE_UNTIL": str(release)})
+    _wait_for(held, a, tmp_path / "a.log", "unit.written")
     b = _vaepipe(workdir, tmp_path / "b.log", *args)
-    codes = {"a": a.wait(300), "b": b.wait(300)}
+    code_b = b.wait(300)
+    release.touch()
+    codes = {"a": a.wait(300), "b": code_b}
     logs = {k: (tmp_path / f"{k}.log").read_text() for k in codes}
-    assert sorted(codes.values()) == [0, 2], logs
-    loser = "a" if codes["a"] == 2 else "b"
-    winner = "b" if loser == "a" else "a"
-    pid = (a if winner == "a" else b).pid
-    assert f"is being written by {job} run" in logs[loser] and f"pid {pid}" in logs[loser], logs[loser]
-    assert "Traceback" not in logs[loser]
+    assert codes == {"a": 0, "b": 2}, logs
+    assert f"is being written by {job} run" in logs["b"] and f"pid {a.pid}" in logs["b"], logs["b"]
+    assert "Traceback" not in logs["b"]
     assert assert_readers_agree(str(out)) == list(range(1797))          # one run's rows, each id once
 
 
 # --- case 21: a killed driver, at any point, and the re-run ---------------------------------------
 
-@pytest.mark.parametrize("point", ["unit.written", "commit.moves", "commit.manifest"])
+@pytest.mark.parametrize("point,flags", [
+    ("unit.written", ["--concurrency", "1"]),   # Ray actors: the driver, its local Ray and an actor holding a unit
+    ("commit.moves", []),                       # the default executor for this input: one process, no Ray
+    ("commit.manifest", []),
+], ids=["unit.written", "commit.moves", "commit.manifest"])
 def test_21_sigkill_of_the_whole_encode_then_a_rerun_leaves_exactly_the_committed_rows(
-        trained_digits, digits_parquet, workdir, tmp_path, point):
+        trained_digits, digits_parquet, workdir, tmp_path, point, flags):
     out = tmp_path / "out"
     cfg = EncodeConfig(model=MODEL, input=digits_parquet, output=str(out), workdir=workdir, concurrency=1)
     first = run_encode(cfg).manifest
     marker = tmp_path / "paused"
     p = _vaepipe(workdir, tmp_path / "killed.log", "encode", "--model", MODEL, "--input", digits_parquet,
-                 "--output", str(out), "--concurrency", "1",
-                 env={"VAEPIPE_PAUSE_AT": point, "VAEPIPE_PAUSE_MARKER": str(marker)})
-    deadline = time.monotonic() + 240
-    while not marker.exists():
-        assert p.poll() is None, (tmp_path / "killed.log").read_text()
-        assert time.monotonic() < deadline, "the run never reached " + point
-        time.sleep(0.2)
+                 "--output", str(out), *flags, env={"VAEPIPE_PAUSE_AT": point, "VAEPIPE_PAUSE_MARKER": str(marker),
+                                                    "VAEPIPE_LOG": "INFO"})
+    _wait_for(marker, p, tmp_path / "killed.log", point)
     _kill_group(p)
+    executor = "ray" if flags else "local"
+    assert f"encode: executor {executor} " in (tmp_path / "killed.log").read_text()
     ctl = pathlib.Path(control_of(resolve(str(out))).path)
     if point == "unit.written":   # killed while encoding: nothing reached OUT, every reader still sees run 1
         assert read_manifest(resolve(str(out)))["run_id"] == first["run_id"]

@@ -476,8 +476,11 @@ def promote(cfg: TrainConfig, version: str, model: VAE, data: PreparedData, val_
     if ok:
         registry.set_alias_when_ready(cfg.model_name, cfg.alias, version, tracking)
     tags = {"vaepipe.promotion": "promoted" if ok else "kept", "vaepipe.promotion_reason": why,
-            "vaepipe.val_neg_elbo": "" if new_s is None else f"{new_s:.4f}",
-            "vaepipe.incumbent_version": current or "", "vaepipe.incumbent_val_neg_elbo": "" if cur_s is None else f"{cur_s:.4f}"}
+            # the figures the decision was made on, exactly (a rounded copy can round differently from
+            # the reason's: 39.6725 → "39.672" there, "39.673" here)
+            "vaepipe.val_neg_elbo": "" if new_s is None else repr(float(new_s)),
+            "vaepipe.incumbent_version": current or "",
+            "vaepipe.incumbent_val_neg_elbo": "" if cur_s is None else repr(float(cur_s))}
     for k, v in tags.items():
         client.set_model_version_tag(cfg.model_name, version, k, v)
     print(f"registry: {cfg.model_name} v{version} {'→ ' + cfg.alias if ok else 'not promoted'} ({why})")

@@ -136,3 +136,17 @@ def test_bench_encode_whole_process_times_both_processes_on_both_layouts(tmp_pat
     for g in f["layouts"].values():
         check_figures(g, 6000)
         assert g["max_abs_mu_diff"] < 1e-5 and g["whole_process"] is True
+
+
+def test_bench_bound_scales_its_measured_rates_to_the_floors_it_prints(capsys):
+    from pipeline.bench_bound import main as bound
+
+    f = bound(["--records", "1000000", "--sample", "8192", "--batch-size", "4096"])
+    rates = (f["compute_all_threads_records_per_s"], f["compute_1_thread_records_per_s"],
+             f["decode_1_thread_records_per_s"])
+    assert all(math.isfinite(r) and r > 0 for r in rates)
+    c_all, c1, dec = rates
+    assert f["script_floor_s"] == pytest.approx(1e6 / dec + 1e6 / c_all)
+    assert f["vaepipe_floor_s"] == pytest.approx(1e6 * (1 / dec + 1 / c1) / f["cores"])
+    assert f["ratio_upper_bound"] == pytest.approx(f["script_floor_s"] / f["vaepipe_floor_s"])
+    assert "upper bound on the whole-process ratio" in capsys.readouterr().out

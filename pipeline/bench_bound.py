@@ -52,11 +52,14 @@ def main(argv: list[str] | None = None) -> dict:
                 model.embed(torch.from_numpy(x8[j:j + b])).mean
 
     cores = os.cpu_count() or 1
-    rates = {}
-    for threads in (cores, 1):
-        torch.set_num_threads(threads)
-        compute()                                                   # warm-up
-        rates[threads] = records_per_s(compute, n)
+    rates, before = {}, torch.get_num_threads()
+    try:
+        for threads in (cores, 1):
+            torch.set_num_threads(threads)
+            compute()                                               # warm-up
+            rates[threads] = records_per_s(compute, n)
+    finally:
+        torch.set_num_threads(before)                               # a caller's thread count is its own
     table = pa.table({"id": pa.array(np.arange(n)),
                       "image": pa.FixedSizeListArray.from_arrays(pa.array(x8.ravel()), 784)})
     buf = io.BytesIO()

@@ -139,8 +139,11 @@ def test_bench_encode_whole_process_times_both_processes_on_both_layouts(tmp_pat
 
 
 def test_bench_bound_scales_its_measured_rates_to_the_floors_it_prints(capsys):
+    import torch
+
     from pipeline.bench_bound import main as bound
 
+    threads = torch.get_num_threads()
     f = bound(["--records", "1000000", "--sample", "8192", "--batch-size", "4096"])
     rates = (f["compute_all_threads_records_per_s"], f["compute_1_thread_records_per_s"],
              f["decode_1_thread_records_per_s"])
@@ -150,3 +153,4 @@ def test_bench_bound_scales_its_measured_rates_to_the_floors_it_prints(capsys):
     assert f["vaepipe_floor_s"] == pytest.approx(1e6 * (1 / dec + 1 / c1) / f["cores"])
     assert f["ratio_upper_bound"] == pytest.approx(f["script_floor_s"] / f["vaepipe_floor_s"])
     assert "upper bound on the whole-process ratio" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads                 # the timing left this process's threads alone

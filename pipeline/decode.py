@@ -15,7 +15,7 @@ import torch
 from pipeline import registry
 from pipeline.commit import Commit, control_of, read_table_manifest
 from pipeline.config import WriterConfig, opt, parse_storage_options
-from pipeline.errors import InputError, SchemaError, unwrap_ray_error
+from pipeline.errors import InputError, SchemaError, released_ray_failure
 from pipeline.features import FeatureSpec, fixed_size_list, to_matrix
 from pipeline.encode import in_process, refuse_partition_of_nightly
 from pipeline.lease import Lease, hold_lease
@@ -157,8 +157,11 @@ def _decode(cfg: DecodeConfig, lease: Lease) -> dict:
                 prog.update(int(r["rows"]))
     except Exception as e:   # any failure: nothing is committed, and our own typed error surfaces
         commit.abort()
-        raise unwrap_ray_error(e) from None
-    return _finish(commit, res, total, meta, t0)
+        del ds   # its execution holds the actor pool
+        err = released_ray_failure(e)   # the actors' CPUs back before the caller goes on
+    else:
+        return _finish(commit, res, total, meta, t0)
+    raise err
 
 
 def _finish(commit: Commit, res: list[dict], total: int, meta: dict, t0: float) -> dict:

@@ -26,7 +26,7 @@ import torch
 
 from pipeline import registry
 from pipeline.config import WriterConfig, opt, parse_storage_options
-from pipeline.errors import ConfigError, InputError, SchemaError, unwrap_ray_error
+from pipeline.errors import ConfigError, InputError, SchemaError, released_ray_failure
 from pipeline.features import (FeatureSpec, check_finite, fixed_size_list, infer_spec, nonfinite_rows, raw_dtype,
                                to_matrix)
 from pipeline.commit import Commit, control_of, parent_table, partition_control, pause_point, read_table_manifest
@@ -581,7 +581,9 @@ def _run_units_on_ray(cfg: EncodeConfig, blob: bytes, plan: dict[str, Any], unit
         return res
     except Exception as e:
         commit.abort()
-        raise unwrap_ray_error(e) from None
+        del ds   # its execution holds the actor pool
+        err = released_ray_failure(e)   # the actors' CPUs back before the caller goes on
+    raise err
 
 
 def _commit_units(cfg: EncodeConfig, out: Location, commit: Commit, res: list[dict], total: int, metadata: dict,

@@ -324,10 +324,11 @@ def _run_on_ray(cfg: NeighboursConfig, plan: dict, units: list[dict], index_byte
     ds = ds.map_batches(NeighbourUnits, fn_constructor_args=(plan, index_bytes), batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1)
     try:
-        rows = ds.take_all()
+        return ds.take_all()
     except Exception as e:
         commit.abort()
-        from pipeline.errors import unwrap_ray_error
+        del ds   # its execution holds the actor pool
+        from pipeline.errors import released_ray_failure
 
-        raise unwrap_ray_error(e) from None
-    return rows
+        err = released_ray_failure(e)   # the actors' CPUs back before the caller goes on
+    raise err

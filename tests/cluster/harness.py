@@ -243,7 +243,8 @@ def mlflow_server(s3: dict, root: pathlib.Path):
     (port,) = free_ports(1)
     log = root / "mlflow-server.log"
     env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3["endpoint"], "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}   # as infra/mlflow/mlflow.yaml deploys it
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",

@@ -408,6 +408,8 @@ def test_mlflow_server_runs_with_auth_and_an_s3_artifact_store():
     [volume] = [v for v in one("Deployment", "mlflow")["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
     assert volume["secret"]["secretName"] == "mlflow-server"
     assert {"key": "basic_auth.ini", "path": ini.name} in volume["secret"]["items"]
+    # no MLflow job runner (8 processes for GenAI jobs vaepipe never submits); the tests' servers match
+    assert e["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "false"
     # in-cluster Host headers are allowed (MLflow refuses unknown hosts)
     svc = one("Service", "mlflow")
     assert f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{svc['spec']['ports'][0]['port']}" in opts["--allowed-hosts"].split(",")

@@ -87,13 +87,13 @@ def test_03_encode_actor_killed_mid_job_no_loss_no_duplicates(trained_digits, wo
                 if "MapWorker" in (a.class_name or "")}
 
     before = workers()
-    inp = _write(_digits_table(), str(tmp_path / "in"), "all.parquet", row_group_size=6)   # 300 units: seconds of work
+    inp = _write(_digits_table(), str(tmp_path / "in"), "all.parquet", row_group_size=18)   # 100 units: seconds of work
     out = str(tmp_path / "out")
     result, error, killed = {}, [], []
 
     def job():
         try:
-            result["r"] = _enc(workdir, inp, out, unit_rows=6)
+            result["r"] = _enc(workdir, inp, out, unit_rows=18)
         except Exception as e:   # pragma: no cover - reported below
             error.append(e)
 
@@ -103,7 +103,7 @@ def test_03_encode_actor_killed_mid_job_no_loss_no_duplicates(trained_digits, wo
     while th.is_alive() and not killed and time.time() < deadline:
         for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
             if "MapWorker" in (a.class_name or "") and a.pid:
-                os.kill(a.pid, signal.SIGKILL)   # at once: the pool has hundreds of units left
+                os.kill(a.pid, signal.SIGKILL)   # at once: the pool has most of its 100 units left
                 killed.append(a.actor_id)
                 break
         time.sleep(0.2)

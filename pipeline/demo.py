@@ -46,7 +46,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     latents = os.path.join(work, "latents", "digits")
     enc = run_encode(EncodeConfig(model=f"models:/{cfg.model_name}@production", input=data, output=latents,
-                                  keep=["id", "label"], score=True, **rt))
+                                  keep=["id", "label"], score=True, executor="ray", **rt))   # the showcase: Ray Data
     print(f"[3/5] encoded {enc.rows_out:,} records to {latents} in {enc.wall_s:.1f} s")
 
     q = run_query(QueryConfig(latents=latents, id=["0"], k=5, **rt))

@@ -103,7 +103,9 @@ def choose_executor(cfg: "EncodeConfig", loc: Location, out: Location, units: li
         return "ray", "a Ray cluster address is set"
     import sys
 
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+    from pipeline import ray_runtime
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized() and not ray_runtime.started_local():
         return "ray", "Ray is already running in this process"
     if cfg.concurrency is not None or cfg.use_gpu:
         return "ray", "--concurrency/--use-gpu asks for actors"
@@ -114,6 +116,10 @@ def choose_executor(cfg: "EncodeConfig", loc: Location, out: Location, units: li
     size = sum(u.rows for u in units) * record_bytes
     if size >= LOCAL_MAX_BYTES:
         return "ray", f"{size / 1e9:.1f} GB of features: actors in parallel"
+    if ray_runtime.started_local():
+        # the one-node Ray this process started (a train before, say) has no more cores than this
+        # process: its actors would add only their start-up (a process, torch, the model: seconds each)
+        return "local", f"{size / 1e9:.2f} GB of local features: in this process, beside its own one-node Ray"
     return "local", f"{size / 1e9:.2f} GB of local features: one process, no Ray start"
 
 

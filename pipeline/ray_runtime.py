@@ -297,6 +297,13 @@ def train_threads(node_cpus: float, workers_on_node: int, cores: int | None = No
     return max(1, int(cpus // max(1, workers_on_node)))
 
 
+def started_local() -> bool:
+    """Whether this process started the Ray it is connected to (init_ray's one-node local Ray)."""
+    import sys
+
+    return _STARTED_LOCAL and "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def _local_cores() -> int | None:
     return (os.cpu_count() or 1) if _STARTED_LOCAL else None
 

@@ -122,3 +122,21 @@ def test_decode_reference_reports_round_trip_mse_next_to_pca_through_the_cli(tra
     assert err["rmse"] == pytest.approx(float(np.sqrt(((z - f32) ** 2).mean())), rel=1e-3)
     assert err["relative_rmse"] == pytest.approx(err["rmse"] / float(np.sqrt((f32 ** 2).mean())), rel=1e-6)
     assert err["clipped_fraction"] == pytest.approx(float((np.abs(f32) > 127 * scale).mean()), abs=1e-6)
+
+
+def test_auto_executor_stays_in_process_beside_the_one_node_ray_it_started(ray_local, tmp_path):
+    """A small local job after a train in the same process (the demo, a notebook, these tests): the
+    Ray this process started has the same cores, so actors would add only their start-up. A Ray the
+    process joined, --concurrency, or a large job still take the actor pool."""
+    from pipeline import ray_runtime
+    from pipeline.encode import LOCAL_MAX_BYTES, Unit, choose_executor
+
+    assert ray_runtime.started_local()   # tests/conftest.py's ray_local: init_ray("local")
+    loc, out = resolve(str(tmp_path / "in")), resolve(str(tmp_path / "out"))
+    units = [Unit(0, "a.parquet", "a.parquet", [0], 1797)]
+    cfg = EncodeConfig(model=MODEL, input=loc.path, output=out.path)
+    executor, why = choose_executor(cfg, loc, out, units, record_bytes=64)
+    assert executor == "local" and "beside its own one-node Ray" in why
+    assert choose_executor(EncodeConfig(model=MODEL, input=loc.path, output=out.path, concurrency=1),
+                           loc, out, units, 64)[0] == "ray"
+    assert choose_executor(cfg, loc, out, units, record_bytes=LOCAL_MAX_BYTES)[0] == "ray"

@@ -42,7 +42,11 @@ def _put(t: pa.Table, path: pathlib.Path) -> None:
 
 
 def _nightly(workdir, src, out, **kw) -> dict:
-    return run_nightly(NightlyConfig(model=MODEL, input=str(src), output=str(out), workdir=workdir, concurrency=1, **kw))
+    """A nightly run on the executor users get for these few local records (in this process, no Ray):
+    these cases are about which partitions run and what readers see, the same on either executor.
+    Nightly's Ray path runs in case 18's first run (`--concurrency 1`) and tests/pipeline/test_s3.py;
+    forcing it here cost an actor start per partition, ~25 of them."""
+    return run_nightly(NightlyConfig(model=MODEL, input=str(src), output=str(out), workdir=workdir, **kw))
 
 
 def _vaepipe(workdir, log: pathlib.Path, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -199,7 +203,7 @@ def test_20_two_writers_on_one_output_one_commits_the_other_exits_2_naming_it(tr
 def test_21_sigkill_of_the_whole_encode_then_a_rerun_leaves_exactly_the_committed_rows(
         trained_digits, digits_parquet, workdir, tmp_path, point, flags):
     out = tmp_path / "out"
-    cfg = EncodeConfig(model=MODEL, input=digits_parquet, output=str(out), workdir=workdir, concurrency=1)
+    cfg = EncodeConfig(model=MODEL, input=digits_parquet, output=str(out), workdir=workdir)   # the default executor
     first = run_encode(cfg).manifest
     marker = tmp_path / "paused"
     p = _vaepipe(workdir, tmp_path / "killed.log", "encode", "--model", MODEL, "--input", digits_parquet,

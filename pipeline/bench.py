@@ -316,7 +316,10 @@ def baseline_encode(files: list[str], out_dir: str, model, batch_size: int, thre
 def _pipeline_encode(cfg: BenchConfig, input_dir: str, out_dir: str, blob: tuple, device: str = "cpu"):
     from pipeline.encode import EncodeConfig, run_encode
 
+    # executor="ray": this side is the Ray Data actor path (its figures in docs/performance.md); at
+    # these sizes --executor auto would keep the job in this process, beside the Ray started above
     ecfg = EncodeConfig(model=blob[0].uri, input=input_dir, output=out_dir, keep=["id"], batch_size=cfg.bs,
+                        executor="ray",
                         concurrency=cfg.concurrency, workdir=cfg.workdir, ray_address=cfg.ray_address,
                         use_gpu=device == "cuda",
                         tracking_uri=f"sqlite:///{os.path.abspath(os.path.join(input_dir, '..', 'mlflow.db'))}")

@@ -114,15 +114,15 @@ def released_ray_failure(e: BaseException) -> BaseException:
     """`unwrap_ray_error(e)`, cut loose from the failed Ray Data execution, for a job to raise.
 
     Ray Data frees an actor pool by dropping its references (ray.kill only when forced), so the pool's
-    actors live as long as anything still reaches them: the dataset (its last execution; callers `del`
-    it first) and the failure's tracebacks, whose frames hold the streaming executor. A caller that keeps the error (a nightly run recording a failed
-    partition and going on, a notebook, pytest.raises) then kept a CPU per actor for as long as it did,
-    and the next job on that Ray waited for those CPUs forever (measured: a train placement group
-    pending for 26 minutes behind four such encoders). The frames of the whole chain's tracebacks are
-    cleared (a log record of the failure, which Ray Data writes, keeps the traceback itself) and the
-    tracebacks dropped (the messages name what failed; the worker's traceback is part of Ray's
-    message), and the reference cycles left are collected now, not at the next GC. Raise the result outside the
-    `except` block, so that it does not take `e` as its context again."""
+    actors live as long as anything reaches them: the dataset (its last execution; callers `del` it
+    first) and the failure's tracebacks, whose frames hold the streaming executor. A caller that kept
+    the error (a nightly run recording a failed partition and going on, a notebook, pytest.raises)
+    kept a CPU per actor, and the next job on that Ray waited for those CPUs (measured: a train's
+    placement group pending 26 minutes behind four such encoders). So the frames of the whole chain
+    are cleared (Ray Data's logged record of the failure keeps the traceback itself), the tracebacks
+    dropped (the messages name what failed; the worker's traceback is in Ray's message) and the
+    cycles left collected now, not at the next GC. Raise the result outside the `except` block, so
+    that it does not take `e` as its context again."""
     import gc
     import traceback
 

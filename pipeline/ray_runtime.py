@@ -2,6 +2,7 @@
 keeping a successful run's output to what it did: no internal chatter, every real warning kept."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -9,6 +10,7 @@ import socket
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,9 @@ def _quiet_local_ray_env() -> None:
 # Set when init_ray started the Ray instance itself (one node, this machine): its logical CPUs are the
 # cores plus a reserve for Ray Data beside the train workers, so sizing caps them at the real cores.
 _STARTED_LOCAL = False
+# The environment this process had when it started that Ray: what the raylet, and so every Ray
+# process, inherited.
+_STARTED_ENV: dict[str, str] = {}
 
 
 def running_local_cluster() -> str | None:
@@ -179,47 +184,70 @@ def init_ray(address: str | None = None, reserve_cpus: float = 0.0) -> None:
     # poll is cheap; the workers inherit the variable from the raylet this process starts.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     cpus = (os.cpu_count() or 1) + max(0.0, reserve_cpus)
-    # The dashboard stays on: Ray Train V2's controller watchdog queries the State API it serves.
-    ray.init(address="local", num_cpus=int(cpus + 0.999), log_to_driver=True, configure_logging=True,
-             logging_level=logging.WARNING, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1",  # local Ray talks over loopback only
-             runtime_env=_pin_address_env())
+    # Every process of this Ray inherits the environment the raylet starts with (kept in _STARTED_ENV,
+    # see train_env_inherited). For the start only, RAY_ADDRESS names this Ray's GCS, on a port chosen
+    # here (RAY_GCS_SERVER_PORT): State API calls without an address in its workers (Ray Train V2's
+    # PlacementGroupCleaner makes them) then answer for this Ray even when another runs on the machine
+    # ("Found multiple active Ray instances" otherwise). This process's own environment is restored
+    # after. (It was a worker_process_setup_hook in a job runtime env; any job runtime env makes Ray
+    # start each worker afresh instead of handing out its prestarted ones.)
+    global _STARTED_ENV
+    port = _free_port()
+    with _environ(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}"):
+        # The dashboard stays on: Ray Train V2's controller watchdog queries the State API it serves.
+        ray.init(address="local", num_cpus=int(cpus + 0.999), log_to_driver=True, configure_logging=True,
+                 logging_level=logging.WARNING, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1")  # local Ray talks over loopback only
+    _STARTED_ENV = dict(os.environ)
     _STARTED_LOCAL = True
     _filter_streamed_logs()
 
 
-def _pin_address_env() -> dict | None:
-    """The runtime env of a local Ray: the pin_ray_address hook when another Ray already runs on this
-    machine. Only then: any job-level runtime env makes Ray start each worker afresh instead of from
-    its pool of prestarted ones (measured: +0.6 s for the first tasks, +0.3 s per actor start)."""
-    return {"worker_process_setup_hook": "pipeline.ray_runtime.pin_ray_address"} if _another_ray_running() else None
+def _free_port() -> int:
+    """A loopback TCP port free now (the kernel's pick), for the GCS of a local Ray."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def _another_ray_running() -> bool:
-    """Whether a Ray GCS server runs on this machine (what makes an address-less State API call
-    ambiguous); True where /proc cannot tell."""
-    if not os.path.isdir("/proc"):
-        return True
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if b"gcs_server" in f.read().split(b"\0", 1)[0]:
-                        return True
-            except OSError:
-                continue
-    return False
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """os.environ with `values` set inside the block, and exactly as before it after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-def pin_ray_address() -> None:
-    """Worker setup hook of a local Ray started beside another: each worker's $RAY_ADDRESS names its
-    own Ray. Ray Train V2's PlacementGroupCleaner asks the State API for its controller with no
-    address; with a second Ray on the machine (another vaepipe job, a `ray start`), Ray cannot tell
-    which one is meant, and the cleaner's thread died with a "Found multiple active Ray instances"
-    traceback in the job's output. (A Ray started on this machine after this one can still cause it.)"""
-    import ray
+@contextlib.contextmanager
+def train_env_inherited() -> Iterator[None]:
+    """Around TorchTrainer.fit on the local Ray this process started: Ray Train V2 hands the RAY_TRAIN_*
+    variables set in the driver (constants.ENV_VARS_TO_PROPAGATE) to its controller and workers as a
+    runtime env, and a runtime env with any variable in it makes Ray start a new process for each of
+    them (controller, workers, placement group cleaner, synchronisation and dataset actors) instead of
+    taking a prestarted one. Every process of that Ray already has the values this process had when it
+    started the Ray (the raylet inherited them), so those are hidden from Ray Train for the fit; a
+    variable set or changed since is still passed on. A cluster this process joined is left as it is."""
+    if not started_local():
+        yield
+        return
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
 
-    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    saved = {k: os.environ[k] for k in ENV_VARS_TO_PROPAGATE
+             if k in os.environ and _STARTED_ENV.get(k) == os.environ[k]
+             and (k != "RAY_TRAIN_V2_ENABLED" or os.environ[k].lower() in ("1", "true"))}   # unset means on
+    for k in saved:
+        del os.environ[k]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 # --- Sizing from the cluster: the alive nodes that do the work, not the driver's machine. -----------

@@ -312,6 +312,8 @@ def fit(cfg: TrainConfig, plan: RunPlan, worker_cfg: WorkerConfig, train_ds, val
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
+    from pipeline.ray_runtime import train_env_inherited
+
     datasets = {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
     trainer = TorchTrainer(
         functools.partial(train_loop_per_worker, worker_cfg), datasets=datasets,
@@ -331,7 +333,8 @@ def fit(cfg: TrainConfig, plan: RunPlan, worker_cfg: WorkerConfig, train_ds, val
                                             execution_options=ExecutionOptions(preserve_order=True)),
     )
     try:
-        trainer.fit()
+        with train_env_inherited():
+            trainer.fit()
     except Exception as e:
         raise unwrap_ray_error(e) from None
 

@@ -183,3 +183,32 @@ def _load_job_servers():
     spec.loader.exec_module(mod)
     return mod
 
+
+
+def test_train_actors_of_the_local_ray_get_no_runtime_env_and_still_have_the_train_variables(ray_local, monkeypatch):
+    """Ray Train V2 passes the RAY_TRAIN_* variables set in the driver to its actors as a runtime env,
+    and any runtime env makes Ray start a new process per actor instead of a prestarted one. On the
+    local Ray this process started, the actors already have them from the raylet: hidden for the fit,
+    restored after; one changed since the start is still passed on."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from pipeline.ray_runtime import train_env_inherited
+
+    assert os.environ["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and os.environ["RAY_TRAIN_V2_ENABLED"] == "1"
+    before = dict(os.environ)
+    with train_env_inherited():
+        assert get_env_vars_to_propagate() == {}
+    assert dict(os.environ) == before
+
+    @ray_local.remote(num_cpus=0)
+    def seen(names):   # what a process of this Ray (a prestarted worker) has, without any runtime env
+        return {n: os.environ.get(n) for n in names}
+
+    names = ["RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_V2_ENABLED", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_ADDRESS"]
+    got = ray_local.get(seen.remote(names))
+    assert got[names[0]] == "0" and got[names[1]] == "1" and got[names[2]] == os.environ[names[2]]
+    assert got["RAY_ADDRESS"] == ray_local.get_runtime_context().gcs_address   # its own Ray's State API
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "7")   # set after the start: the raylet lacks it
+    with train_env_inherited():
+        assert get_env_vars_to_propagate() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "7"}

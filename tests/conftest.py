@@ -30,18 +30,49 @@ SHARED_FIXTURE_GROUPS = {
 }
 
 
+# The files (and groups) that take longest, longest first: handed out first, so that the two workers
+# end together instead of one finishing a long file alone while the other idles (the largest files
+# first: the longest-processing-time rule). xdist's own order is by number of tests, which put these,
+# few tests each, last. Order only: every other file runs after them, in collection order.
+LONGEST_FIRST = [
+    "tests/pipeline/test_semi_train.py",
+    "clean_tiny_run",
+    "tests/pipeline/test_train.py",
+    "tests/reliability/test_outputs_trust.py",
+    "tests/reliability/test_encode_reliability.py",
+    "tests/jobs/test_quiet_output.py",
+    "tests/pipeline/test_bench.py",
+    "http_trained",
+    "tests/pipeline/test_ray_runtime.py",
+    "tests/pipeline/test_serving.py",
+    "tests/pipeline/test_mnist_spine.py",
+]
+
+
+def _scope(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return SHARED_FIXTURE_GROUPS.get(path, path)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {scope: i for i, scope in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_scope(item.nodeid), len(rank)))   # stable: file order kept
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`--dist loadfile`, except that the files of one SHARED_FIXTURE_GROUPS group go to one worker.
+    """`--dist loadfile`, except that the files of one SHARED_FIXTURE_GROUPS group go to one worker,
+    and files are handed out in collection order (LONGEST_FIRST above), not by number of tests.
     (xdist's own `loadgroup` put one xdist_group's tests on both workers with pytest 9.2 + xdist 3.8.)"""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    config.option.loadscopereorder = False
+
     class SharedFixtureScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return SHARED_FIXTURE_GROUPS.get(path, path)
+            return _scope(nodeid)
 
     return SharedFixtureScheduling(config, log)
 

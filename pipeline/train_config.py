@@ -147,10 +147,10 @@ class TrainConfig(RuntimeConfig):
     patience: int = opt(0, "early stopping: epochs without val ELBO improvement (0 = off)", group="optimisation")
     min_delta: float = opt(0.0, "early stopping: improvement smaller than this (nats) does not count",
                            group="optimisation")
-    head_epochs: int = opt(400, "with --labels: epochs after the VAE's that train only the M2 head (AdamW 1e-3, "
+    head_epochs: int = opt(800, "with --labels: epochs after the VAE's that train only the M2 head (AdamW 1e-3, "
                                  "the VAE frozen) on each record's q(z1|x), computed once from the cached "
-                                 "shard: no decoder passes of the VAE; 0 = none. 400 (over 50, then 200) chosen "
-                                 "on a validation split of MNIST's training records (docs/quality.md)",
+                                 "shard: no decoder passes of the VAE; 0 = none. 800 (over 50, 200, then 400) "
+                                 "chosen on a validation split of MNIST's training records (docs/quality.md)",
                            group="optimisation")
     seed: int = opt(0, "seed: a 1-worker CPU run is reproducible", group="optimisation")
     amp: str = opt("off", "mixed precision: off, bf16, fp16", choices=AMPS, group="optimisation")

@@ -19,12 +19,21 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/vaepipe demo
 
 # Two pytest workers. Each runs whole test files (--dist loadfile; tests/conftest.py puts files that
-# share a session fixture in one group), so a module's trained runs and servers are made
-# once. Most of a test's time is process start-up and waiting on Ray and MLflow, which two workers
-# overlap. The multi-node cluster tests run in a pytest process of their own: Ray caches its auth
-# token per process, so one process cannot talk to both that token-auth cluster and the suite's local
-# Ray. PYTEST_WORKERS=0 runs the first part in one process.
+# share a session fixture in one group and hands out the longest files first), so a module's trained
+# runs and servers are made once. Most of a test's time is process start-up and waiting on Ray and
+# MLflow, which two workers overlap. The multi-node cluster tests run beside them, in a pytest process
+# of their own: Ray caches its auth token per process, so one process cannot talk to both that
+# token-auth cluster and the suite's local Ray. Run alone they leave 30-50 % of the 2 cores idle
+# (waiting on nodes to start, die and come back), which the other part fills. Their output is printed
+# when both are done; either part failing fails the target. PYTEST_WORKERS=0 runs the first part in
+# one process.
 PYTEST_WORKERS ?= 2
+CLUSTER_LOG := .cluster-tests.log
 test: $(VENV)/.installed
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --ignore=tests/cluster
-	$(PY) -m pytest tests/cluster
+	@$(PY) -m pytest -p no:cacheprovider tests/cluster > $(CLUSTER_LOG) 2>&1 & cluster=$$!; \
+	trap 'kill $$cluster 2>/dev/null' INT TERM; \
+	echo "tests/cluster: running beside the rest (pid $$cluster, output in $(CLUSTER_LOG), printed at the end)"; \
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --ignore=tests/cluster; main=$$?; \
+	wait $$cluster; clust=$$?; \
+	echo "---- tests/cluster (ran beside the above) ----"; cat $(CLUSTER_LOG); \
+	test $$main -eq 0 && test $$clust -eq 0

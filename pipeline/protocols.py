@@ -75,6 +75,8 @@ class ProtocolConfig(RuntimeConfig):
     epoch_grid: list[int] = opt(help="breast-cancer: training epochs chosen among by the cross-fit inside the fit "
                                      "half (--epochs N replaces the grid by [N])", factory=lambda: [30, 100, 300])
     iw_samples: int = opt(16, "importance samples K of the iwae score")
+    ensemble: int = opt(1, "breast-cancer: VAEs fit per model (seeds differ; the first is the one-model run's), "
+                           "each candidate score averaged over them")
     seed: int = opt(0, "seed of the split, the models and the draws")
     threads: int = opt(0, "torch threads (0: torch's default)")
     json: str | None = opt(None, "write every figure here as JSON")
@@ -82,8 +84,8 @@ class ProtocolConfig(RuntimeConfig):
     def __post_init__(self) -> None:
         self.choice("what", PROTOCOLS)
         self.choice("arch", ("conv", "mlp"))
-        if self.epochs < 0 or self.head_epochs < 1 or self.draws < 1 or self.iw_samples < 1:
-            raise ConfigError("epochs must be ≥ 0; head_epochs, draws and iw_samples ≥ 1")
+        if self.epochs < 0 or self.head_epochs < 1 or self.draws < 1 or self.iw_samples < 1 or self.ensemble < 1:
+            raise ConfigError("epochs must be ≥ 0; head_epochs, draws, iw_samples and ensemble ≥ 1")
         if not 0 < self.select_fraction < 1 or self.select_anomalies < 2:
             raise ConfigError(f"select_fraction must be in (0, 1) and select_anomalies ≥ 2, got "
                               f"{self.select_fraction}, {self.select_anomalies}")
@@ -360,6 +362,21 @@ def tabular_vae(raw_fit: np.ndarray, seed: int) -> VAE:
                          likelihood="gaussian", preprocessing=pre))
 
 
+def tabular_scores(raw_fit: np.ndarray, raw_score: np.ndarray, epochs: int, cfg: ProtocolConfig,
+                   seed: int) -> tuple[dict[str, np.ndarray], VAE]:
+    """Every candidate score of `raw_score` from `cfg.ensemble` tabular VAEs fit on `raw_fit` (member m
+    seeded seed + 10,000·m, so member 0 is the one-model run's and no member shares a draw's seed),
+    each candidate averaged over the members; and member 0, whose μ the k-NN baseline uses."""
+    members = []
+    for m in range(cfg.ensemble):
+        sm = seed + 10_000 * m
+        model = fit_vae(tabular_vae(raw_fit, sm), raw_fit, epochs, batch_size=32, lr=2e-3, seed=sm,
+                        val_fraction=cfg.val_fraction)
+        members.append((model, CandidateScorer(model, raw_fit, cfg.iw_samples, sm)(raw_score)))
+    scores = {k: np.mean([s[k] for _, s in members], axis=0) for k in CANDIDATES}
+    return scores, members[0][0]
+
+
 def cross_fit_aucs(raw: np.ndarray, anomalous: np.ndarray, epochs: int, cfg: ProtocolConfig,
                    seed: int) -> dict[str, float]:
     """Each candidate's ROC AUC inside the fit half, two-fold: a VAE fit on one fold (labels unused)
@@ -374,9 +391,7 @@ def cross_fit_aucs(raw: np.ndarray, anomalous: np.ndarray, epochs: int, cfg: Pro
     aucs = []
     for a, b in ((folds[0], folds[1]), (folds[1], folds[0])):
         a, b = np.sort(a), np.sort(b)
-        model = fit_vae(tabular_vae(raw[a], seed), raw[a], epochs, batch_size=32, lr=2e-3, seed=seed,
-                        val_fraction=cfg.val_fraction)
-        scores = CandidateScorer(model, raw[a], cfg.iw_samples, seed)(raw[b])
+        scores = tabular_scores(raw[a], raw[b], epochs, cfg, seed)[0]
         aucs.append({k: roc_auc(v, anomalous[b]) for k, v in scores.items()})
     return {k: float(np.mean([x[k] for x in aucs])) for k in CANDIDATES}
 
@@ -405,9 +420,7 @@ def breast_cancer(cfg: ProtocolConfig) -> dict[str, Any]:
                             for k, v in cross_fit_aucs(raw_tr, (target[tr] == 0).astype(int), e, cfg, s).items()})
         anomalous = (target[te] == 0).astype(int)
         for e in grid:
-            model = fit_vae(tabular_vae(raw_tr, s), raw_tr, e, batch_size=32, lr=2e-3, seed=s,
-                            val_fraction=cfg.val_fraction)
-            scores = CandidateScorer(model, raw_tr, cfg.iw_samples, s)(raw_te)
+            scores, model = tabular_scores(raw_tr, raw_te, e, cfg, s)
             z_tr = model.preprocess(torch.from_numpy(raw_tr)).numpy()
             z_te = model.preprocess(torch.from_numpy(raw_te)).numpy()
             scores |= baseline_scores(z_tr, z_te, posterior(model, raw_tr)[0], posterior(model, raw_te)[0], s)
@@ -422,7 +435,7 @@ def breast_cancer(cfg: ProtocolConfig) -> dict[str, Any]:
     keys = (*CANDIDATES, *BASELINES)
     mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
     return {"protocol": "breast-cancer", "epochs": int(e), "epoch_grid": grid, "val_fraction": cfg.val_fraction,
-            "malignant_rows": int(n_mal), "iw_samples": cfg.iw_samples,
+            "malignant_rows": int(n_mal), "iw_samples": cfg.iw_samples, "ensemble": cfg.ensemble,
             "chosen": {"score": score, "epochs": int(e), "train_split_auc": chosen_val, "held_out_auc": mean[score]},
             "train_split_auc": train_split,
             "train_split_mean": {k: float(np.mean([r[k] for r in train_split])) for k in train_split[0]},
@@ -472,6 +485,7 @@ def summary(r: dict[str, Any]) -> str:
     """The protocol's table, as printed."""
     lines = [f"{r['protocol']} ({r.get('arch', 'mlp')}, {r['epochs']} epochs"
              + (f", best of them by the ELBO of {r['val_fraction']:.0%} held out" if r.get("val_fraction") else "")
+             + (f", scores averaged over {r['ensemble']} VAEs" if r.get("ensemble", 1) > 1 else "")
              + f"): wall {r['wall_s']:.0f} s ({r['threads']} torch threads)"]
     if r["protocol"] == "semi-mnist":
         lines.append("labels | M1+M2 error (mean ± sd) | label spreading on μ")

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.errors import ConfigError
 from pipeline import protocols
@@ -32,6 +33,25 @@ def test_breast_cancer_reports_every_score_and_baseline_of_the_same_draws(tmp_pa
     assert json.loads(out.read_text())["chosen"] == c
     text = summary(r)
     assert all(k in text for k in (*CANDIDATES, *BASELINES)) and "best baseline" in text and "cross-fit" in text
+
+
+def test_an_ensemble_averages_each_candidate_over_members_whose_first_is_the_one_model_run():
+    from sklearn.datasets import load_breast_cancer
+
+    from pipeline.protocols import tabular_scores
+
+    x = load_breast_cancer(return_X_y=True)[0].astype(np.float32)
+    fit, score = x[:80], x[80:120]
+    one = ProtocolConfig(what="breast-cancer", iw_samples=2)
+    two = ProtocolConfig(what="breast-cancer", iw_samples=2, ensemble=2)
+    a, model_a = tabular_scores(fit, score, 2, one, seed=3)
+    b = tabular_scores(fit, score, 2, one, seed=3 + 10_000)[0]      # what member 1 is seeded with
+    both, model_0 = tabular_scores(fit, score, 2, two, seed=3)
+    for k in CANDIDATES:
+        np.testing.assert_allclose(both[k], (a[k] + b[k]) / 2, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(a["neg_elbo"], b["neg_elbo"])             # the members differ
+    for pa, p0 in zip(model_a.state_dict().values(), model_0.state_dict().values()):
+        assert torch.equal(pa, p0)                                    # member 0 = the one-model fit
 
 
 def test_choose_takes_the_best_mean_validation_auc_first_on_ties():
@@ -107,7 +127,7 @@ def test_m2_probe_labels_two_blobs_from_two_labels_each():
 @pytest.mark.parametrize("kw,match", [({"what": "nope"}, "what must be one of"), ({"digits": [10]}, "digits"),
                                       ({"labels": [1]}, "label counts"),
                                       ({"select_fraction": 0.0}, "select_fraction"),
-                                      ({"epoch_grid": []}, "epoch_grid")])
+                                      ({"epoch_grid": []}, "epoch_grid"), ({"ensemble": 0}, "ensemble")])
 def test_bad_protocol_settings_are_refused(kw, match):
     with pytest.raises(ConfigError, match=match):
         ProtocolConfig(**kw)

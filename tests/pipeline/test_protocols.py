@@ -31,8 +31,12 @@ def test_breast_cancer_reports_every_score_and_baseline_of_the_same_draws(tmp_pa
     assert c["train_split_auc"] == pytest.approx(np.mean([d[f"{c['score']}@3"] for d in r["train_split_auc"]]))
     assert c["held_out_auc"] == r["mean"][c["score"]]
     assert json.loads(out.read_text())["chosen"] == c
+    diffs = [d[c["score"]] - d["isolation_forest"] for d in r["draws"]]
+    v = r["vs_isolation_forest"]
+    assert v["wins"] == sum(x > 0 for x in diffs) and v["mean_diff"] == pytest.approx(np.mean(diffs))
     text = summary(r)
     assert all(k in text for k in (*CANDIDATES, *BASELINES)) and "best baseline" in text and "cross-fit" in text
+    assert "minus isolation_forest" in text
 
 
 def test_an_ensemble_averages_each_candidate_over_members_whose_first_is_the_one_model_run():

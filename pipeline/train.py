@@ -288,6 +288,24 @@ def open_mlflow_run(cfg: TrainConfig, plan: RunPlan, data: PreparedData, trackin
     return run_id
 
 
+def training_datasets(data: PreparedData, cfg: TrainConfig):
+    """(train, val or None, cache): build_datasets' datasets, materialized when the cache is on. With
+    --labels, a split that held out no unlabelled record (every record labelled) falls back to a split
+    of all records, so validation is never silently empty (an empty one reads as a -ELBO of 0)."""
+    train_ds, val_ds = build_datasets(data, cfg)
+    cache = _use_cache(cfg, data)
+    if cache:
+        # Read and split once, in a fixed block order; each worker then copies its shard to its
+        # device (train_loop.load_shard), and promotion re-reads the validation set from here.
+        train_ds = train_ds.materialize()
+        val_ds = val_ds.materialize() if val_ds is not None else None
+        if cfg.labels and not cfg.val_input and val_ds is not None and val_ds.count() == 0:
+            print(f"no unlabelled record fell in the --val-fraction split: validating on "
+                  f"{cfg.val_fraction:.0%} of all records, labelled ones included")
+            train_ds, val_ds = (ds.materialize() for ds in build_datasets(data, cfg, labelled_train=False))
+    return train_ds, val_ds, cache
+
+
 def _use_cache(cfg: TrainConfig, data: PreparedData) -> bool:
     return cfg.cache == "on" or (cfg.cache == "auto" and data.rows * data.model.input_dim * 4 < 2**31)
 
@@ -405,17 +423,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     run_id = open_mlflow_run(cfg, plan, data, tracking)
     client = registry.client(tracking)
     try:
-        train_ds, val_ds = build_datasets(data, cfg)
-        cache = _use_cache(cfg, data)
-        if cache:
-            # Read and split once, in a fixed block order; each worker then copies its shard to its
-            # device (train_loop.load_shard), and promotion re-reads the validation set from here.
-            train_ds = train_ds.materialize()
-            val_ds = val_ds.materialize() if val_ds is not None else None
-            if cfg.labels and not cfg.val_input and val_ds is not None and val_ds.count() == 0:
-                print(f"no unlabelled record fell in the --val-fraction split: validating on "
-                      f"{cfg.val_fraction:.0%} of all records, labelled ones included")
-                train_ds, val_ds = (ds.materialize() for ds in build_datasets(data, cfg, labelled_train=False))
+        train_ds, val_ds, cache = training_datasets(data, cfg)
         wcfg = worker_config(cfg, data, plan, run_id, tracking, val_ds is not None, cache, use_gpu)
         fit(cfg, plan, wcfg, train_ds, val_ds, use_gpu)
         ckpt_path, state, epochs_run = pick_checkpoint(plan)

@@ -2,8 +2,13 @@
 MLflow SQLite store per test module; real Parquet data on disk."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
+import json
 import os
 import random
+import shutil
 import tempfile
 
 import numpy as np
@@ -111,13 +116,37 @@ def ray_local():
     ray.shutdown()
 
 
+@contextlib.contextmanager
+def once_per_run(tmp_path_factory, name: str):
+    """(folder, done) for something made once per pytest run, whatever the number of xdist workers:
+    the folder lies beside the workers' own temp folders, and a file lock lets the first worker make
+    it while the other waits, then reuses it (pytest-xdist's recipe for session fixtures that should
+    run once). The maker writes `done` (a JSON file) last, so a folder without it is made again."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent                    # pytest-N/, shared by popen-gw0, popen-gw1, ...
+    folder, done = root / name, root / name / "done.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)      # released when the file closes
+        if not done.exists() and folder.exists():
+            shutil.rmtree(folder)             # a maker that failed half-way
+        folder.mkdir(exist_ok=True)
+        yield folder, done
+
+
 @pytest.fixture(scope="session")
 def digits_parquet(tmp_path_factory):
-    """scikit-learn's 8×8 digits as Parquet: id, label, image (64 × uint8), in 3 files."""
+    """scikit-learn's 8×8 digits as Parquet: id, label, image (64 × uint8), in 3 files (one copy for
+    the whole run: the model of `digits_model_store` names it as its input)."""
     from pipeline.datasets import digits, images_table, write_parquet
 
-    x, y = digits()
-    return write_parquet(images_table(x, y), str(tmp_path_factory.mktemp("digits")), files=3)
+    with once_per_run(tmp_path_factory, "digits") as (folder, done):
+        if done.exists():
+            return json.loads(done.read_text())["path"]
+        x, y = digits()
+        path = write_parquet(images_table(x, y), str(folder / "data"), files=3)
+        done.write_text(json.dumps({"path": path}))
+        return path
 
 
 @pytest.fixture(scope="session")
@@ -167,12 +196,19 @@ def clean_tiny_run(ray_local, digits_parquet, tmp_path_factory, empty_mlflow_db)
 def digits_model_store(ray_local, digits_parquet, tmp_path_factory, empty_mlflow_db):
     """A small model trained once per session on the digits, registered as `digits@production` in
     its own work folder (MLflow SQLite store + artifacts). Returns (folder, TrainResult)."""
-    from pipeline.train import TrainConfig, run_train
+    from pipeline.train import TrainConfig, TrainResult, run_train
 
-    work = str(tmp_path_factory.mktemp("digits-model"))
-    empty_mlflow_db(work)
-    return work, run_train(TrainConfig(input=digits_parquet, features=["image"], epochs=3, workers=1, latent_dim=4,
-                                       hidden=[8, 16], batch_size=128, model_name="digits", workdir=work))
+    # Trained once per run, not once per xdist worker (a fit costs ~30 CPU-seconds, mostly Ray Train's
+    # processes starting): modules read it and work on copies of its SQLite file (trained_digits).
+    with once_per_run(tmp_path_factory, "digits-model") as (folder, done):
+        work = str(folder)
+        if done.exists():
+            return work, TrainResult(**json.loads(done.read_text()))
+        empty_mlflow_db(work)
+        r = run_train(TrainConfig(input=digits_parquet, features=["image"], epochs=3, workers=1, latent_dim=4,
+                                  hidden=[8, 16], batch_size=128, model_name="digits", workdir=work))
+        done.write_text(json.dumps(dataclasses.asdict(r)))
+        return work, r
 
 
 @pytest.fixture(scope="module")

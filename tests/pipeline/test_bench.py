@@ -152,5 +152,11 @@ def test_bench_bound_scales_its_measured_rates_to_the_floors_it_prints(capsys):
     assert f["script_floor_s"] == pytest.approx(1e6 / dec + 1e6 / c_all)
     assert f["vaepipe_floor_s"] == pytest.approx(1e6 * (1 / dec + 1 / c1) / f["cores"])
     assert f["ratio_upper_bound"] == pytest.approx(f["script_floor_s"] / f["vaepipe_floor_s"])
-    assert "upper bound on the whole-process ratio" in capsys.readouterr().out
+    # the workers measured at once (real processes, one per core) give the floor that is printed beside it
+    both = f["concurrent_workers_records_per_s"]
+    assert math.isfinite(both) and both > 0
+    assert f["vaepipe_floor_concurrent_s"] == pytest.approx(1e6 / both)
+    assert f["ratio_bound_concurrent"] == pytest.approx(f["script_floor_s"] / f["vaepipe_floor_concurrent_s"])
+    text = capsys.readouterr().out
+    assert "upper bound on the whole-process ratio" in text and "one-thread workers at once" in text
     assert torch.get_num_threads() == threads                 # the timing left this process's threads alone

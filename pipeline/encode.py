@@ -205,17 +205,6 @@ def row_group_slices(pf: pq.ParquetFile, rg: int, columns: list[str], rows: int)
         yield pf.read_row_group(rg, columns=columns)
 
 
-def slice_rows(record_bytes: int, batch_size: int) -> int:
-    """Rows per decoded slice of a row group: ~4 MiB of feature values, a whole number of batches.
-    Parquet list columns carry repetition and definition levels per value, so decoding a whole
-    64k-row group of 784-byte images at once peaks at ~15x its size; slices keep an actor's transient
-    memory small. At ~4 MiB a slice is still in cache when its batches are encoded: 16 MiB slices
-    decoded 1.5x slower here, and two one-thread encodes at once ran ~7 % faster with 4 MiB ones.
-    A batch larger than a slice is encoded in slice-sized pieces (each record's outputs are its own)."""
-    rows = max(1024, min(65_536, 2**22 // max(1, record_bytes)))
-    return rows // batch_size * batch_size if rows >= batch_size else rows
-
-
 def prefetched(items, depth: int = 2):
     """Iterate `items` from a background thread, at most `depth` ahead: Parquet decoding (which
     releases the GIL) overlaps the forward passes. Errors are raised here, in order; a consumer that
@@ -374,8 +363,11 @@ class UnitEncoder:
         t_start = time.time()
         with self.loc.fs.open(unit["file"], "rb") as f:
             pf = pq.ParquetFile(f, pre_buffer=True)   # one coalesced read per row group
+            # Decode a row group in slices of ~16 MiB of values: Parquet list columns carry repetition
+            # and definition levels per value, so decoding a whole 64k-row group of 784-byte images at
+            # once peaks at ~15x its size; slices keep an actor's transient memory small.
             itemsize = np.dtype(raw_dtype(pf.schema_arrow, self.spec)).itemsize
-            read_rows = slice_rows(p["input_dim"] * itemsize, p["batch_size"])
+            read_rows = max(1024, min(65_536, 2**24 // max(1, p["input_dim"] * itemsize)))
 
             def slices():   # (table, records) per slice; None closes a row group
                 for rg in unit["row_groups"]:

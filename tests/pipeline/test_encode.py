@@ -140,18 +140,3 @@ def test_auto_executor_stays_in_process_beside_the_one_node_ray_it_started(ray_l
     assert choose_executor(EncodeConfig(model=MODEL, input=loc.path, output=out.path, concurrency=1),
                            loc, out, units, 64)[0] == "ray"
     assert choose_executor(cfg, loc, out, units, record_bytes=LOCAL_MAX_BYTES)[0] == "ray"
-
-
-def test_row_groups_decode_in_slices_of_about_4_mib_and_whole_batches():
-    from pipeline.encode import slice_rows
-
-    assert slice_rows(784, 4096) == 4096                 # 28×28 uint8 images: 3 MiB, one batch
-    assert slice_rows(120, 4096) == 32_768               # 30 float32 columns: 8 batches, 3.75 MiB
-    assert slice_rows(3136, 4096) == 1337                # float32 images: 4 MiB, less than a batch
-    assert slice_rows(784, 1000) == 5000                 # a whole number of batches
-    assert slice_rows(4, 4096) == 65_536                 # tiny records: at most 65,536 rows
-    assert slice_rows(1 << 20, 4096) == 1024             # huge records: at least 1,024 rows
-    for record_bytes in (1, 64, 784, 3136, 1 << 20):
-        for batch in (1, 128, 4096, 100_000):
-            rows = slice_rows(record_bytes, batch)
-            assert 1024 <= rows <= 65_536 and (rows % batch == 0 or rows < batch)

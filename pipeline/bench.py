@@ -323,7 +323,7 @@ def _pipeline_encode(cfg: BenchConfig, input_dir: str, out_dir: str, blob: tuple
                         concurrency=cfg.concurrency, workdir=cfg.workdir, ray_address=cfg.ray_address,
                         use_gpu=device == "cuda",
                         tracking_uri=f"sqlite:///{os.path.abspath(os.path.join(input_dir, '..', 'mlflow.db'))}")
-    return run_encode(ecfg, model_blob=blob)
+    return run_encode(ecfg, models=(*blob, []))
 
 
 def _compare(base_dir: str, pipe_dir: str, n: int = 2048) -> float:

@@ -35,7 +35,8 @@ from pipeline.parquet_io import list_parquet_files, partition_values, read_foote
 from pipeline.progress import Progress
 from pipeline.quantize import error_report, error_sums, int8_scale, quantize
 from pipeline.uris import Location, resolve
-from vae.checkpoint import load_checkpoint, model_from_checkpoint
+from vae.anomaly import NEEDS_REFERENCE, SCORES, anomaly_score
+from vae.checkpoint import load_checkpoint, model_from_checkpoint, reference_from_checkpoint
 from vae.distributions import record_keys, record_normal
 from vae.model import VAE
 from vae.semi import SemiVAE
@@ -57,7 +58,16 @@ class EncodeConfig(WriterConfig):
     concurrency: int | None = opt(None, "encoder actors (default: CPU cores, or GPUs with --use-gpu)")
     use_gpu: bool | None = opt(None, "encode on GPUs (default: when the cluster has them)")
     logvar: bool = opt(False, "also write the posterior log-variance")
-    score: bool = opt(False, "also write an anomaly score: -ELBO per record, nats (higher = more unusual)")
+    score: bool = opt(False, "also write an anomaly score per record (higher = more unusual): --score-kind")
+    score_kind: str = opt("neg_elbo", "the score: neg_elbo (-ELBO, nats), sq_err (squared reconstruction error of "
+                                      "E[x|μ]), knn_z (mean distance from μ to its 5 nearest μ of the records the "
+                                      "model was fit on, stored with it by `vaepipe train`), sq_err+knn_z (both, "
+                                      "standardised on those records, summed); another kind than neg_elbo implies "
+                                      "--score", choices=SCORES)
+    score_models: list[str] = opt(help="more registered models (same features), each scoring every record with "
+                                       "--score-kind; `score` is the mean over --model and these (an ensemble, e.g. "
+                                       "one recipe trained with other seeds). μ comes from --model alone; implies "
+                                       "--score", factory=list)
     predict: bool = opt(False, "also write `pred` (the class, in the label column's type) and `pred_prob` "
                                "(fixed_size_list<float32>[C], in the model's class order) from a model trained "
                                "with `train --labels`")
@@ -76,6 +86,9 @@ class EncodeConfig(WriterConfig):
         self.require("model", "input", "output")
         self.storage_options_dict()
         self.choice("dtype", DTYPES)
+        self.choice("score_kind", SCORES)
+        if self.score_kind != "neg_elbo" or self.score_models:
+            self.score = True
         self.choice("executor", ("auto", "ray", "local"))
         self.choice("on_bad_record", ("fail", "skip"))
         if self.batch_size < 1 or self.unit_rows < 1:
@@ -288,13 +301,27 @@ class UnitEncoder:
         self.plan = plan
         self.device = torch.device("cuda" if plan["use_gpu"] and torch.cuda.is_available() else "cpu")
         torch.set_num_threads(plan["threads"])
-        self.model = model_from_checkpoint(load_checkpoint(model_bytes), map_location=str(self.device))
+        state = load_checkpoint(model_bytes)
+        self.model = model_from_checkpoint(state, map_location=str(self.device))
+        self.scorers = self.score_members(state, plan) if plan["score"] else []
         self.loc = resolve(plan["input"], **plan.get("storage_options", {}))
         self.out = resolve(plan["output"], **plan.get("storage_options", {}))
         self.spec = FeatureSpec(tuple(plan["features"]), plan["layout"])
         self.scale = np.asarray(plan["int8_scale"], np.float32) if plan["int8_scale"] is not None else None
         self.int8_sums: dict[str, float] = {}
         self.classes = pa.array(list(self.model.classes)) if plan.get("predict") else None   # int64 or string
+
+    def score_members(self, state: dict, plan: dict) -> list[tuple[VAE, Any]]:
+        """(model, latent reference or None) of --model and each of --score-models."""
+        states = [state, *(load_checkpoint(b) for b in plan.get("score_blobs", []))]
+        members = []
+        for i, st in enumerate(states):
+            model = self.model if i == 0 else model_from_checkpoint(st, map_location=str(self.device))
+            ref = reference_from_checkpoint(st) if plan["score_kind"] in NEEDS_REFERENCE else None
+            if ref is not None:
+                ref.mu = ref.mu.to(self.device)
+            members.append((model, ref))
+        return members
 
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Raw records (N, D) in their own dtype → μ (and logvar / score), `batch_size` at a time.
@@ -321,9 +348,12 @@ class UnitEncoder:
                 outs["mu"][i:i + bs] = q.mean
                 if "logvar" in outs:
                     outs["logvar"][i:i + bs] = q.logvar
-                if "score" in outs:   # per-record noise: a record's score is the same in any batch or unit
-                    eps = record_normal(record_keys(raw), lat).unsqueeze(0)
-                    outs["score"][i:i + bs] = self.model.score(raw, eps=eps)
+                if "score" in outs:   # the members' mean; neg_elbo's noise is per record (any batch or unit)
+                    outs["score"][i:i + bs] = torch.stack([
+                        anomaly_score(m, raw, p["score_kind"], ref,
+                                      record_normal(record_keys(raw), m.config.latent_dim).unsqueeze(0)
+                                      if p["score_kind"] == "neg_elbo" else None)
+                        for m, ref in self.scorers]).mean(0)
                 if "pred_prob" in outs:   # q(y|μ): the same μ written beside it
                     outs["pred_prob"][i:i + bs] = self.model.class_probs(q.mean)
         return {k: v.cpu().numpy() for k, v in outs.items()}
@@ -468,21 +498,21 @@ class Target:
     lease: Lease
 
 
-def run_encode(cfg: EncodeConfig, model_blob: tuple | None = None, files: list[str] | None = None,
+def run_encode(cfg: EncodeConfig, models: tuple | None = None, files: list[str] | None = None,
                target: Target | None = None) -> EncodeResult:
     """Take the output's lease, check everything, encode on Ray Data, commit atomically.
-    `model_blob` = (ModelRef, bytes) lets a caller that already resolved the model (nightly) pin the
-    version; `files` = the exact input files to encode (nightly: the file set it records); `target`:
+    `models` = load_models(cfg) lets a caller that already resolved the models (nightly) pin the
+    versions; `files` = the exact input files to encode (nightly: the file set it records); `target`:
     the caller holds the lease and names the control folder (a nightly partition's)."""
     so = cfg.storage_options_dict()
     loc, out = resolve(cfg.input, **so), resolve(cfg.output, **so)
     if loc.fs.exists(loc.path) and out.fs is loc.fs and out.path.rstrip("/") == loc.path.rstrip("/"):
         raise InputError(f"output {cfg.output!r} is the input folder; choose another folder")
     if target is not None:
-        return _encode(cfg, loc, out, target.control, target.lease, model_blob, files)
+        return _encode(cfg, loc, out, target.control, target.lease, models, files)
     refuse_partition_of_nightly(out)
     with hold_lease(control_of(out), out.uri, "encode", cfg.lease_ttl, cfg.wait) as lease:
-        return _encode(cfg, loc, out, control_of(out), lease, model_blob, files)
+        return _encode(cfg, loc, out, control_of(out), lease, models, files)
 
 
 def refuse_partition_of_nightly(out: Location) -> None:
@@ -497,14 +527,15 @@ def refuse_partition_of_nightly(out: Location) -> None:
 
 
 def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, lease: Lease,
-            model_blob: tuple | None, files: list[str] | None) -> EncodeResult:
+            models: tuple | None, files: list[str] | None) -> EncodeResult:
     """plan → model and columns → run the units (here or on Ray Data) → validate → commit."""
     t0 = time.perf_counter()
     read_table_manifest(out, control)   # an untrusted manifest fails here, before any work or any write
     files = list_parquet_files(loc) if files is None else files
     units, schema, total = plan_units(loc, files, cfg.unit_rows)
-    ref, blob = model_blob or registry.load_model_bytes(cfg.model, cfg.resolved_tracking_uri())   # alias resolved once
+    ref, blob, scorers = models or load_models(cfg)   # aliases resolved once
     model = model_from_checkpoint(load_checkpoint(blob))
+    check_score_models(cfg, ref, model, blob, scorers)
     if cfg.predict and not isinstance(model, SemiVAE):
         raise ConfigError(f"--predict: model {ref.requested!r} ({ref.uri}) has no classifier; train one with "
                           f"`vaepipe train --labels COLUMN`")
@@ -513,6 +544,9 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
                 "vaepipe.model_name": ref.name, "vaepipe.model_version": ref.version,
                 "vaepipe.model_run_id": ref.run_id or "", "vaepipe.latent_dim": str(model.config.latent_dim),
                 "vaepipe.dtype": cfg.dtype, "vaepipe.input": loc.uri}
+    if cfg.score:   # what `score` is: the kind, and the models averaged
+        metadata["vaepipe.score_kind"] = cfg.score_kind
+        metadata["vaepipe.score_models"] = json.dumps([ref.uri] + [r.uri for r, _ in scorers])
     if cfg.predict:   # what pred_prob's positions mean
         metadata["vaepipe.classes"] = json.dumps(list(model.classes))
     commit = Commit(out, control=control, lease=lease)
@@ -526,7 +560,8 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
     plan = {"input": cfg.input if "://" in cfg.input else loc.path, "output": cfg.output if "://" in cfg.output else out.path,
             "staging": commit.staging, "features": list(spec.columns), "layout": spec.layout,
             "input_dim": model.config.input_dim, "keep": keep, "id_column": cfg.id_column,
-            "batch_size": cfg.batch_size, "logvar": cfg.logvar, "score": cfg.score, "predict": cfg.predict, "dtype": cfg.dtype,
+            "batch_size": cfg.batch_size, "logvar": cfg.logvar, "score": cfg.score, "score_kind": cfg.score_kind,
+            "score_blobs": [b for _, b in scorers], "predict": cfg.predict, "dtype": cfg.dtype,
             "int8_scale": scale.tolist() if scale is not None else None, "on_bad_record": cfg.on_bad_record,
             "metadata": metadata, "storage_options": cfg.storage_options_dict()}
     itemsize = np.dtype(raw_dtype(schema, spec)).itemsize
@@ -538,6 +573,31 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
     else:
         res = _run_units_on_ray(cfg, blob, plan, units, commit, total)
     return _commit_units(cfg, out, commit, res, total, metadata, scale is not None, ref, t0)
+
+
+def load_models(cfg: EncodeConfig) -> tuple[Any, bytes, list[tuple[Any, bytes]]]:
+    """(ModelRef, checkpoint bytes) of --model, and of each --score-models: each alias resolved once."""
+    tracking = cfg.resolved_tracking_uri()
+    ref, blob = registry.load_model_bytes(cfg.model, tracking)
+    return ref, blob, [registry.load_model_bytes(uri, tracking) for uri in cfg.score_models]
+
+
+def check_score_models(cfg: EncodeConfig, ref, model: VAE, blob: bytes, scorers: list[tuple[Any, bytes]]) -> None:
+    """Before any work: every scoring model reads the same features as --model, and each has the
+    latent reference a knn_z score needs."""
+    if not cfg.score:
+        return
+    main = model.config.preprocessing
+    for i, (r, b) in enumerate([(ref, blob), *scorers]):
+        state = load_checkpoint(b)
+        pre = model_from_checkpoint(state).config.preprocessing if i else main
+        if i and (list(pre.features), pre.layout) != (list(main.features), main.layout):
+            raise ConfigError(f"--score-models {r.requested!r} ({r.uri}) reads features {list(pre.features)} "
+                              f"({pre.layout}); --model {ref.requested!r} reads {list(main.features)} ({main.layout})")
+        if cfg.score_kind in NEEDS_REFERENCE and reference_from_checkpoint(state) is None:
+            raise ConfigError(f"--score-kind {cfg.score_kind}: model {r.requested!r} ({r.uri}) has no latent reference "
+                              f"(μ of the records it was fit on, which `vaepipe train` stores with every model it "
+                              f"registers); retrain it, or use --score-kind neg_elbo or sq_err")
 
 
 def _columns(cfg: EncodeConfig, loc: Location, model: VAE, schema: pa.Schema | None,

@@ -19,10 +19,9 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pipeline import registry
 from pipeline.commit import control_of, partition_control, read_json, safe_name, safe_relpath, write_bytes_atomic
 from pipeline.config import opt
-from pipeline.encode import EncodeConfig, Target, run_encode
+from pipeline.encode import EncodeConfig, Target, load_models, run_encode
 from pipeline.errors import InputError, LeaseLostError, ManifestError, PartialFailure, VaepipeError
 from pipeline.lease import hold_lease
 from pipeline.parquet_io import is_parquet_name
@@ -78,8 +77,17 @@ def partition_files(loc: Location, part: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def why_encode(prev: dict | None, files: dict[str, dict], model_uri: str) -> str | None:
-    """Why a partition must be (re-)encoded, or None when its committed output is current."""
+def output_columns(cfg: EncodeConfig, score_model_uris: list[str]) -> dict[str, Any]:
+    """What the run writes beside the ids, recorded per partition: a partition written with other
+    settings is encoded again, so every partition of the table has the same columns and meaning."""
+    return {"logvar": cfg.logvar, "dtype": cfg.dtype, "predict": cfg.predict,
+            "score": cfg.score_kind if cfg.score else None, "score_models": score_model_uris if cfg.score else []}
+
+
+def why_encode(prev: dict | None, files: dict[str, dict], model_uri: str,
+               columns: dict[str, Any] | None = None) -> str | None:
+    """Why a partition must be (re-)encoded, or None when its committed output is current. A state
+    written before columns were recorded is taken as written with this run's settings."""
     if not prev:
         return "new partition"
     if prev.get("status") == "failed":
@@ -95,6 +103,9 @@ def why_encode(prev: dict | None, files: dict[str, dict], model_uri: str) -> str
                                                      (rewritten, "rewritten")) if v]
     if prev.get("model_uri") != model_uri:
         changes.insert(0, f"model {prev.get('model_uri')} → {model_uri}")
+    old_cols = prev.get("columns")
+    if columns is not None and isinstance(old_cols, dict):
+        changes += [f"{k} {old_cols.get(k)} → {v}" for k, v in columns.items() if old_cols.get(k) != v]
     return ", ".join(changes) or None
 
 
@@ -148,7 +159,8 @@ def run_nightly(cfg: NightlyConfig, log=print) -> dict:
 
 def _nightly(cfg: NightlyConfig, loc: Location, out: Location, lease, log) -> dict:
     t0 = time.perf_counter()
-    ref, blob = registry.load_model_bytes(cfg.model, cfg.resolved_tracking_uri())   # one version for the run
+    ref, blob, scorers = load_models(cfg)   # one version of each model for the run
+    columns = output_columns(cfg, [r.uri for r, _ in scorers])
     state = read_state(out)
     pending, current = [], []
     present = partitions(loc)
@@ -158,7 +170,7 @@ def _nightly(cfg: NightlyConfig, loc: Location, out: Location, lease, log) -> di
     for part in present:
         safe_name(part, f"{loc.uri}: partition")
         files = partition_files(loc, part)
-        reason = why_encode(state["partitions"].get(part), files, ref.uri)
+        reason = why_encode(state["partitions"].get(part), files, ref.uri, columns)
         (pending if reason else current).append((part, files, reason))
     if cfg.max_partitions is not None:
         pending = pending[: cfg.max_partitions]
@@ -170,10 +182,10 @@ def _nightly(cfg: NightlyConfig, loc: Location, out: Location, lease, log) -> di
         part_in = loc.join(part)
         paths = [part_in.path] if loc.fs.isfile(part_in.path) else [posixpath.join(part_in.path, f) for f in files]
         sub = EncodeConfig(**{**base, "input": part_in.uri, "output": out.join(name).uri})
-        entry = {"files": files, "model_uri": ref.uri, "model_version": ref.version,
+        entry = {"files": files, "model_uri": ref.uri, "model_version": ref.version, "columns": columns,
                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         try:
-            r = run_encode(sub, model_blob=(ref, blob), files=paths,
+            r = run_encode(sub, models=(ref, blob, scorers), files=paths,
                            target=Target(partition_control(control_of(out), name), lease))
         except LeaseLostError:
             raise

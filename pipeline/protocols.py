@@ -44,7 +44,7 @@ from vae.preprocess import Preprocessing
 from vae.semi import M2, SemiVAE, fit_m2
 from vae.train_step import cosine_lr, train_epoch
 
-PROTOCOLS = ("semi-mnist", "one-class-mnist", "breast-cancer")
+PROTOCOLS = ("semi-mnist", "one-class-mnist", "breast-cancer", "breast-cancer-jobs")
 SCORES = ("iwae", "neg_elbo", "recon")            # the likelihood-type scores of the earlier runs
 MODEL_SCORES = (*SCORES, "sq_err")                  # functions of the record and the VAE alone
 LATENT_SCORES = ("knn_z", "mahal_z")                # densities of μ against the fitting records' μ
@@ -55,7 +55,9 @@ BASELINES = ("isolation_forest", "ocsvm", "pca_recon", "knn_mu")
 
 @dataclass
 class ProtocolConfig(RuntimeConfig):
-    what: str = opt("one-class-mnist", "the protocol: semi-mnist, one-class-mnist, breast-cancer", choices=PROTOCOLS)
+    what: str = opt("one-class-mnist", "the protocol: semi-mnist, one-class-mnist, breast-cancer, breast-cancer-jobs "
+                                       "(round 4's chosen score through `train` and `encode --score-kind`)",
+                    choices=PROTOCOLS)
     epochs: int = opt(0, "VAE training epochs (0: the protocol's own: 20 semi-mnist, 100 one-class-mnist, "
                          "breast-cancer chosen among --epoch-grid)")
     head_epochs: int = opt(50, "semi-mnist: epochs of the M2 head per label draw")
@@ -396,6 +398,21 @@ def cross_fit_aucs(raw: np.ndarray, anomalous: np.ndarray, epochs: int, cfg: Pro
     return {k: float(np.mean([x[k] for x in aucs])) for k in CANDIDATES}
 
 
+def malignant_rows(target: np.ndarray) -> int:
+    """How many malignant rows a draw keeps: 5 % of the rows (target 0 = malignant, 1 = benign)."""
+    return round(int((target == 1).sum()) * 0.05 / 0.95)
+
+
+def breast_cancer_draw(target: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draw `seed`: every benign row and a seeded sample of malignant ones (malignant_rows), shuffled
+    and halved: (fit rows, scored rows)."""
+    rng = np.random.default_rng(seed)
+    benign, malignant = np.flatnonzero(target == 1), np.flatnonzero(target == 0)
+    rows = rng.permutation(np.concatenate([benign, rng.choice(malignant, malignant_rows(target), replace=False)]))
+    half = len(rows) // 2
+    return rows[:half], rows[half:]
+
+
 def breast_cancer(cfg: ProtocolConfig) -> dict[str, Any]:
     """Per draw and per epochs of the grid: the cross-fit AUCs inside the fit half (computed before
     the scored half is touched), then a VAE fit on the whole fit half scores the other half. One
@@ -405,16 +422,12 @@ def breast_cancer(cfg: ProtocolConfig) -> dict[str, Any]:
     _set_threads(cfg)
     t0 = time.perf_counter()
     x, target = load_breast_cancer(return_X_y=True)       # target 0 = malignant, 1 = benign
-    benign, malignant = np.flatnonzero(target == 1), np.flatnonzero(target == 0)
-    n_mal = round(len(benign) * 0.05 / 0.95)               # anomalies are 5 % of the rows
+    n_mal = malignant_rows(target)
     grid = [cfg.epochs] if cfg.epochs else list(cfg.epoch_grid)
     held_out: dict[str, list[dict[str, float]]] = {str(e): [] for e in grid}
     train_split: list[dict[str, float]] = []
     for s in range(cfg.seed, cfg.seed + cfg.draws):
-        rng = np.random.default_rng(s)
-        rows = rng.permutation(np.concatenate([benign, rng.choice(malignant, n_mal, replace=False)]))
-        half = len(rows) // 2
-        tr, te = rows[:half], rows[half:]
+        tr, te = breast_cancer_draw(target, s)
         raw_tr, raw_te = x[tr].astype(np.float32), x[te].astype(np.float32)
         train_split.append({f"{k}@{e}": v for e in grid
                             for k, v in cross_fit_aucs(raw_tr, (target[tr] == 0).astype(int), e, cfg, s).items()})
@@ -482,7 +495,10 @@ def semi_mnist(cfg: ProtocolConfig) -> dict[str, Any]:
 
 
 def run_protocol(cfg: ProtocolConfig) -> dict[str, Any]:
-    r = {"semi-mnist": semi_mnist, "one-class-mnist": one_class_mnist, "breast-cancer": breast_cancer}[cfg.what](cfg)
+    from pipeline.protocol_jobs import breast_cancer_jobs
+
+    r = {"semi-mnist": semi_mnist, "one-class-mnist": one_class_mnist, "breast-cancer": breast_cancer,
+         "breast-cancer-jobs": breast_cancer_jobs}[cfg.what](cfg)
     r["threads"] = torch.get_num_threads()
     if cfg.json:
         write_json(cfg.json, r)
@@ -491,6 +507,10 @@ def run_protocol(cfg: ProtocolConfig) -> dict[str, Any]:
 
 def summary(r: dict[str, Any]) -> str:
     """The protocol's table, as printed."""
+    if r["protocol"] == "breast-cancer-jobs":
+        from pipeline.protocol_jobs import jobs_summary
+
+        return jobs_summary(r)
     lines = [f"{r['protocol']} ({r.get('arch', 'mlp')}, {r['epochs']} epochs"
              + (f", best of them by the ELBO of {r['val_fraction']:.0%} held out" if r.get("val_fraction") else "")
              + (f", scores averaged over {r['ensemble']} VAEs" if r.get("ensemble", 1) > 1 else "")

@@ -30,7 +30,8 @@ from pipeline.run_store import CHECKPOINT_FILE, RunStore
 from pipeline.train_config import ModelOptions, TrainConfig
 from pipeline.train_loop import RunRef, WorkerConfig, train_loop_per_worker
 from pipeline.uris import Location, arrow_filesystem, resolve
-from vae.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from vae.anomaly import LatentReference
+from vae.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, with_reference
 from vae.config import SemiConfig, VAEConfig
 from vae.model import VAE
 from vae.preprocess import Preprocessing
@@ -381,10 +382,10 @@ def pick_checkpoint(plan: RunPlan) -> tuple[str, dict, int]:
     return path, state, found[1]["epoch"] + 1
 
 
-def log_model_and_figures(cfg: TrainConfig, plan: RunPlan, run_id: str, ckpt_path: str, model: VAE,
-                          data: PreparedData, tracking: str) -> tuple[str, str]:
-    """PNGs of samples and μ, then the model (weights + config, pyfunc from code). Returns the
-    model URI and the local checkpoint file it was logged from."""
+def log_model_and_figures(cfg: TrainConfig, run_id: str, state: dict, model: VAE, data: PreparedData,
+                          tracking: str) -> tuple[str, str]:
+    """PNGs of samples and μ, then the model (weights + config + latent reference, pyfunc from code).
+    Returns the model URI and the local checkpoint file it was logged from."""
     from pipeline import plots
 
     client = registry.client(tracking)
@@ -397,10 +398,14 @@ def log_model_and_figures(cfg: TrainConfig, plan: RunPlan, run_id: str, ckpt_pat
             plots.latent_scatter(mu, None, os.path.join(art, "latent_2d.png"))]
     for p in pngs:
         client.log_artifact(run_id, p, "figures")
-    ckpt_file = ckpt_path
-    if not plan.store.is_local:   # registry.log_model and callers read a local file
-        ckpt_file = os.path.join(art, CHECKPOINT_FILE)
-        plan.store.fs.get_file(ckpt_path, ckpt_file)
+    # The registered checkpoint: the picked one plus the model's latent reference (the knn_z anomaly
+    # scores of encode/nightly), μ of the records the preprocessing was fit on (up to --sample-rows).
+    reference = LatentReference.fit(model, torch.from_numpy(np.ascontiguousarray(data.sample)))
+    ckpt_file = os.path.join(art, CHECKPOINT_FILE)
+    with open(ckpt_file + ".tmp", "wb") as f:
+        f.write(with_reference(state, reference))
+    os.replace(ckpt_file + ".tmp", ckpt_file)
+    client.log_param(run_id, "anomaly_reference_rows", len(reference.mu))
     model_uri = registry.log_model(run_id, ckpt_file, model.config.input_dim, model.config.latent_dim, tracking,
                                    example=data.sample[:2])
     return model_uri, ckpt_file
@@ -426,9 +431,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         train_ds, val_ds, cache = training_datasets(data, cfg)
         wcfg = worker_config(cfg, data, plan, run_id, tracking, val_ds is not None, cache, use_gpu)
         fit(cfg, plan, wcfg, train_ds, val_ds, use_gpu)
-        ckpt_path, state, epochs_run = pick_checkpoint(plan)
+        _, state, epochs_run = pick_checkpoint(plan)
         model = model_from_checkpoint(state)
-        model_uri, ckpt_file = log_model_and_figures(cfg, plan, run_id, ckpt_path, model, data, tracking)
+        model_uri, ckpt_file = log_model_and_figures(cfg, run_id, state, model, data, tracking)
         client.log_metric(run_id, "wall_time_s", time.perf_counter() - t_start)
         # Registry: register, then move the alias only when the new version wins on the same val data.
         mv = registry.register(model_uri, cfg.model_name, tracking, run_id,

@@ -1,5 +1,7 @@
 """A checkpoint is state dicts + config + step, saved with torch.save and loaded by one safe helper
-that never unpickles arbitrary objects (torch.load(weights_only=True))."""
+that never unpickles arbitrary objects (torch.load(weights_only=True)). A registered model's
+checkpoint may also hold its latent reference (vae.anomaly: μ of records it was fit on), which the
+knn_z anomaly scores read."""
 from __future__ import annotations
 
 import io
@@ -8,6 +10,7 @@ from typing import Any
 
 import torch
 
+from vae.anomaly import LatentReference
 from vae.config import VAEConfig
 from vae.model import VAE
 from vae.semi import build_model
@@ -30,9 +33,25 @@ def checkpoint_bytes(model: VAE, optimizer: torch.optim.Optimizer | None = None,
         "epoch": int(epoch),
         "extra": extra or {},
     }
+    return state_bytes(state)
+
+
+def state_bytes(state: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
+
+
+def with_reference(state: dict[str, Any], reference: LatentReference) -> bytes:
+    """The checkpoint `state` with its latent reference, as bytes."""
+    return state_bytes({**state, "reference": reference.to_state()})
+
+
+def reference_from_checkpoint(state: dict[str, Any]) -> LatentReference | None:
+    """The latent reference stored with the model, or None (a checkpoint from before references, or
+    one Ray Train wrote during training)."""
+    ref = state.get("reference")
+    return LatentReference.from_state(ref) if ref is not None else None
 
 
 def save_checkpoint(path: str | os.PathLike, model: VAE, optimizer: torch.optim.Optimizer | None = None,

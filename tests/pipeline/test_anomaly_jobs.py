@@ -141,3 +141,25 @@ def test_nightly_encodes_again_when_the_score_changes(trained_digits, digits_par
     t = pl.read_parquet(f"{out}/*/*.parquet", hive_partitioning=True)
     assert t.height == sum(pq.read_metadata(os.path.join(digits_parquet, f)).num_rows for f in files)
     assert t["score"].null_count() == 0
+
+
+def test_the_breast_cancer_protocol_through_the_jobs_scores_the_protocols_draws(trained_digits, workdir):
+    """One draw, one model, one epoch: the jobs see the protocol's draw (the same IsolationForest
+    AUC as `--what breast-cancer`), and the AUC is the registered model's knn_z of the scored half."""
+    from sklearn.datasets import load_breast_cancer
+
+    from pipeline.eval_metrics import roc_auc
+    from pipeline.protocols import ProtocolConfig, breast_cancer_draw, run_protocol, summary
+
+    cfg = dict(what="breast-cancer-jobs", draws=1, ensemble=1, epochs=1, workdir=workdir)
+    r = run_protocol(ProtocolConfig(**cfg))
+    inproc = run_protocol(ProtocolConfig(**{**cfg, "what": "breast-cancer", "iw_samples": 2}))
+    assert r["draws"][0]["isolation_forest"] == pytest.approx(inproc["draws"][0]["isolation_forest"], abs=1e-12)
+    x, target = load_breast_cancer(return_X_y=True)
+    te = np.sort(breast_cancer_draw(target, 0)[1])
+    state = load_checkpoint(registry.load_model_bytes(r["draws"][0]["models"][0],
+                                                      ProtocolConfig(**cfg).resolved_tracking_uri())[1])
+    score = anomaly_score(model_from_checkpoint(state), torch.from_numpy(x[te].astype(np.float32)), "knn_z",
+                          reference_from_checkpoint(state)).numpy()
+    assert r["draws"][0]["jobs"] == pytest.approx(roc_auc(score, (target[te] == 0).astype(int)), abs=1e-6)
+    assert "minus isolation_forest" in summary(r) and r["score"] == "knn_z"

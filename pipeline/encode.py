@@ -349,10 +349,11 @@ class UnitEncoder:
                 if "logvar" in outs:
                     outs["logvar"][i:i + bs] = q.logvar
                 if "score" in outs:   # the members' mean; neg_elbo's noise is per record (any batch or unit)
+                    keys = record_keys(raw) if p["score_kind"] == "neg_elbo" else None
                     outs["score"][i:i + bs] = torch.stack([
                         anomaly_score(m, raw, p["score_kind"], ref,
-                                      record_normal(record_keys(raw), m.config.latent_dim).unsqueeze(0)
-                                      if p["score_kind"] == "neg_elbo" else None)
+                                      None if keys is None else record_normal(keys, m.config.latent_dim).unsqueeze(0),
+                                      mu=q.mean if m is self.model else None)   # --model's μ: computed above
                         for m, ref in self.scorers]).mean(0)
                 if "pred_prob" in outs:   # q(y|μ): the same μ written beside it
                     outs["pred_prob"][i:i + bs] = self.model.class_probs(q.mean)

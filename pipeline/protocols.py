@@ -177,10 +177,12 @@ def vae_scores(model: VAE, raw: np.ndarray, k: int, seed: int, batch: int = 500)
 def squared_error(model: VAE, raw: np.ndarray, batch: int = 500) -> np.ndarray:
     """Σ (x − E[x | z = μ])² in model space: the VAE's analogue of PCA reconstruction error, which
     (unlike the Bernoulli -log p(x|μ)) does not weigh a wrong pixel by how confident the decoder was."""
+    from vae import anomaly
+
     out = []
     for i in range(0, len(raw), batch):
         x = model.preprocess(torch.from_numpy(np.ascontiguousarray(raw[i:i + batch])))
-        out.append(((model.mean_of(model.decode(model.encode(x).mean)) - x) ** 2).sum(-1).numpy())
+        out.append(anomaly.squared_error(model, x, model.encode(x).mean).numpy())
     return np.concatenate(out)
 
 

@@ -73,9 +73,10 @@ class LatentReference:
 
 @torch.no_grad()
 def anomaly_score(model: VAE, raw: torch.Tensor, kind: str, reference: LatentReference | None = None,
-                  eps: torch.Tensor | None = None) -> torch.Tensor:
+                  eps: torch.Tensor | None = None, mu: torch.Tensor | None = None) -> torch.Tensor:
     """The `kind` score (one of SCORES) of raw records (B, D) -> (B,); `eps` (1, B, L) is neg_elbo's
-    noise. The reference is required by knn_z and sq_err+knn_z."""
+    noise; `mu` (B, L), this model's μ of `raw` when the caller already has it (encode does). The
+    reference is required by knn_z and sq_err+knn_z."""
     if kind not in SCORES:
         raise ValueError(f"unknown anomaly score {kind!r}; expected one of {SCORES}")
     if kind == "neg_elbo":
@@ -83,7 +84,7 @@ def anomaly_score(model: VAE, raw: torch.Tensor, kind: str, reference: LatentRef
     if kind in NEEDS_REFERENCE and reference is None:
         raise ValueError(f"the {kind} score needs the model's latent reference (μ of the records it was fit on)")
     x = model.preprocess(raw)
-    mu = model.encode(x).mean                                                    # (B, L)
+    mu = model.encode(x).mean if mu is None else mu                              # (B, L)
     parts = {}
     if "sq_err" in kind:
         parts["sq_err"] = squared_error(model, x, mu)

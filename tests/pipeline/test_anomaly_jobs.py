@@ -141,6 +141,11 @@ def test_nightly_encodes_again_when_the_score_changes(trained_digits, digits_par
     t = pl.read_parquet(f"{out}/*/*.parquet", hive_partitioning=True)
     assert t.height == sum(pq.read_metadata(os.path.join(digits_parquet, f)).num_rows for f in files)
     assert t["score"].null_count() == 0
+    import pyarrow.dataset as pads
+
+    hive = pads.dataset(out, format="parquet", partitioning="hive").to_table()   # pyarrow's hive reader
+    assert hive.num_rows == t.height and hive.column("score").null_count == 0
+    assert sorted(set(hive.column("date").to_pylist())) == ["2026-12-01", "2026-12-02"]
 
 
 def test_the_breast_cancer_protocol_through_the_jobs_scores_the_protocols_draws(trained_digits, workdir):

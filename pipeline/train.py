@@ -311,8 +311,27 @@ def _use_cache(cfg: TrainConfig, data: PreparedData) -> bool:
     return cfg.cache == "on" or (cfg.cache == "auto" and data.rows * data.model.input_dim * 4 < 2**31)
 
 
+def cached_blocks(ds) -> tuple[tuple[Any, int], ...]:
+    """A materialized dataset's blocks in order, as (ObjectRef, rows): what train workers fetch their
+    cached shares from (train_loop.load_shard). A bundle's slice becomes its own sliced block."""
+    import ray
+
+    from ray.data.block import BlockAccessor
+
+    out = []
+    for bundle in ds.iter_internal_ref_bundles():
+        for entry, sl in zip(bundle.blocks, bundle.slices):
+            ref, rows = entry.ref, entry.metadata.num_rows
+            if sl is not None and (sl.start_offset, sl.end_offset) != (0, rows):
+                ref = ray.put(BlockAccessor.for_block(ray.get(ref)).to_arrow().slice(
+                    sl.start_offset, sl.end_offset - sl.start_offset))
+                rows = sl.end_offset - sl.start_offset
+            out.append((ref, rows))
+    return tuple(out)
+
+
 def worker_config(cfg: TrainConfig, data: PreparedData, plan: RunPlan, run_id: str, tracking: str,
-                  has_val: bool, cache: bool, use_gpu: bool) -> WorkerConfig:
+                  has_val: bool, cache: bool, use_gpu: bool, blocks: dict | None = None) -> WorkerConfig:
     so = cfg.storage_options_dict()
     return WorkerConfig(
         model=data.model.to_dict(), spec=FeatureSpec(tuple(data.spec.columns), data.spec.layout),
@@ -321,7 +340,28 @@ def worker_config(cfg: TrainConfig, data: PreparedData, plan: RunPlan, run_id: s
         run=RunRef(plan.run_dir, so, run_id, tracking, plan.attempt),
         faults=FaultPlan(cfg.fail_at_epoch, cfg.fail_rank, plan.run_dir, so),
         resume_from=plan.resume_from, labels=cfg.labels, labelled_per_batch=cfg.labelled_per_batch,
-        threads=None if not use_gpu else 4)   # None: from the CPUs of the node each worker lands on
+        threads=None if not use_gpu else 4,   # None: from the CPUs of the node each worker lands on
+        blocks=blocks)
+
+
+def _trainer_class():
+    """TorchTrainer; for a run given no datasets (the cache on: workers fetch their blocks themselves),
+    one without Ray Train's datasets callback, which otherwise starts a DatasetManager actor (a process,
+    ~3 CPU-seconds, measured) per run even when it has nothing to hand out. The hook is Ray Train V2's
+    internal callback list: where it is missing or named otherwise, the plain TorchTrainer runs."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
+    except ImportError:
+        return TorchTrainer
+
+    class _Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return _Trainer
 
 
 def fit(cfg: TrainConfig, plan: RunPlan, worker_cfg: WorkerConfig, train_ds, val_ds, use_gpu: bool) -> None:
@@ -329,13 +369,15 @@ def fit(cfg: TrainConfig, plan: RunPlan, worker_cfg: WorkerConfig, train_ds, val
     worker group restarted up to `--max-failures` times. Our own typed errors surface unwrapped."""
     import ray.train
     from ray.data import ExecutionOptions
-    from ray.train.torch import TorchTrainer
 
     from pipeline.ray_runtime import train_env_inherited
 
-    datasets = {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
-    trainer = TorchTrainer(
-        functools.partial(train_loop_per_worker, worker_cfg), datasets=datasets,
+    # With the cache on, the workers fetch their shares of the materialized blocks themselves
+    # (worker_cfg.blocks): no datasets for Ray Train, so no DatasetManager actor and, with more than one
+    # worker, no SplitCoordinator per dataset (each a process start, ~3 CPU-seconds, measured).
+    datasets = {} if worker_cfg.cache else {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
+    trainer = _trainer_class()(
+        functools.partial(train_loop_per_worker, worker_cfg), datasets=datasets or None,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -346,8 +388,8 @@ def fit(cfg: TrainConfig, plan: RunPlan, worker_cfg: WorkerConfig, train_ds, val
             # Ray Train's own INFO lines ("Started training worker group …") stay in its log files
             # unless VAEPIPE_LOG asks for INFO; its warnings and errors still reach the console
             logging_config=ray.train.LoggingConfig(log_level=_ray_train_log_level())),
-        # One worker reads each dataset whole: no split, so no SplitCoordinator actor per dataset
-        # (a process start, ~1.5 s of CPU each, measured); the rows and their order are the same.
+        # Streaming (the cache off): one worker reads each dataset whole, no split, so no
+        # SplitCoordinator actor per dataset; the rows and their order are the same.
         dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets) if cfg.workers > 1 else [],
                                             execution_options=ExecutionOptions(preserve_order=True)),
     )
@@ -429,7 +471,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     client = registry.client(tracking)
     try:
         train_ds, val_ds, cache = training_datasets(data, cfg)
-        wcfg = worker_config(cfg, data, plan, run_id, tracking, val_ds is not None, cache, use_gpu)
+        blocks = {"train": cached_blocks(train_ds)} | ({"val": cached_blocks(val_ds)} if val_ds is not None else {}) \
+            if cache else None
+        wcfg = worker_config(cfg, data, plan, run_id, tracking, val_ds is not None, cache, use_gpu, blocks)
         fit(cfg, plan, wcfg, train_ds, val_ds, use_gpu)
         _, state, epochs_run = pick_checkpoint(plan)
         model = model_from_checkpoint(state)

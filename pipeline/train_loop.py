@@ -66,25 +66,20 @@ class WorkerConfig:
     labels: str | None = None    # `--labels`: the label column (the classes are in `model`)
     labelled_per_batch: int = 32
     threads: int | None = None   # None: the CPUs of the Ray node this worker lands on / the workers there
+    # With the cache on: the driver's materialized datasets as their blocks in order, (ObjectRef of an
+    # Arrow table, rows) each, by name ("train", "val"); every worker fetches its own share (shard_blocks).
+    blocks: dict[str, tuple[tuple[Any, int], ...]] | None = None
 
 
 # --- batches -----------------------------------------------------------------------------------------
 
-def batches(shard, cfg: WorkerConfig, epoch: int, shuffle: bool,
-            mid_epoch: Callable[[], None] | None = None, with_labels: bool = False) -> Iterator[torch.Tensor]:
-    """Raw feature tensors (B, D) from a Ray Data shard, converted via Arrow (no object arrays).
-    Integer vectors stay integers (`raw_dtype`): the model's scaler casts them, so no float copy here.
-    `mid_epoch` runs before the second batch (fault injection). `with_labels`: ((B, D), (B,) class
-    indices, -1 = unlabelled) pairs."""
+def _tensors(tables: Iterator, cfg: WorkerConfig, with_labels: bool = False) -> Iterator:
+    """Raw feature tensors (B, D) from Arrow tables, converted via Arrow (no object arrays), each
+    record checked. Integer vectors stay integers (`raw_dtype`): the model's scaler casts them, so no
+    float copy here. `with_labels`: ((B, D), (B,) class indices, -1 = unlabelled) pairs."""
     classes = tuple(cfg.model["semi"]["classes"]) if with_labels else ()
     dtype = None
-    kw = {}
-    if shuffle and cfg.shuffle_buffer > 0:
-        kw = {"local_shuffle_buffer_size": cfg.shuffle_buffer, "local_shuffle_seed": cfg.optim.seed + epoch}
-    for i, b in enumerate(shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="pyarrow",
-                                             prefetch_batches=2, **kw)):
-        if i == 1 and mid_epoch is not None:
-            mid_epoch()
+    for b in tables:
         dtype = dtype or raw_dtype(b.schema, cfg.spec)
         x = to_matrix(b, cfg.spec, cfg.input_dim, source=cfg.source, id_column=cfg.id_column, dtype=dtype)
         check_finite(b, x, cfg.id_column, cfg.source)
@@ -94,11 +89,48 @@ def batches(shard, cfg: WorkerConfig, epoch: int, shuffle: bool,
         yield (t, torch.from_numpy(label_indices(b, cfg.labels, classes))) if with_labels else t
 
 
-def load_shard(shard, cfg: WorkerConfig, device: torch.device, with_labels: bool = False):
-    """A worker's whole shard as one raw tensor (N, D) on its device, read and checked once, in the
-    shard's (deterministic) block order. Integer images stay integers: 1 byte per value.
-    `with_labels`: (records, class indices (N,)) instead."""
-    parts = list(batches(shard, cfg, epoch=0, shuffle=False, with_labels=with_labels))
+def batches(shard, cfg: WorkerConfig, epoch: int, shuffle: bool,
+            mid_epoch: Callable[[], None] | None = None) -> Iterator[torch.Tensor]:
+    """Raw feature tensors (B, D) streamed from a Ray Data shard (the cache off).
+    `mid_epoch` runs before the second batch (fault injection)."""
+    kw = {}
+    if shuffle and cfg.shuffle_buffer > 0:
+        kw = {"local_shuffle_buffer_size": cfg.shuffle_buffer, "local_shuffle_seed": cfg.optim.seed + epoch}
+    tables = shard.iter_batches(batch_size=cfg.optim.batch_size, batch_format="pyarrow", prefetch_batches=2, **kw)
+    return _before_second(_tensors(tables, cfg), mid_epoch)
+
+
+def shard_blocks(blocks: tuple[tuple[Any, int], ...], rank: int, world: int) -> list[tuple[Any, int, int]]:
+    """This rank's share of a cached dataset's blocks: (block, start, stop) row ranges covering rows
+    [rank·m, (rank + 1)·m) of the whole, m = rows // world. Equal shares, as Ray Train's own split
+    (streaming_split(equal=True)) makes them: DDP needs the same number of steps on every worker, so
+    the last rows // world remainder rows sit out. Contiguous and a pure function of the blocks, so
+    a restarted worker gets the rows it had."""
+    total = sum(n for _, n in blocks)
+    m = total // world if world > 1 else total
+    lo, hi = rank * m, rank * m + m
+    out, at = [], 0
+    for ref, n in blocks:
+        a, b = max(lo, at), min(hi, at + n)
+        if a < b:
+            out.append((ref, a - at, b - at))
+        at += n
+    return out
+
+
+def load_shard(blocks: tuple[tuple[Any, int], ...], cfg: WorkerConfig, device: torch.device, rank: int = 0,
+               world: int = 1, with_labels: bool = False):
+    """This worker's share of a cached dataset as one raw tensor (N, D) on its device, fetched from
+    the object store straight from the driver's materialized blocks (no Ray Data execution, dataset
+    manager or split coordinator actors per run) and checked once, in block order. Integer images stay
+    integers: 1 byte per value. `with_labels`: (records, class indices (N,)) instead."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    share = shard_blocks(blocks, rank, world)
+    tables = (BlockAccessor.for_block(b).to_arrow().slice(a, z - a)
+              for b, (_, a, z) in zip(ray.get([ref for ref, _, _ in share]), share))
+    parts = list(_tensors(tables, cfg, with_labels=with_labels))
     if with_labels:
         xs, ys = [p[0] for p in parts], [p[1] for p in parts]
         x = torch.cat(xs) if xs else torch.zeros((0, cfg.input_dim), dtype=torch.float32)
@@ -251,17 +283,21 @@ class TrainWorker:
         self.scaler = torch.amp.GradScaler(self.device.type) if o.amp == "fp16" else None
 
     def _setup_data(self) -> None:
-        """Shards of the train (and val) datasets. With the cache on, each worker holds its shard on
-        its device (the input fits: the driver checked), so an epoch is a seeded permutation of one
-        tensor, as in a plain PyTorch loop; otherwise batches stream from Ray Data every epoch."""
+        """Shards of the train (and val) datasets. With the cache on, each worker holds its share of
+        the driver's materialized blocks on its device (the input fits: the driver checked), so an
+        epoch is a seeded permutation of one tensor, as in a plain PyTorch loop; otherwise batches
+        stream from Ray Data's shards every epoch."""
         import ray.train
 
-        self.shards = {"train": ray.train.get_dataset_shard("train")}
-        if self.cfg.has_val:
-            self.shards["val"] = ray.train.get_dataset_shard("val")
-        # --labels: the train shard comes with its class indices (train_config refuses --labels without the cache)
-        self.cached = {name: load_shard(s, self.cfg, self.device, with_labels=bool(self.cfg.labels) and name == "train")
-                       for name, s in self.shards.items()} if self.cfg.cache else None
+        if self.cfg.cache:
+            # --labels: the train shard comes with its class indices (train_config refuses --labels without the cache)
+            self.cached = {name: load_shard(b, self.cfg, self.device, self.rank, self.world,
+                                            with_labels=bool(self.cfg.labels) and name == "train")
+                           for name, b in self.cfg.blocks.items()}
+        else:
+            self.shards = {"train": ray.train.get_dataset_shard("train")}
+            if self.cfg.has_val:
+                self.shards["val"] = ray.train.get_dataset_shard("val")
         if self.cfg.labels:
             y = self.cached["train"][1]
             print(f"worker {self.rank}: {int((y >= 0).sum()):,} of {len(y):,} training records labelled", flush=True)

@@ -21,7 +21,12 @@ def _journal(run_dir: str) -> list[int]:
 
 
 def test_killed_worker_restarts_from_last_checkpoint_not_from_zero(ray_local, digits_parquet, tmp_path):
+    from ray.util.state import list_actors
+
     work = str(tmp_path)
+    actors = lambda: {a.actor_id: a.class_name for a in list_actors(
+        address=ray_local.get_runtime_context().gcs_address, limit=10_000, raise_on_missing_output=False)}
+    before = actors()
     # rank 1 of 2 exits hard at the start of epoch 2; max_failures=1 lets Ray restart the group
     r = run_train(TrainConfig(input=digits_parquet, workers=2, max_failures=1, fail_at_epoch=2, fail_rank=1,
                               model_name="faulty", workdir=work, **TINY))
@@ -29,6 +34,10 @@ def test_killed_worker_restarts_from_last_checkpoint_not_from_zero(ray_local, di
     assert r.epochs_run == 4
     # each epoch was trained once: a restart from zero would have logged epochs 0 and 1 twice
     assert _journal(r.run_dir) == [0, 1, 2, 3]
+    # the cached shards came from the driver's blocks, in both worker groups: Ray Train started no
+    # DatasetManager and no SplitCoordinator actor (a process each) for this run
+    started = [c for a, c in actors().items() if a not in before]
+    assert "RayTrainWorker" in started and not {"DatasetManager", "SplitCoordinator"} & set(started), started
 
 
 def test_resume_after_a_stopped_run_matches_an_uninterrupted_run(ray_local, digits_parquet, clean_tiny_run, tmp_path):

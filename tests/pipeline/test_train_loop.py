@@ -8,7 +8,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.features import FeatureSpec, raw_dtype, to_matrix
-from pipeline.train_loop import cached_batches
+from pipeline.train_loop import cached_batches, shard_blocks
 
 CFG = {"seed": 3, "shuffle_buffer": 4096}
 
@@ -71,3 +71,16 @@ def test_cosine_schedule_starts_at_peak_and_ends_at_five_percent():
     o = OptimConfig(epochs=11, batch_size=1, lr=2.0, lr_schedule="constant", weight_decay=0, grad_clip=0, beta=1,
                     warmup_epochs=0, free_bits=0, patience=0, min_delta=0, head_epochs=0, amp="off", compile=False, seed=0)
     assert o.lr_at(10) == 2.0
+
+
+def test_cached_shares_are_equal_contiguous_and_cross_block_boundaries():
+    # DDP needs the same number of steps on every worker: equal shares, the remainder sitting out (as
+    # Ray Train's own equal split); contiguous row ranges, so a restarted worker gets its rows again
+    blocks = (("a", 5), ("b", 0), ("c", 4), ("d", 2))               # 11 rows
+    assert shard_blocks(blocks, 0, 1) == [("a", 0, 5), ("c", 0, 4), ("d", 0, 2)]
+    shares = [shard_blocks(blocks, r, 2) for r in range(2)]
+    assert shares == [[("a", 0, 5)], [("c", 0, 4), ("d", 0, 1)]]
+    assert [sum(z - a for _, a, z in s) for s in shares] == [5, 5]
+    three = [shard_blocks(blocks, r, 3) for r in range(3)]
+    assert three == [[("a", 0, 3)], [("a", 3, 5), ("c", 0, 1)], [("c", 1, 4)]]
+    assert shard_blocks((), 0, 2) == []

@@ -311,32 +311,20 @@ def _use_cache(cfg: TrainConfig, data: PreparedData) -> bool:
     return cfg.cache == "on" or (cfg.cache == "auto" and data.rows * data.model.input_dim * 4 < 2**31)
 
 
-def cached_blocks(ds) -> tuple[tuple[Any, int], ...]:
-    """A materialized dataset's blocks in order, as (ObjectRef, rows): what train workers fetch their
-    cached shares from (train_loop.load_shard). A bundle's slice becomes its own sliced block."""
-    import ray
-
-    from ray.data.block import BlockAccessor
-
-    out = []
-    for bundle in ds.iter_internal_ref_bundles():
-        for entry, sl in zip(bundle.blocks, bundle.slices):
-            ref, rows = entry.ref, entry.metadata.num_rows
-            if sl is not None and (sl.start_offset, sl.end_offset) != (0, rows):
-                ref = ray.put(BlockAccessor.for_block(ray.get(ref)).to_arrow().slice(
-                    sl.start_offset, sl.end_offset - sl.start_offset))
-                rows = sl.end_offset - sl.start_offset
-            out.append((ref, rows))
-    return tuple(out)
+def cached_blocks(ds) -> tuple[tuple[Any, int, int], ...]:
+    """A materialized dataset's blocks in order, as (ObjectRef, first row, end row) (a bundle may
+    hold a slice of a block): what train workers fetch their cached shares from (train_loop.load_shard)."""
+    return tuple((e.ref, sl.start_offset, sl.end_offset) if sl is not None else (e.ref, 0, e.metadata.num_rows)
+                 for bundle in ds.iter_internal_ref_bundles() for e, sl in zip(bundle.blocks, bundle.slices))
 
 
 def worker_config(cfg: TrainConfig, data: PreparedData, plan: RunPlan, run_id: str, tracking: str,
-                  has_val: bool, cache: bool, use_gpu: bool, blocks: dict | None = None) -> WorkerConfig:
+                  has_val: bool, use_gpu: bool, blocks: dict | None) -> WorkerConfig:
     so = cfg.storage_options_dict()
     return WorkerConfig(
         model=data.model.to_dict(), spec=FeatureSpec(tuple(data.spec.columns), data.spec.layout),
         input_dim=data.model.input_dim, source=cfg.input, id_column=cfg.id_column, optim=cfg.optim,
-        shuffle_buffer=cfg.shuffle_buffer, has_val=has_val, cache=cache,
+        shuffle_buffer=cfg.shuffle_buffer, has_val=has_val,
         run=RunRef(plan.run_dir, so, run_id, tracking, plan.attempt),
         faults=FaultPlan(cfg.fail_at_epoch, cfg.fail_rank, plan.run_dir, so),
         resume_from=plan.resume_from, labels=cfg.labels, labelled_per_batch=cfg.labelled_per_batch,
@@ -373,8 +361,8 @@ def fit(cfg: TrainConfig, plan: RunPlan, worker_cfg: WorkerConfig, train_ds, val
     from pipeline.ray_runtime import train_env_inherited
 
     # With the cache on, the workers fetch their shares of the materialized blocks themselves
-    # (worker_cfg.blocks): no datasets for Ray Train, so no DatasetManager actor and, with more than one
-    # worker, no SplitCoordinator per dataset (each a process start, ~3 CPU-seconds, measured).
+    # (worker_cfg.blocks): no datasets for Ray Train, so no DatasetManager actor (_trainer_class) and,
+    # with more than one worker, no SplitCoordinator per dataset.
     datasets = {} if worker_cfg.cache else {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
     trainer = _trainer_class()(
         functools.partial(train_loop_per_worker, worker_cfg), datasets=datasets or None,
@@ -471,9 +459,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     client = registry.client(tracking)
     try:
         train_ds, val_ds, cache = training_datasets(data, cfg)
-        blocks = {"train": cached_blocks(train_ds)} | ({"val": cached_blocks(val_ds)} if val_ds is not None else {}) \
-            if cache else None
-        wcfg = worker_config(cfg, data, plan, run_id, tracking, val_ds is not None, cache, use_gpu, blocks)
+        named = {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
+        blocks = {name: cached_blocks(ds) for name, ds in named.items()} if cache else None
+        wcfg = worker_config(cfg, data, plan, run_id, tracking, val_ds is not None, use_gpu, blocks)
         fit(cfg, plan, wcfg, train_ds, val_ds, use_gpu)
         _, state, epochs_run = pick_checkpoint(plan)
         model = model_from_checkpoint(state)

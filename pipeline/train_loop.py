@@ -59,16 +59,20 @@ class WorkerConfig:
     optim: OptimConfig
     shuffle_buffer: int
     has_val: bool
-    cache: bool                  # hold each shard on the device (see load_shard)
     run: RunRef
     faults: FaultPlan
     resume_from: str | None = None   # `--resume`: our own newest complete checkpoint
     labels: str | None = None    # `--labels`: the label column (the classes are in `model`)
     labelled_per_batch: int = 32
     threads: int | None = None   # None: the CPUs of the Ray node this worker lands on / the workers there
-    # With the cache on: the driver's materialized datasets as their blocks in order, (ObjectRef of an
-    # Arrow table, rows) each, by name ("train", "val"); every worker fetches its own share (shard_blocks).
-    blocks: dict[str, tuple[tuple[Any, int], ...]] | None = None
+    # The cache on: the driver's materialized datasets by name ("train", "val") as their blocks in order,
+    # (ObjectRef, first row, end row) each; every worker holds its own share on its device (load_shard).
+    # None: the cache off, each epoch streams the worker's Ray Data shard.
+    blocks: dict[str, tuple[tuple[Any, int, int], ...]] | None = None
+
+    @property
+    def cache(self) -> bool:
+        return self.blocks is not None
 
 
 # --- batches -----------------------------------------------------------------------------------------
@@ -100,25 +104,25 @@ def batches(shard, cfg: WorkerConfig, epoch: int, shuffle: bool,
     return _before_second(_tensors(tables, cfg), mid_epoch)
 
 
-def shard_blocks(blocks: tuple[tuple[Any, int], ...], rank: int, world: int) -> list[tuple[Any, int, int]]:
-    """This rank's share of a cached dataset's blocks: (block, start, stop) row ranges covering rows
-    [rank·m, (rank + 1)·m) of the whole, m = rows // world. Equal shares, as Ray Train's own split
-    (streaming_split(equal=True)) makes them: DDP needs the same number of steps on every worker, so
-    the last rows // world remainder rows sit out. Contiguous and a pure function of the blocks, so
-    a restarted worker gets the rows it had."""
-    total = sum(n for _, n in blocks)
-    m = total // world if world > 1 else total
+def shard_blocks(blocks: tuple[tuple[Any, int, int], ...], rank: int, world: int) -> list[tuple[Any, int, int]]:
+    """This rank's share of a cached dataset's blocks, each (block, start, end) rows of that block:
+    the rows [rank·m, (rank + 1)·m) of the whole, m = rows // world. Equal shares, as Ray Train's own
+    split (streaming_split(equal=True)) makes them: DDP needs the same number of steps on every
+    worker, so the last rows % world rows sit out. Contiguous and a pure function of the blocks, so a
+    restarted worker gets the rows it had."""
+    total = sum(end - start for _, start, end in blocks)
+    m = total // world
     lo, hi = rank * m, rank * m + m
     out, at = [], 0
-    for ref, n in blocks:
-        a, b = max(lo, at), min(hi, at + n)
+    for ref, start, end in blocks:
+        a, b = max(lo, at), min(hi, at + end - start)
         if a < b:
-            out.append((ref, a - at, b - at))
-        at += n
+            out.append((ref, start + a - at, start + b - at))
+        at += end - start
     return out
 
 
-def load_shard(blocks: tuple[tuple[Any, int], ...], cfg: WorkerConfig, device: torch.device, rank: int = 0,
+def load_shard(blocks: tuple[tuple[Any, int, int], ...], cfg: WorkerConfig, device: torch.device, rank: int = 0,
                world: int = 1, with_labels: bool = False):
     """This worker's share of a cached dataset as one raw tensor (N, D) on its device, fetched from
     the object store straight from the driver's materialized blocks (no Ray Data execution, dataset

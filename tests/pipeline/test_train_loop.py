@@ -76,7 +76,7 @@ def test_cosine_schedule_starts_at_peak_and_ends_at_five_percent():
 def test_cached_shares_are_equal_contiguous_and_cross_block_boundaries():
     # DDP needs the same number of steps on every worker: equal shares, the remainder sitting out (as
     # Ray Train's own equal split); contiguous row ranges, so a restarted worker gets its rows again
-    blocks = (("a", 5), ("b", 0), ("c", 4), ("d", 2))               # 11 rows
+    blocks = (("a", 0, 5), ("b", 0, 0), ("c", 0, 4), ("d", 0, 2))   # 11 rows
     assert shard_blocks(blocks, 0, 1) == [("a", 0, 5), ("c", 0, 4), ("d", 0, 2)]
     shares = [shard_blocks(blocks, r, 2) for r in range(2)]
     assert shares == [[("a", 0, 5)], [("c", 0, 4), ("d", 0, 1)]]
@@ -84,3 +84,6 @@ def test_cached_shares_are_equal_contiguous_and_cross_block_boundaries():
     three = [shard_blocks(blocks, r, 3) for r in range(3)]
     assert three == [[("a", 0, 3)], [("a", 3, 5), ("c", 0, 1)], [("c", 1, 4)]]
     assert shard_blocks((), 0, 2) == []
+    # a bundle holding a slice of a block (rows 10..16 of "e"): offsets stay in the block's own rows
+    halves = [shard_blocks((("e", 10, 16),), r, 2) for r in range(2)]
+    assert halves == [[("e", 10, 13)], [("e", 13, 16)]]

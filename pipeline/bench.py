@@ -18,8 +18,8 @@ encode  (a) baseline: pyarrow `read_row_group` → `FixedSizeList.flatten().to_n
 train   (a) baseline: the Parquet read once into a uint8 tensor, then `vae.train_step.train_epoch`
             over shuffled batches (randperm), AdamW, all cores as threads;
         (b) vaepipe: `pipeline.train.run_train` with 1 Ray Train worker (Ray Data reads the input,
-            the worker caches its shard and shuffles it per epoch; checkpoints and MLflow logging
-            every epoch).
+            the worker caches its shard and shuffles it per epoch; a checkpoint and a journal line
+            every epoch, which the driver logs to MLflow).
         Steady state = records/s over the epochs after the first (the warm-up epoch) on each side;
         Ray is started before either side; with `--repeats R` the sides alternate R times and the
         best run of each is reported (this VM's epoch times vary ±20 % run to run). The end-to-end

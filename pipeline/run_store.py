@@ -55,7 +55,10 @@ class RunStore:
         self.fs.invalidate_cache()
         if not self.fs.exists(p):
             return []
-        return [json.loads(line) for line in self.fs.cat_file(p).decode().splitlines() if line.strip()]
+        # Only whole lines: every line is written with its newline, so text after the last one is a
+        # line still being appended (the driver reads the journal while rank 0 writes it).
+        text = self.fs.cat_file(p).decode()
+        return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
     def append_journal(self, entry: dict) -> None:
         line = (json.dumps(entry) + "\n").encode()

@@ -7,12 +7,15 @@ model and figures → register and promote. Whatever fails after the MLflow run 
 as FAILED."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import os
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +31,7 @@ from pipeline.parquet_io import check_inputs, list_parquet_files, read_table
 from pipeline.redact import redact_uri
 from pipeline.run_store import CHECKPOINT_FILE, RunStore
 from pipeline.train_config import ModelOptions, TrainConfig
-from pipeline.train_loop import RunRef, WorkerConfig, train_loop_per_worker
+from pipeline.train_loop import RunRef, WorkerConfig, journal_metrics, train_loop_per_worker
 from pipeline.uris import Location, arrow_filesystem, resolve
 from vae.anomaly import LatentReference
 from vae.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, with_reference
@@ -318,14 +321,14 @@ def cached_blocks(ds) -> tuple[tuple[Any, int, int], ...]:
                  for bundle in ds.iter_internal_ref_bundles() for e, sl in zip(bundle.blocks, bundle.slices))
 
 
-def worker_config(cfg: TrainConfig, data: PreparedData, plan: RunPlan, run_id: str, tracking: str,
-                  has_val: bool, use_gpu: bool, blocks: dict | None) -> WorkerConfig:
+def worker_config(cfg: TrainConfig, data: PreparedData, plan: RunPlan, has_val: bool, use_gpu: bool,
+                  blocks: dict | None) -> WorkerConfig:
     so = cfg.storage_options_dict()
     return WorkerConfig(
         model=data.model.to_dict(), spec=FeatureSpec(tuple(data.spec.columns), data.spec.layout),
         input_dim=data.model.input_dim, source=cfg.input, id_column=cfg.id_column, optim=cfg.optim,
         shuffle_buffer=cfg.shuffle_buffer, has_val=has_val,
-        run=RunRef(plan.run_dir, so, run_id, tracking, plan.attempt),
+        run=RunRef(plan.run_dir, so, plan.attempt),
         faults=FaultPlan(cfg.fail_at_epoch, cfg.fail_rank, plan.run_dir, so),
         resume_from=plan.resume_from, labels=cfg.labels, labelled_per_batch=cfg.labelled_per_batch,
         threads=None if not use_gpu else 4,   # None: from the CPUs of the node each worker lands on
@@ -386,6 +389,62 @@ def fit(cfg: TrainConfig, plan: RunPlan, worker_cfg: WorkerConfig, train_ds, val
             trainer.fit()
     except Exception as e:
         raise unwrap_ray_error(e) from None
+
+
+JOURNAL_LOGGED_TAG = "vaepipe.journal_lines_logged"
+
+
+@contextlib.contextmanager
+def journal_to_mlflow(store: RunStore, run_id: str, tracking: str, every_s: float = 1.0) -> Iterator[None]:
+    """While the block runs (training), a driver thread copies each new line of the run journal to the
+    MLflow run: the epoch's figures at step = epoch, timestamped when the epoch finished; once more when
+    the block ends, however it ends. Rank 0 writes a line after its epoch's checkpoint, so MLflow gets
+    committed epochs only (an epoch lost with its worker group and trained again is logged once), and
+    the workers need no MLflow client: no import and no connection per run, and no access to the
+    tracking server from worker nodes. The lines logged are counted in a tag written in the same
+    log_batch as their figures, so a --resume, or a driver that died part-way, goes on from there
+    without logging a line twice (a run from before the tag existed: its workers logged every line)."""
+    from mlflow.entities import Metric, RunTag
+
+    client = registry.client(tracking)
+    tags = client.get_run(run_id).data.tags
+    done = int(tags[JOURNAL_LOGGED_TAG]) if JOURNAL_LOGGED_TAG in tags else len(store.journal())
+    stop = threading.Event()
+
+    def copy_new_lines() -> None:
+        nonlocal done
+        lines = store.journal()
+        for start in range(done, len(lines), 50):           # log_batch takes up to 1,000 metrics
+            chunk = lines[start:start + 50]
+            metrics = [Metric(k, v, int(e["time"] * 1000), int(e["epoch"]))
+                       for e in chunk for k, v in journal_metrics(e).items()]
+            client.log_batch(run_id, metrics=metrics, tags=[
+                RunTag(JOURNAL_LOGGED_TAG, str(start + len(chunk))),
+                RunTag("vaepipe.world_size", str(chunk[-1]["world_size"]))])
+            done = start + len(chunk)
+
+    def follow() -> None:
+        while not stop.wait(every_s):
+            try:
+                copy_new_lines()
+            except Exception as e:   # a tracking server briefly away: the next poll (or the last) catches up
+                log.warning("copying the journal to MLflow run %s: %s (retrying)", run_id, e)
+
+    thread = threading.Thread(target=follow, name="vaepipe-journal-to-mlflow", daemon=True)
+    thread.start()
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            copy_new_lines()
+        except Exception as e:
+            if not failed:
+                raise
+            log.warning("copying the journal to MLflow run %s after the failure: %s", run_id, e)   # keep that error
 
 
 def pick_checkpoint(plan: RunPlan) -> tuple[str, dict, int]:
@@ -461,8 +520,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         train_ds, val_ds, cache = training_datasets(data, cfg)
         named = {"train": train_ds} | ({"val": val_ds} if val_ds is not None else {})
         blocks = {name: cached_blocks(ds) for name, ds in named.items()} if cache else None
-        wcfg = worker_config(cfg, data, plan, run_id, tracking, val_ds is not None, use_gpu, blocks)
-        fit(cfg, plan, wcfg, train_ds, val_ds, use_gpu)
+        wcfg = worker_config(cfg, data, plan, val_ds is not None, use_gpu, blocks)
+        with journal_to_mlflow(plan.store, run_id, tracking):
+            fit(cfg, plan, wcfg, train_ds, val_ds, use_gpu)
         _, state, epochs_run = pick_checkpoint(plan)
         model = model_from_checkpoint(state)
         model_uri, ckpt_file = log_model_and_figures(cfg, run_id, state, model, data, tracking)

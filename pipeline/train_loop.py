@@ -35,16 +35,16 @@ from vae.train_step import EpochStats, active_units, evaluate, labelled_batches,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_FILE", "RunStore", "TrainWorker", "WorkerConfig", "train_loop_per_worker"]
+__all__ = ["CHECKPOINT_FILE", "JOURNAL_META", "RunStore", "TrainWorker", "WorkerConfig", "journal_metrics",
+           "train_loop_per_worker"]
 
 
 @dataclass(frozen=True)
 class RunRef:
-    """Where this training run is recorded: the run folder and the MLflow run."""
+    """Where this training run is recorded: the run folder (checkpoints and the journal; the driver
+    copies the journal to MLflow, so workers need no MLflow client or access to the tracking server)."""
     run_dir: str
     storage_options: dict = field(default_factory=dict)
-    mlflow_run_id: str | None = None
-    tracking_uri: str | None = None
     attempt: int = 0
 
 
@@ -212,7 +212,8 @@ class _Progress:
 
 
 class TrainWorker:
-    """One Ray Train worker. Rank 0 also logs to MLflow, writes checkpoints and the journal."""
+    """One Ray Train worker. Rank 0 also writes the checkpoints and the journal (which the driver
+    copies to MLflow: pipeline.train.journal_to_mlflow)."""
 
     def __init__(self, cfg: WorkerConfig):
         import ray.train
@@ -224,7 +225,6 @@ class TrainWorker:
         self.device = ray.train.torch.get_device()
         self.store = RunStore(cfg.run.run_dir, cfg.run.storage_options)
         self.progress = _Progress()
-        self.mlflow = None
         self.cached: dict[str, torch.Tensor] | None = None
         self.vae_metrics: dict[str, float] = {}   # the kept VAE epoch's figures: head checkpoints carry them
 
@@ -238,7 +238,6 @@ class TrainWorker:
         self._setup_model(state)
         self._setup_optimizer(state)
         self._setup_data()
-        self._setup_tracking()
 
     def _load_state(self) -> dict | None:
         """The checkpoint to continue from, if any. A restarted worker group gets Ray's latest
@@ -305,14 +304,6 @@ class TrainWorker:
         if self.cfg.labels:
             y = self.cached["train"][1]
             print(f"worker {self.rank}: {int((y >= 0).sum()):,} of {len(y):,} training records labelled", flush=True)
-
-    def _setup_tracking(self) -> None:
-        if self.rank != 0 or not self.cfg.run.mlflow_run_id:
-            return
-        from mlflow import MlflowClient
-
-        self.mlflow = MlflowClient(tracking_uri=self.cfg.run.tracking_uri)
-        self.mlflow.set_tag(self.cfg.run.mlflow_run_id, "vaepipe.world_size", str(self.world))
 
     # train ---------------------------------------------------------------------------------------
 
@@ -436,22 +427,16 @@ class TrainWorker:
 
     def _report(self, epoch: int, metrics: dict[str, Any], logged: dict[str, Any], line: str,
                 phase: str = "vae") -> None:
-        """Rank 0: `logged` to MLflow (step = epoch) and the journal, a checkpoint of this phase
-        carrying `metrics` reported to Ray, a progress line."""
+        """Rank 0: a checkpoint of this phase carrying `metrics` reported to Ray, a progress line, then
+        the journal line of the epoch with its `logged` figures (the driver copies it to MLflow)."""
         import ray.train
 
         if self.rank != 0:
             ray.train.report(metrics)
             return
-        if self.mlflow is not None:
-            from mlflow.entities import Metric
-
-            ts = int(time.time() * 1000)
-            self.mlflow.log_batch(self.cfg.run.mlflow_run_id, metrics=[
-                Metric(k, float(v), ts, epoch) for k, v in logged.items() if k != "epoch"])
         p = self.progress
         entry = {"epoch": epoch, "phase": phase, "time": time.time(), "attempt": self.cfg.run.attempt,
-                 "world_size": self.world, **{k: float(v) for k, v in logged.items() if k != "epoch"}}
+                 "world_size": self.world, **{k: float(v) for k, v in logged.items() if k not in JOURNAL_META}}
         optimizer = self.head_optimizer if phase == "head" else self.optimizer
         with tempfile.TemporaryDirectory() as d:
             with open(os.path.join(d, CHECKPOINT_FILE), "wb") as f:
@@ -475,6 +460,15 @@ class TrainWorker:
         self.cached = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+# A journal line is these fields, then the epoch's figures (floats), each logged to MLflow at step = epoch.
+JOURNAL_META = ("epoch", "phase", "time", "attempt", "world_size", "recovered")
+
+
+def journal_metrics(entry: dict) -> dict[str, float]:
+    """The figures of a journal line (what MLflow gets for its epoch)."""
+    return {k: float(v) for k, v in entry.items() if k not in JOURNAL_META}
 
 
 def train_loop_per_worker(cfg: WorkerConfig) -> None:

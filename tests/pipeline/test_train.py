@@ -2,6 +2,7 @@
 promotion rule, a second validation URI with streaming (cache=off), and 1-worker reproducibility."""
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -149,3 +150,63 @@ def test_a_failure_in_a_worker_or_after_fit_closes_the_mlflow_run_as_failed(ray_
                               promote="force", workdir=workdir, **TINY))
     runs = c.search_runs([c.get_experiment_by_name("vaepipe").experiment_id], "attributes.run_name LIKE 'badalias-%'")
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_journal_lines_reach_mlflow_live_once_each_whole_only_and_after_a_failure(tmp_path, empty_mlflow_db):
+    """The driver, not rank 0, logs the epochs to MLflow: it follows the run journal (no Ray needed
+    here: the lines are appended as rank 0 appends them). Each line reaches MLflow while the block
+    runs, once, with its epoch as the step and its time as the timestamp; a line still being written
+    waits; a second driver over the same run (--resume) logs only the lines after the counted ones; a
+    failure inside the block still gets the lines before it logged and propagates itself."""
+    import time
+
+    from pipeline.registry import experiment_id
+    from pipeline.run_store import RunStore
+    from pipeline.train import JOURNAL_LOGGED_TAG, journal_to_mlflow
+
+    empty_mlflow_db(str(tmp_path))
+    tr = _tracking(str(tmp_path))
+    c = client(tr)
+    run_id = c.create_run(experiment_id(tr, "journal")).info.run_id
+    store = RunStore(str(tmp_path / "run"))
+    store.fs.makedirs(store.path, exist_ok=True)
+    line = lambda epoch: {"epoch": epoch, "phase": "vae", "time": 1_000.0 + epoch, "attempt": 0, "world_size": 2,
+                          "train_neg_elbo": 50.0 - epoch, "lr": 1e-3}
+    history = lambda key="train_neg_elbo": [(m.step, m.value, m.timestamp) for m in c.get_metric_history(run_id, key)]
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(history()) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    with journal_to_mlflow(store, run_id, tr, every_s=0.05):
+        store.append_journal(line(0))
+        wait_for(1)
+        assert history() == [(0, 50.0, 1_000_000)]                      # live, before training ends
+        text = (json.dumps(line(1)) + "\n").encode()
+        with open(store.join(store.JOURNAL), "ab") as f:              # rank 0 half-way through a line
+            f.write(text[:20])
+            f.flush()
+            time.sleep(0.5)
+            assert len(store.journal()) == 1 and [s for s, _, _ in history()] == [0]
+            f.write(text[20:])
+    assert [(s, v) for s, v, _ in history()] == [(0, 50.0), (1, 49.0)]
+    assert [m.step for m in c.get_metric_history(run_id, "lr")] == [0, 1]
+    tags = c.get_run(run_id).data.tags
+    assert tags[JOURNAL_LOGGED_TAG] == "2" and tags["vaepipe.world_size"] == "2"
+
+    store.append_journal(line(2))
+    with journal_to_mlflow(store, run_id, tr, every_s=60):            # a --resume's driver: line 2 only
+        pass
+    store.append_journal(line(3))
+    with pytest.raises(RuntimeError, match="worker group lost"):
+        with journal_to_mlflow(store, run_id, tr, every_s=60):
+            raise RuntimeError("worker group lost")
+    assert [s for s, _, _ in history()] == [0, 1, 2, 3]
+    assert c.get_run(run_id).data.tags[JOURNAL_LOGGED_TAG] == "4"
+
+    # a run from before the count existed: its workers logged its lines themselves, none is logged again
+    old = c.create_run(experiment_id(tr, "journal")).info.run_id
+    with journal_to_mlflow(store, old, tr, every_s=60):
+        pass
+    assert c.get_metric_history(old, "train_neg_elbo") == []

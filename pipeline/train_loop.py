@@ -436,7 +436,7 @@ class TrainWorker:
             return
         p = self.progress
         entry = {"epoch": epoch, "phase": phase, "time": time.time(), "attempt": self.cfg.run.attempt,
-                 "world_size": self.world, **{k: float(v) for k, v in logged.items() if k not in JOURNAL_META}}
+                 "world_size": self.world, **journal_metrics(logged)}
         optimizer = self.head_optimizer if phase == "head" else self.optimizer
         with tempfile.TemporaryDirectory() as d:
             with open(os.path.join(d, CHECKPOINT_FILE), "wb") as f:

@@ -112,6 +112,7 @@ def _decode(cfg: DecodeConfig, lease: Lease) -> dict:
     import ray.data
 
     from pipeline.progress import Progress
+    from pipeline.ray_pool import strict_pool_dataset
     from pipeline.ray_runtime import cluster_actors, init_ray, quiet_data_progress
 
     t0 = time.perf_counter()
@@ -142,11 +143,8 @@ def _decode(cfg: DecodeConfig, lease: Lease) -> dict:
     init_ray(cfg.ray_address)
     quiet_data_progress()
     n = cluster_actors("decode", requested=cfg.concurrency, units=len(files))
-    ds = ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(files)], override_num_blocks=len(files))
-    # This dataset's own context (a copy), not the process-wide DataContext other jobs share.
-    ds.context.execution_options.preserve_order = True
-    ds.context.max_errored_blocks = 0
-    ds.context.raise_original_map_exception = True   # our typed error itself, not UserCodeException
+    ds = strict_pool_dataset(ray.data.from_items([{"index": i, "path": p} for i, p in enumerate(files)],
+                                                 override_num_blocks=len(files)))
     ds = ds.map_batches(FileDecoder, fn_constructor_args=(blob, plan), batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=n))
     try:

@@ -623,6 +623,7 @@ def _run_units_on_ray(cfg: EncodeConfig, blob: bytes, plan: dict[str, Any], unit
     import ray
     import ray.data
 
+    from pipeline.ray_pool import strict_pool_dataset
     from pipeline.ray_runtime import cluster_actors, init_ray, quiet_data_progress
 
     init_ray(cfg.ray_address)
@@ -631,11 +632,7 @@ def _run_units_on_ray(cfg: EncodeConfig, blob: bytes, plan: dict[str, Any], unit
     n_actors = cluster_actors("encode", use_gpu=use_gpu, requested=cfg.concurrency, units=len(units))
     plan = {**plan, "use_gpu": use_gpu, "threads": 1 if not use_gpu else 2}
     items = [{"unit": json.dumps(u.__dict__)} for u in units]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # this dataset's own context (a copy), not the process-wide DataContext other jobs share
-    ds.context.execution_options.preserve_order = True
-    ds.context.max_errored_blocks = 0   # one failing unit fails the job: never a silent drop
-    ds.context.raise_original_map_exception = True   # our typed error itself, not UserCodeException
+    ds = strict_pool_dataset(ray.data.from_items(items, override_num_blocks=len(items)))
     ds = ds.map_batches(
         UnitEncoder, fn_constructor_args=(blob, plan), batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors),
         num_gpus=1 if use_gpu else 0, num_cpus=0.5 if use_gpu else 1)

@@ -113,7 +113,9 @@ def unwrap_ray_error(e: BaseException) -> BaseException:
 def released_ray_failure(e: BaseException) -> BaseException:
     """`unwrap_ray_error(e)`, cut loose from the failed Ray Data execution, for a job to raise.
 
-    Ray Data frees an actor pool by dropping its references (ray.kill only when forced), so the pool's
+    The pool's actors are killed as the execution fails (pipeline.ray_pool.KillPoolOnFailure); this
+    frees the rest of the failed execution (its queues, object references and stats) and covers an
+    actor the kill missed. Ray Data frees a pool by dropping its references, so without the kill the
     actors live as long as anything reaches them: the dataset (its last execution; callers `del` it
     first) and the failure's tracebacks, whose frames hold the streaming executor. A caller that kept
     the error (a nightly run recording a failed partition and going on, a notebook, pytest.raises)

@@ -310,6 +310,7 @@ def _run_on_ray(cfg: NeighboursConfig, plan: dict, units: list[dict], index_byte
     import ray
     import ray.data
 
+    from pipeline.ray_pool import strict_pool_dataset
     from pipeline.ray_runtime import init_ray, quiet_data_progress
 
     init_ray(cfg.ray_address)
@@ -317,10 +318,7 @@ def _run_on_ray(cfg: NeighboursConfig, plan: dict, units: list[dict], index_byte
     cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
     n_actors = max(1, min(cfg.concurrency or min(cpus, os.cpu_count() or 1), len(units)))
     items = [{"unit": json.dumps(u)} for u in units]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds.context.execution_options.preserve_order = True   # this dataset's own context, not the process-wide one
-    ds.context.max_errored_blocks = 0
-    ds.context.raise_original_map_exception = True
+    ds = strict_pool_dataset(ray.data.from_items(items, override_num_blocks=len(items)))
     ds = ds.map_batches(NeighbourUnits, fn_constructor_args=(plan, index_bytes), batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1)
     try:

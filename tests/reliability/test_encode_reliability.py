@@ -123,26 +123,23 @@ def test_03_encode_actor_killed_mid_job_no_loss_no_duplicates(trained_digits, wo
     assert killed[0] in new and (len(new) >= 2 or dead[0].num_restarts >= 1), (new, dead)
 
 
-def _alive_encoder_actors(wait_s: float = 180.0) -> list[str]:
-    """This session's Ray: the UnitEncoder actors still alive once `wait_s` has passed or none is
-    left. Ray kills an actor asynchronously once nothing references it, and gracefully: its GCS waits
-    up to 30 s for the actor to exit before it force-kills it (seen in a loaded run: references gone at
-    14:25:42, "Graceful shutdown timeout (30000ms) exceeded. Falling back to force kill" at 14:26:12),
-    so a released actor can stay ALIVE a little over 30 s. On a saturated machine (`make test` beside
-    the cluster's node-loss tests, 2026-12-03) the failed execution's scheduling thread also outlived
-    errors._join_stopping_executors' 30 s: error at 18:36:34, references gone at 18:38:21, force kill
-    at 18:38:51 (GCS log), 137 s in all. An actor still held stays past any wait."""
+def _encoder_actors() -> dict[str, object]:
+    """This session's Ray: every UnitEncoder actor it has had, alive or dead, by id (Ray's state API)."""
     import ray
     from ray.util.state import list_actors
 
     gcs = ray.get_runtime_context().gcs_address
+    return {a.actor_id: a for a in list_actors(address=gcs, limit=10_000, detail=True, raise_on_missing_output=False)
+            if "UnitEncoder" in (a.class_name or "")}
+
+
+def _until_dead(ids: set[str], wait_s: float) -> dict[str, object]:
+    """The actors `ids` as Ray's GCS reports them once all are DEAD or `wait_s` has passed."""
     deadline = time.time() + wait_s
     while True:
-        alive = [a.actor_id for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], limit=10_000,
-                                                 raise_on_missing_output=False)
-                 if "UnitEncoder" in (a.class_name or "")]
-        if not alive or time.time() > deadline:
-            return alive
+        actors = {i: a for i, a in _encoder_actors().items() if i in ids}
+        if all(a.state == "DEAD" for a in actors.values()) or time.time() > deadline:
+            return actors
         time.sleep(0.5)
 
 
@@ -152,12 +149,21 @@ def test_04_one_block_raises_job_fails_no_success_destination_unchanged(trained_
     out = str(tmp_path / "out")
     _enc(workdir, good, out)
     before = _snapshot(out)
+    earlier = set(_encoder_actors())
     with pytest.raises(VaepipeError) as e:
         _enc(workdir, bad, out, unit_rows=200)
     assert "c.parquet" in str(e.value) and "image" in str(e.value)
-    # the failed job's actors are gone while its error is still held (here by pytest.raises, as a nightly
-    # run holds a failed partition's): each kept a CPU, and a training after them waited for one forever
-    assert _alive_encoder_actors() == []
+    # The failed job's actors are killed as it fails (pipeline.ray_pool), while its error is still held
+    # (here by pytest.raises, as a nightly run holds a failed partition's). Each kept a CPU: left to Ray's
+    # reference counting they lived on for up to 137 s on a saturated machine, and a training after them
+    # waited for one forever while the error was held. The wait covers only the kill's own delivery
+    # (asynchronous, through the GCS); "killed by ray.kill" says who ended them.
+    failed = set(_encoder_actors()) - earlier
+    assert failed, "the failing encode ran no UnitEncoder actor: not the Ray path this test is about"
+    ended = _until_dead(failed, wait_s=30)
+    reasons = {i: ((a.death_cause or {}).get("actor_died_error_context") or {}).get("reason") for i, a in ended.items()}
+    assert {a.state for a in ended.values()} == {"DEAD"}, {i: a.state for i, a in ended.items()}
+    assert set(reasons.values()) == {"RAY_KILL"}, reasons
     assert _snapshot(out) == before           # no new parts, old manifest and _SUCCESS intact
     fresh = str(tmp_path / "fresh")
     with pytest.raises(VaepipeError):

@@ -2,7 +2,6 @@
 cluster that is already running on this machine (`ray start --head`) instead of dying on it."""
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import secrets
@@ -90,12 +89,13 @@ def test_train_plan_line_says_how_and_warns_when_the_group_cannot_fit(monkeypatc
 
 
 @pytest.mark.slow
-def test_encode_joins_a_running_local_cluster_instead_of_a_traceback(tmp_path, digits_parquet, trained_digits, workdir):
+def test_encode_joins_a_running_local_cluster_instead_of_a_traceback(tmp_path, digits_parquet, trained_digits, workdir,
+                                                                      ray_local):
     """A head started with `ray start --head` (its address file in a private RAY_TMPDIR, where a plain
     `ray.init()` looks), then `vaepipe encode` without --ray-address: it joins, says so, exits 0.
-    Meanwhile a job starting its own local Ray beside it gets workers whose State API calls without
-    an address (Ray Train's PlacementGroupCleaner makes them) find their own Ray (before
-    pin_ray_address: "Found multiple active Ray instances")."""
+    Meanwhile the workers of a local Ray that init_ray("local") started (this session's) find their
+    own Ray in State API calls without an address (Ray Train's PlacementGroupCleaner makes them),
+    with the head running beside it (before pin_ray_address: "Found multiple active Ray instances")."""
     jobs = _load_job_servers()
     tmp = tempfile.mkdtemp(prefix="vpj-", dir="/tmp")        # short: Ray's socket paths
     token = secrets.token_hex(32)
@@ -132,13 +132,18 @@ def test_encode_joins_a_running_local_cluster_instead_of_a_traceback(tmp_path, d
             code, gcs = start_head()
         assert code == 0, log.read_text()[-3000:]
         assert os.path.exists(os.path.join(tmp, "ray", "ray_current_cluster"))   # where ray.init() looks
-        # a job starting its own local Ray beside that head (and this session's Ray): its workers'
-        # State API calls without an address answer for their own Ray
-        probe = subprocess.run([sys.executable, "-c", PROBE], env={**env, "RAY_TMPDIR": tempfile.mkdtemp(dir="/tmp")},
-                               cwd=str(REPO), capture_output=True, text=True, timeout=300)
-        assert probe.returncode == 0, probe.stderr[-3000:]
-        got = json.loads(probe.stdout.strip().splitlines()[-1])
-        assert got["worker_address"] == got["own_address"] and got["nodes"] == [got["own_node"]], got
+        # a local Ray started by init_ray("local") (this session's), the head running beside it: its
+        # workers' State API calls without an address answer for their own Ray
+        ctx = ray_local.get_runtime_context()
+
+        @ray_local.remote(num_cpus=0)   # defined here: pickled by value (workers cannot import test modules)
+        def probe():
+            from ray.util.state import list_nodes
+
+            return os.environ.get("RAY_ADDRESS"), [n.node_id for n in list_nodes()]
+
+        address, nodes = ray_local.get(probe.remote(), timeout=120)
+        assert address == ctx.gcs_address and nodes == [ctx.get_node_id()], (address, nodes, ctx.gcs_address)
         out_dir = tmp_path / "latents"
         p = subprocess.run([sys.executable, "-m", "jobs.cli", "encode", "--model", "models:/digits@production",
                             "--input", digits_parquet, "--output", str(out_dir), "--workdir", workdir],
@@ -156,23 +161,6 @@ def test_encode_joins_a_running_local_cluster_instead_of_a_traceback(tmp_path, d
 
         shutil.rmtree(tmp, ignore_errors=True)
         assert not survivors, f"Ray head processes survived teardown: {survivors}"
-
-
-PROBE = """
-import json, os, ray
-from pipeline.ray_runtime import init_ray
-init_ray("local")
-
-@ray.remote(num_cpus=0)
-def state_api_without_address():
-    from ray.util.state import list_nodes
-    return os.environ.get("RAY_ADDRESS"), [n.node_id for n in list_nodes()]
-
-address, nodes = ray.get(state_api_without_address.remote(), timeout=120)
-ctx = ray.get_runtime_context()
-print(json.dumps({"worker_address": address, "own_address": ctx.gcs_address, "nodes": nodes,
-                  "own_node": ctx.get_node_id()}))
-"""
 
 
 def _load_job_servers():

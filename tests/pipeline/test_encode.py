@@ -140,3 +140,64 @@ def test_auto_executor_stays_in_process_beside_the_one_node_ray_it_started(ray_l
     assert choose_executor(EncodeConfig(model=MODEL, input=loc.path, output=out.path, concurrency=1),
                            loc, out, units, 64)[0] == "ray"
     assert choose_executor(cfg, loc, out, units, record_bytes=LOCAL_MAX_BYTES)[0] == "ray"
+
+
+class _FakeEncoder:
+    """Stands in for UnitEncoder in each_unit: records which thread ran which unit; fails on `fail`."""
+
+    def __init__(self, fail: int | None = None, delay: float = 0.05):
+        self.fail, self.delay, self.ran = fail, delay, []
+
+    def run_unit(self, unit: dict) -> dict:
+        import threading
+        import time
+
+        self.ran.append((unit["index"], threading.current_thread().name))
+        time.sleep(self.delay)      # long enough that every thread gets units
+        if unit["index"] == self.fail:
+            raise ValueError(f"unit {unit['index']} is bad")
+        return {"unit": unit["index"], "rows": unit["rows"], "skipped": 0}
+
+
+def _units(n: int):
+    from pipeline.encode import Unit
+
+    return [Unit(index=i, file=f"f{i}.parquet", rel=f"f{i}.parquet", row_groups=[0], rows=10 + i) for i in range(n)]
+
+
+def test_local_units_run_on_every_encoder_thread_and_come_back_in_unit_order():
+    from pipeline.encode import each_unit
+
+    encs, seen = [_FakeEncoder(), _FakeEncoder()], []
+    res = each_unit(encs, _units(8), seen.append)
+    assert [r["unit"] for r in res] == list(range(8))              # unit order, whatever finished first
+    assert sorted(r["unit"] for r in seen) == list(range(8))       # done() once per unit
+    assert all(e.ran for e in encs)                                 # both encoders worked
+    assert sorted(i for e in encs for i, _ in e.ran) == list(range(8))   # each unit once
+    assert {t for e in encs for _, t in e.ran} == {"vaepipe-unit-0", "vaepipe-unit-1"}
+
+
+def test_a_failing_local_unit_stops_the_other_threads_and_is_raised_after_they_end():
+    """The error is the unit's own; no unit starts after it; no encoder thread still runs (the caller
+    aborts the commit next, and nothing may write after that)."""
+    import threading
+
+    from pipeline.encode import each_unit
+
+    encs = [_FakeEncoder(fail=1), _FakeEncoder(fail=1)]
+    with pytest.raises(ValueError, match="unit 1 is bad"):
+        each_unit(encs, _units(40), lambda r: None)
+    started = sorted(i for e in encs for i, _ in e.ran)
+    assert len(started) < 40 and max(started) <= 3, started    # unit 1 fails on the second or third take
+    assert not [t for t in threading.enumerate() if t.name.startswith("vaepipe-unit-")]
+
+
+def test_one_encoder_runs_the_units_in_order_in_the_calling_thread():
+    import threading
+
+    from pipeline.encode import each_unit
+
+    enc = _FakeEncoder(delay=0)
+    res = each_unit([enc], _units(3), lambda r: None)
+    assert [r["unit"] for r in res] == [0, 1, 2]
+    assert enc.ran == [(i, threading.current_thread().name) for i in range(3)]

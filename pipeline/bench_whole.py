@@ -418,8 +418,8 @@ def bench_encode_whole(cfg) -> dict[str, Any]:
     main = dict(by_layout[str(cfg.row_group_rows)])
     main.update({"layouts": by_layout, "load_avg_before": load_before, "load_avg_after": load_after,
                  "notes": ("whole processes, median of the alternating repeats: vaepipe = `vaepipe encode` "
-                           "(Python start, imports, its own local Ray start, model from the registry, encode, "
-                           "commit, Ray shutdown); baseline = the plain pyarrow iter_batches → model.embed → "
+                           "(Python start, imports, model from the registry, encode, commit; --executor auto: "
+                           "no Ray start for local files, one encoder thread per core); baseline = the plain pyarrow iter_batches → model.embed → "
                            "ParquetWriter script (model via mlflow.pyfunc.load_model().unwrap_python_model()); "
                            "steady-state figures are not measurable from outside the process (null); "
                            "peak_rss_mb = the process tree (Ray included), sampled every 0.2 s")})

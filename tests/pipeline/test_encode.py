@@ -127,9 +127,10 @@ def test_decode_reference_reports_round_trip_mse_next_to_pca_through_the_cli(tra
 def test_auto_executor_stays_in_process_beside_the_one_node_ray_it_started(ray_local, tmp_path):
     """A small local job after a train in the same process (the demo, a notebook, these tests): the
     Ray this process started has the same cores, so actors would add only their start-up. A Ray the
-    process joined, --concurrency, or a large job still take the actor pool."""
+    process joined or --concurrency still take the actor pool; size does not (the local executor runs
+    an encoder thread per core: at 10 M records it beat the one-node pool, docs/performance.md)."""
     from pipeline import ray_runtime
-    from pipeline.encode import LOCAL_MAX_BYTES, Unit, choose_executor
+    from pipeline.encode import Unit, choose_executor
 
     assert ray_runtime.started_local()   # tests/conftest.py's ray_local: init_ray("local")
     loc, out = resolve(str(tmp_path / "in")), resolve(str(tmp_path / "out"))
@@ -139,7 +140,9 @@ def test_auto_executor_stays_in_process_beside_the_one_node_ray_it_started(ray_l
     assert executor == "local" and "beside its own one-node Ray" in why
     assert choose_executor(EncodeConfig(model=MODEL, input=loc.path, output=out.path, concurrency=1),
                            loc, out, units, 64)[0] == "ray"
-    assert choose_executor(cfg, loc, out, units, record_bytes=LOCAL_MAX_BYTES)[0] == "ray"
+    big = [Unit(i, f"{i}.parquet", f"{i}.parquet", [0], 524_288) for i in range(20)]   # 10 M MNIST images
+    assert choose_executor(cfg, loc, out, big, record_bytes=784) == (
+        "local", "8.22 GB of local features: in this process, beside its own one-node Ray")
 
 
 class _FakeEncoder:

@@ -195,13 +195,14 @@ def test_20_two_writers_on_one_output_one_commits_the_other_exits_2_naming_it(tr
 
 # --- case 21: a killed driver, at any point, and the re-run ---------------------------------------
 
-@pytest.mark.parametrize("point,flags", [
-    ("unit.written", ["--concurrency", "1"]),   # Ray actors: the driver, its local Ray and an actor holding a unit
-    ("commit.moves", []),                       # the default executor for this input: one process, no Ray
-    ("commit.manifest", []),
-], ids=["unit.written", "commit.moves", "commit.manifest"])
+@pytest.mark.parametrize("point,flags,executor", [
+    ("unit.written", ["--concurrency", "1"], "ray"),   # Ray actors: the driver, its local Ray and an actor holding a unit
+    ("unit.written", [], "local"),   # the default executor: one process, an encoder thread per core, 3 units (files)
+    ("commit.moves", [], "local"),
+    ("commit.manifest", [], "local"),
+], ids=["unit.written", "unit.written.local", "commit.moves", "commit.manifest"])
 def test_21_sigkill_of_the_whole_encode_then_a_rerun_leaves_exactly_the_committed_rows(
-        trained_digits, digits_parquet, workdir, tmp_path, point, flags):
+        trained_digits, digits_parquet, workdir, tmp_path, point, flags, executor):
     out = tmp_path / "out"
     cfg = EncodeConfig(model=MODEL, input=digits_parquet, output=str(out), workdir=workdir)   # the default executor
     first = run_encode(cfg).manifest
@@ -211,7 +212,6 @@ def test_21_sigkill_of_the_whole_encode_then_a_rerun_leaves_exactly_the_committe
                                                     "VAEPIPE_LOG": "INFO"})
     _wait_for(marker, p, tmp_path / "killed.log", point)
     _kill_group(p)
-    executor = "ray" if flags else "local"
     assert f"encode: executor {executor} " in (tmp_path / "killed.log").read_text()
     ctl = pathlib.Path(control_of(resolve(str(out))).path)
     if point == "unit.written":   # killed while encoding: nothing reached OUT, every reader still sees run 1

@@ -39,21 +39,22 @@ SHARED_FIXTURE_GROUPS = {
 # end together instead of one finishing a long file alone while the other idles (the largest files
 # first: the longest-processing-time rule). xdist's own order is by number of tests, which put these,
 # few tests each, last. Order only: every other file runs after them, in collection order.
-LONGEST_FIRST = [                                   # seconds in a full run, 2026-12-03
-    "clean_tiny_run",                                # 235 (test_train_faults 143 + test_train_faults_rel 92)
-    "tests/pipeline/test_semi_train.py",             # 222
-    "tests/pipeline/test_train.py",                  # 178
-    "tests/pipeline/test_ray_runtime.py",            # 96
-    "tests/reliability/test_outputs_trust.py",       # 89
-    "tests/reliability/test_encode_reliability.py",  # 86
-    "tests/pipeline/test_bench.py",                  # 84
-    "tests/jobs/test_quiet_output.py",               # 76
-    "tests/pipeline/test_s3.py",                     # 53
-    "http_trained",                                  # 41
-    "tests/pipeline/test_mnist_spine.py",            # 36
-    "tests/pipeline/test_serving.py",                # 36
-    "tests/pipeline/test_encode.py",                 # 23
-    "tests/pipeline/test_batch_jobs.py",             # 20
+LONGEST_FIRST = [                                   # seconds in a full run, 2026-12-04 (`--durations`)
+    "tests/pipeline/test_semi_train.py",             # 246
+    "clean_tiny_run",                                # 217 (test_train_faults 135 + test_train_faults_rel 82)
+    "tests/pipeline/test_train.py",                  # 171
+    "tests/reliability/test_outputs_trust.py",       # 154
+    "tests/pipeline/test_ray_runtime.py",            # 79
+    "tests/pipeline/test_bench.py",                  # 75
+    "tests/reliability/test_encode_reliability.py",  # 67
+    "tests/pipeline/test_s3.py",                     # 63
+    "tests/jobs/test_quiet_output.py",               # 59
+    "http_trained",                                  # 33
+    "tests/pipeline/test_serving.py",                # 29
+    "tests/pipeline/test_anomaly_jobs.py",           # 25
+    "tests/pipeline/test_batch_jobs.py",             # 23
+    "tests/pipeline/test_mnist_spine.py",            # 21
+    "tests/pipeline/test_encode.py",                 # 20
 ]
 
 

@@ -2,6 +2,7 @@
 MLflow SQLite store per test module; real Parquet data on disk."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import fcntl
@@ -21,8 +22,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")   # local Ray on loopback only (see init_ray)
 os.environ.pop("RAY_ADDRESS", None)            # never join a cluster by accident
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-# `vaepipe query`'s cache goes to a folder of this test process, never the user's ~/.cache
+# `vaepipe query`'s cache goes to a folder of this test process, never the user's ~/.cache, and goes
+# with the process (each pytest process, xdist workers included, makes its own)
 os.environ["VAEPIPE_CACHE_DIR"] = tempfile.mkdtemp(prefix="vaepipe-test-cache-")
+atexit.register(shutil.rmtree, os.environ["VAEPIPE_CACHE_DIR"], ignore_errors=True)
 
 
 # Test files that share a session fixture: under `make test` (`-n 2 --dist loadfile`) each group runs

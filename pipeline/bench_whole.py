@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.parquet_io import Commit, read_manifest
+from pipeline.parquet_io import Commit, read_manifest, write_options
 from pipeline.uris import resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +118,7 @@ def make_latents(folder: str, records: int, dim: int = 16, files: int = 8, row_g
     one row group at a time (flat memory). A folder already holding this input is reused."""
     marker = os.path.join(folder, "_bench_latents.json")
     want = {"records": records, "dim": dim, "files": files, "row_group_rows": row_group_rows, "seed": seed,
-            "version": 1}
+            "version": 2}
     if os.path.exists(marker):
         with open(marker) as f:
             if json.load(f) == want:
@@ -133,7 +133,7 @@ def make_latents(folder: str, records: int, dim: int = 16, files: int = 8, row_g
     for i in range(files):
         path = commit.staged_path(f"part-{i:05d}.parquet")
         loc.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        with pq.ParquetWriter(path, schema, compression="zstd") as w:
+        with pq.ParquetWriter(path, schema, **write_options(schema)) as w:   # as encode writes them
             for lo in range(int(bounds[i]), int(bounds[i + 1]), row_group_rows):
                 hi = min(int(bounds[i + 1]), lo + row_group_rows)
                 x = rng.standard_normal((hi - lo, dim), dtype=np.float32)

@@ -19,7 +19,7 @@ from pipeline.errors import InputError, SchemaError, released_ray_failure
 from pipeline.features import FeatureSpec, fixed_size_list, to_matrix
 from pipeline.encode import in_process, refuse_partition_of_nightly
 from pipeline.lease import Lease, hold_lease
-from pipeline.parquet_io import list_parquet_files, read_footer, read_table
+from pipeline.parquet_io import list_parquet_files, read_footer, read_table, write_options
 from pipeline.quantize import dequantize
 from pipeline.uris import resolve
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
@@ -90,7 +90,8 @@ class FileDecoder:
         staged = posixpath.join(p["staging"], posixpath.dirname(rel), f"unit-{index:06d}.parquet")
         self.out.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
         with self.out.fs.open(staged, "wb") as f:
-            pq.write_table(pa.table(out).replace_schema_metadata(meta), f, compression="zstd")
+            table = pa.table(out).replace_schema_metadata(meta)
+            pq.write_table(table, f, **write_options(table.schema))
         return {"index": index, "staged": staged, "rows": len(x)}
 
     def __call__(self, batch: dict) -> dict:

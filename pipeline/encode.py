@@ -31,7 +31,7 @@ from pipeline.features import (FeatureSpec, check_finite, fixed_size_list, infer
                                to_matrix)
 from pipeline.commit import Commit, control_of, parent_table, partition_control, pause_point, read_table_manifest
 from pipeline.lease import Lease, hold_lease
-from pipeline.parquet_io import list_parquet_files, partition_values, read_footer
+from pipeline.parquet_io import list_parquet_files, partition_values, read_footer, write_options
 from pipeline.progress import Progress
 from pipeline.quantize import error_report, error_sums, int8_scale, quantize
 from pipeline.uris import Location, resolve
@@ -282,7 +282,7 @@ class StagedWriter:
     def __init__(self, fs, path: str, schema: pa.Schema):
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self.sink = fs.open(path, "wb")
-        self.writer = pq.ParquetWriter(self.sink, schema, compression="zstd")
+        self.writer = pq.ParquetWriter(self.sink, schema, **write_options(schema))
 
     def write(self, table: pa.Table) -> None:
         self.writer.write_table(table)

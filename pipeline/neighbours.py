@@ -30,7 +30,7 @@ from pipeline.commit import control_of, read_table_manifest
 from pipeline.config import WriterConfig, opt
 from pipeline.errors import ConfigError, InputError, SchemaError
 from pipeline.knn import BlockSearch, exact_sq, from_np, latent_matrix
-from pipeline.parquet_io import Commit, list_parquet_files
+from pipeline.parquet_io import Commit, list_parquet_files, write_options
 from pipeline.query import Latents
 from pipeline.uris import resolve
 
@@ -143,14 +143,14 @@ class NeighbourUnits:
             if writer is None:
                 self.out.fs.makedirs(posixpath.dirname(unit["staged"]), exist_ok=True)
                 sink = self.out.fs.open(unit["staged"], "wb")
-                writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
+                writer = pq.ParquetWriter(sink, table.schema, **write_options(table.schema))
             writer.write_table(table)
             rows += table.num_rows
         if writer is None:   # an empty row group: a typed, empty file
             self.out.fs.makedirs(posixpath.dirname(unit["staged"]), exist_ok=True)
             sink = self.out.fs.open(unit["staged"], "wb")
-            writer = pq.ParquetWriter(sink, self.table(ids.slice(0, 0), np.zeros((0, p["k"]), np.float32),
-                                                        np.zeros((0, p["k"]), np.int64)).schema)
+            schema = self.table(ids.slice(0, 0), np.zeros((0, p["k"]), np.float32), np.zeros((0, p["k"]), np.int64)).schema
+            writer = pq.ParquetWriter(sink, schema, **write_options(schema))
         writer.close()
         sink.close()
         return {"index": unit["index"], "staged": unit["staged"], "rows": rows}

@@ -15,7 +15,7 @@ from pipeline.errors import InputError
 from pipeline.uris import Location
 
 __all__ = ["Commit", "SUCCESS", "write_bytes_atomic", "list_parquet_files", "read_manifest", "partition_values",
-           "read_footer", "check_inputs", "read_table", "write_table", "is_parquet_name"]
+           "read_footer", "check_inputs", "read_table", "write_table", "write_options", "is_parquet_name"]
 
 
 def _hidden(name: str) -> bool:
@@ -116,11 +116,35 @@ def read_table(loc: Location, path: str, columns: list[str] | None = None) -> pa
         raise InputError(f"{loc.full(path)}: cannot read Parquet ({type(e).__name__}: {str(e)[:200]})") from None
 
 
+def _dictionary_leaves(name: str, t: pa.DataType) -> list[str]:
+    """The Parquet leaf columns under field `name` that are not floating point (paths as pyarrow
+    writes them: `mu.list.element`, `s.a`)."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _dictionary_leaves(f"{name}.list.element", t.value_type)
+    if pa.types.is_struct(t):
+        return [p for f in t for p in _dictionary_leaves(f"{name}.{f.name}", f.type)]
+    if pa.types.is_map(t):
+        return (_dictionary_leaves(f"{name}.key_value.key", t.key_type)
+                + _dictionary_leaves(f"{name}.key_value.value", t.item_type))
+    return [] if pa.types.is_floating(t) else [name]
+
+
+def write_options(schema: pa.Schema) -> dict[str, Any]:
+    """How vaepipe writes Parquet (`pq.write_table` / `ParquetWriter` keywords): zstd, and dictionary
+    pages only where they can help. In a column of floats or of lists of floats (μ, log σ², scores,
+    probabilities, distances, decoded features) nearly every value is distinct: pyarrow would build a
+    dictionary for each column chunk's first pages, then fall back to plain ones, and every writer and
+    reader pays for it (μ of 1.25 M records × 16: 85 → 72 MiB without it; pyarrow reads it ~25 %
+    faster, DuckDB ~10 %). Every other leaf (ids, labels, kept strings, int8 μ) keeps pyarrow's default."""
+    return {"compression": "zstd",
+            "use_dictionary": [p for f in schema for p in _dictionary_leaves(f.name, f.type)]}
+
+
 def write_table(loc: Location, path: str, table: pa.Table, metadata: dict[str, str] | None = None) -> None:
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{
             k.encode(): v.encode() for k, v in metadata.items()}})
     with loc.fs.open(path, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
+        pq.write_table(table, f, **write_options(table.schema))
 
 

@@ -72,6 +72,11 @@ def test_hive_partitions_stay_folders_and_every_file_names_its_model(trained_dig
         assert sorted(t.column("id").to_pylist()) == sorted(days[day])          # rows stay in their partition
         assert {"mu", "logvar", "score"} <= set(t.schema.names)
         assert np.isfinite(t.column("score").to_numpy()).all()
+        # floats go in plain pages (a dictionary of distinct values only costs); the ids keep theirs
+        chunks = pq.ParquetFile(path).metadata.row_group(0)
+        dictionary = {chunks.column(i).path_in_schema.split(".")[0]: "RLE_DICTIONARY" in chunks.column(i).encodings
+                      for i in range(chunks.num_columns)}
+        assert dictionary == {"id": True, "mu": False, "logvar": False, "score": False}, dictionary
         md = pq.read_schema(path).metadata
         assert md[b"vaepipe.model_name"] == b"digits"
         assert md[b"vaepipe.model_version"].decode() == str(trained_digits.version)

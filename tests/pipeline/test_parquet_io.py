@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.commit import MANIFEST, control_of, partition_control
 from pipeline.errors import ConfigError, InputError, ManifestError
-from pipeline.parquet_io import SUCCESS, Commit, check_inputs, list_parquet_files, read_manifest, read_table, write_table
+from pipeline.parquet_io import (SUCCESS, Commit, check_inputs, list_parquet_files, read_manifest, read_table,
+                                 write_options, write_table)
 from pipeline.uris import resolve
 
 
@@ -352,3 +353,32 @@ def test_a_nightly_partition_is_read_through_the_roots_control_folder_and_refuse
     assert read_manifest(day)["run_id"] == "r1"
     with pytest.raises(ConfigError, match="partition of the nightly output"):
         refuse_partition_of_nightly(day)
+
+
+def test_floats_and_lists_of_floats_are_written_without_a_dictionary(tmp_path):
+    """write_options: zstd everywhere; a dictionary for ids, labels and strings (and int8 μ), none for
+    float columns or float lists, whose values are nearly all distinct. DuckDB reads the file back."""
+    import duckdb
+    import numpy as np
+
+    n = 4096
+    rng = np.random.default_rng(0)
+    t = pa.table({"id": np.arange(n), "label": pa.array(["cat", "dog"] * (n // 2)),
+                  "mu": pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(n * 4, np.float32)), 4),
+                  "q": pa.FixedSizeListArray.from_arrays(pa.array(rng.integers(-127, 128, n * 4, np.int8)), 4),
+                  "score": rng.standard_normal(n), "half": pa.array(rng.standard_normal(n).astype(np.float16))})
+    opts = write_options(t.schema)
+    assert opts == {"compression": "zstd", "use_dictionary": ["id", "label", "q.list.element"]}
+    nested = pa.schema([("s", pa.struct([("a", pa.int64()), ("b", pa.float32())])),
+                        ("m", pa.map_(pa.string(), pa.float64()))])      # a user's kept columns: by leaf
+    assert write_options(nested)["use_dictionary"] == ["s.a", "m.key_value.key"]
+    loc = resolve(str(tmp_path))
+    write_table(loc, str(tmp_path / "t.parquet"), t)
+    rg = pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(0)
+    cols = {rg.column(i).path_in_schema.split(".")[0]: rg.column(i) for i in range(rg.num_columns)}
+    assert {c: "RLE_DICTIONARY" in m.encodings for c, m in cols.items()} == \
+        {"id": True, "label": True, "mu": False, "q": True, "score": False, "half": False}
+    assert {m.compression for m in cols.values()} == {"ZSTD"}
+    assert pq.read_table(tmp_path / "t.parquet").equals(t)
+    assert duckdb.sql(f"SELECT count(*), sum(mu[1]::DOUBLE) FROM read_parquet('{tmp_path}/t.parquet')").fetchone() == \
+        pytest.approx((n, float(np.asarray(t.column("mu").combine_chunks().flatten())[::4].astype(np.float64).sum())))

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 from load_nightly import register_tiny_model   # noqa: E402
+from readers import stray_files   # noqa: E402
 
 
 def readers(out: str) -> dict[str, tuple[int, int, int]]:
@@ -70,7 +71,7 @@ def committed_days(out: str) -> list[int]:
 
 def check(out: str, want: tuple[int, int, int], what: str) -> bool:
     got = readers(out)
-    stray = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if not (f.endswith(".parquet") or f == "_SUCCESS")]
+    stray = stray_files(out)
     ok = all(g == want for g in got.values()) and not stray
     print(f"{what}: want (rows, distinct ids, sum of ids) = {want}; "
           + "; ".join(f"{k} {v}" for k, v in got.items()) + (f"; stray files {stray}" if stray else "")

@@ -38,6 +38,11 @@ def pandas_ids(out: str) -> list:
     return sorted(pd.read_parquet(out, columns=["id"])["id"].tolist())
 
 
+def stray_files(out: str) -> list[str]:
+    """Anything under OUT that is neither a data file nor `_SUCCESS` (a staged part, a manifest)."""
+    return [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if not (f.endswith(".parquet") or f == "_SUCCESS")]
+
+
 READERS = {"duckdb": duckdb_ids, "pyarrow": pyarrow_ids, "polars": polars_ids, "pandas": pandas_ids}
 
 
@@ -51,7 +56,7 @@ def assert_readers_agree(out: str, expected_rows: int | None = None) -> list:
     for name, read in READERS.items():
         got = read(out)
         assert got == want, f"{name} reads {len(got)} rows ({len(got) - len(set(got))} duplicate ids), manifest has {len(want)}"
-    leftovers = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if not (f.endswith(".parquet") or f == "_SUCCESS")]
+    leftovers = stray_files(out)
     assert not leftovers, f"non-data files inside the output: {leftovers}"
     return want
 

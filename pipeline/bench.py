@@ -50,6 +50,7 @@ from pipeline.progress import Progress
 
 WHATS = ("encode", "train", "query")
 DEVICES = ("auto", "cpu", "cuda")
+AMPS = ("off", "bf16", "fp16")   # as pipeline.train_config.AMPS
 SCHEMA = pa.schema([("id", pa.int64()), ("label", pa.int64()), ("image", pa.list_(pa.uint8(), 784))])
 
 
@@ -69,6 +70,11 @@ class BenchConfig(RuntimeConfig):
                                     "in-process encode/train report the best of each, whole processes the median")
     device: str = opt("auto", "encode/train: run both sides on cpu or cuda (cuda: exits if no GPU is visible); "
                               "auto = cuda when available", choices=DEVICES)
+    executor: str = opt("ray", "encode (in-process): the vaepipe side's executor, ray (the Ray Data actor pool) or "
+                               "local (this process, one encoder thread per core sharing the GPU if any); "
+                               "--whole-process runs `vaepipe encode` with its default, auto", choices=("ray", "local"))
+    amp: str = opt("off", "train: mixed precision on both sides (off, bf16, fp16; fp16 with a GradScaler), "
+                          "as `vaepipe train --amp`", choices=AMPS)
     whole_process: bool = opt(False, "encode: time `vaepipe encode` and the plain script as separate processes "
                                      "(Python start, imports, Ray start and model load included), on both row-group "
                                      "layouts (pyarrow's default and --row-group-rows)")
@@ -81,6 +87,10 @@ class BenchConfig(RuntimeConfig):
     def __post_init__(self) -> None:
         self.choice("what", WHATS)
         self.choice("device", DEVICES)
+        self.choice("amp", AMPS)
+        self.choice("executor", ("ray", "local"))
+        if self.amp != "off" and self.what != "train":
+            raise ConfigError(f"--amp {self.amp}: only `vaepipe bench train` takes it (encode runs in fp32)")
         for name in ("records", "row_group_rows", "file_rows", "epochs", "latent_dim", "k", "query_ids", "query_files"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -316,10 +326,11 @@ def baseline_encode(files: list[str], out_dir: str, model, batch_size: int, thre
 def _pipeline_encode(cfg: BenchConfig, input_dir: str, out_dir: str, blob: tuple, device: str = "cpu"):
     from pipeline.encode import EncodeConfig, run_encode
 
-    # executor="ray": this side is the Ray Data actor path (its figures in docs/performance.md); at
-    # these sizes --executor auto would keep the job in this process, beside the Ray started above
+    # executor="ray" by default: this side is the Ray Data actor path (its figures in
+    # docs/performance.md); --executor auto would keep the job in this process, beside the Ray started
+    # above, which is what --executor local measures
     ecfg = EncodeConfig(model=blob[0].uri, input=input_dir, output=out_dir, keep=["id"], batch_size=cfg.bs,
-                        executor="ray",
+                        executor=cfg.executor,
                         concurrency=cfg.concurrency, workdir=cfg.workdir, ray_address=cfg.ray_address,
                         use_gpu=device == "cuda",
                         tracking_uri=f"sqlite:///{os.path.abspath(os.path.join(input_dir, '..', 'mlflow.db'))}")
@@ -407,7 +418,11 @@ def bench_encode(cfg: BenchConfig) -> dict[str, Any]:
         "baseline_wall_s": b["wall"], "pipeline_wall_s": p["wall"], "pipeline_units_span_s": span,
         "peak_rss_mb": max(d["peak"] for d in pipe), "baseline_peak_rss_mb": max(d["peak"] for d in base),
         "peak_pss_mb": max(d["peak_pss"] for d in pipe), "baseline_peak_pss_mb": max(d["peak_pss"] for d in base),
-        "baseline_threads": threads, "pipeline_actors": cfg.concurrency or os.cpu_count(),
+        "baseline_threads": threads,
+        "pipeline_executor": cfg.executor,
+        "pipeline_actors": (cfg.concurrency or (torch.cuda.device_count() if device == "cuda" else os.cpu_count())
+                            if cfg.executor == "ray" else None),
+        "pipeline_threads": threads if cfg.executor == "local" else None,
         "pipeline_files": p["res"].files, "repeats": cfg.n_repeats,
         "all_baseline_walls_s": [d["wall"] for d in base], "all_pipeline_walls_s": [d["wall"] for d in pipe],
         "max_abs_mu_diff": diff, "load_avg_before": load_before, "load_avg_after": load_after,
@@ -422,9 +437,10 @@ def bench_encode(cfg: BenchConfig) -> dict[str, Any]:
 # --- train --------------------------------------------------------------------------------------
 
 def baseline_train(files: list[str], model, epochs: int, batch_size: int, threads: int, lr: float = 2e-3,
-                   seed: int = 0, device: str = "cpu") -> tuple[list[float], float]:
+                   seed: int = 0, device: str = "cpu", amp: str = "off") -> tuple[list[float], float]:
     """Plain PyTorch: read the Parquet once into a uint8 tensor, then `train_epoch` over randperm
-    batches with AdamW. Returns the epoch walls and the read time."""
+    batches with AdamW (under autocast for `amp`, fp16 with a GradScaler, as vaepipe's loop).
+    Returns the epoch walls and the read time."""
     from vae.loss import kl_weight
     from vae.train_step import cosine_lr, train_epoch
 
@@ -440,6 +456,7 @@ def baseline_train(files: list[str], model, epochs: int, batch_size: int, thread
     torch.manual_seed(seed)
     model = model.to(device).train()
     opt_ = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     walls = []
     for epoch in range(epochs):
         lr_e = cosine_lr(lr, epoch, epochs)   # the schedule vaepipe's train uses
@@ -448,7 +465,9 @@ def baseline_train(files: list[str], model, epochs: int, batch_size: int, thread
         t = time.perf_counter()
         perm = torch.randperm(len(x))
         batches = (x[perm[i:i + batch_size]] for i in range(0, len(x), batch_size))
-        stats = train_epoch(model, batches, opt_, kl_weight(1.0, epoch + 1, 0.0), 0.0, device)
+        stats = train_epoch(model, batches, opt_, kl_weight(1.0, epoch + 1, 0.0), 0.0, device, amp, scaler)
+        if device.type == "cuda":
+            torch.cuda.synchronize()   # the epoch's wall includes its last kernels
         walls.append(time.perf_counter() - t)
         if stats.records != len(x):
             raise RuntimeError(f"bench: baseline trained on {stats.records} records, expected {len(x)}")
@@ -474,7 +493,8 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
     init_ray(cfg.ray_address, reserve_cpus=1 * 1.0 + 1)   # as run_train sizes it
     def run_side(side: str, r: int) -> dict:
         if side == "baseline":
-            walls, read_s = baseline_train(files, bench_model(cfg), cfg.epochs, cfg.bs, threads, device=device)
+            walls, read_s = baseline_train(files, bench_model(cfg), cfg.epochs, cfg.bs, threads, device=device,
+                                           amp=cfg.amp)
             extra = {"read_s": read_s}
         else:
             tcfg = TrainConfig(
@@ -483,7 +503,7 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
                 batch_size=cfg.bs, val_fraction=0.0, workers=1, promote="never", model_name="bench",
                 experiment="bench", run_name=f"bench-train-{r}", storage_path=os.path.join(run_root, "ray"),
                 workdir=run_root, tracking_uri=f"sqlite:///{os.path.join(run_root, 'mlflow.db')}",
-                ray_address=cfg.ray_address, max_failures=0, use_gpu=device == "cuda")
+                ray_address=cfg.ray_address, max_failures=0, use_gpu=device == "cuda", amp=cfg.amp)
             res = run_train(tcfg)
             journal = RunStore(res.run_dir).journal()
             walls = [j["epoch_time_s"] for j in sorted(journal, key=lambda j: j["epoch"])]
@@ -500,6 +520,7 @@ def bench_train(cfg: BenchConfig) -> dict[str, Any]:
     p = max(pipe, key=lambda d: d["sps"])
     figures = {
         "what": "train", "records": n, "batch_size": cfg.bs, "epochs": cfg.epochs, "device": device_name(device),
+        "amp": cfg.amp,
         "baseline_records_per_s": b["sps"], "pipeline_records_per_s": p["sps"], "ratio": p["sps"] / b["sps"],
         "baseline_epoch_s": b["walls"], "pipeline_epoch_s": p["walls"],
         "baseline_end_to_end_s": b["wall"], "pipeline_end_to_end_s": p["wall"], "end_to_end_ratio": b["wall"] / p["wall"],
@@ -558,13 +579,14 @@ def summary(f: dict[str, Any]) -> str:
         from pipeline.bench_whole import summary_encode_whole
 
         return summary_encode_whole(f)
-    lines = [f"bench {f['what']}: {f['records']:,} records, batch {f['batch_size']}, {f['device']}",
+    amp = f" (amp {f['amp']})" if f.get("amp", "off") != "off" else ""
+    lines = [f"bench {f['what']}: {f['records']:,} records, batch {f['batch_size']}, {f['device']}{amp}",
              f"  baseline (plain PyTorch, {f['baseline_threads']} threads): {f['baseline_records_per_s']:>10,.0f} records/s",
              f"  vaepipe:                              {f['pipeline_records_per_s']:>10,.0f} records/s",
              f"  ratio vaepipe/baseline: {f['ratio']:.2f}"]
     if f["what"] == "encode":
-        lines += [f"  (vaepipe = whole run_encode after warm-up: {f['pipeline_wall_s']:.1f} s vs baseline "
-                  f"{f['baseline_wall_s']:.1f} s; steady state, first unit start → last unit end: "
+        lines += [f"  (vaepipe = whole run_encode, --executor {f.get('pipeline_executor', 'ray')}, after warm-up: "
+                  f"{f['pipeline_wall_s']:.1f} s vs baseline {f['baseline_wall_s']:.1f} s; steady state, first unit start → last unit end: "
                   f"{f['pipeline_steady_records_per_s']:,.0f} records/s, ratio {f['steady_ratio']:.2f})",
                   f"  max |μ baseline − μ vaepipe| = {f['max_abs_mu_diff']:.2e}"]
     else:

@@ -50,15 +50,29 @@ def test_bench_encode_cli_writes_the_figures_and_both_outputs_agree(ray_local, t
     assert 0 < f["pipeline_units_span_s"] <= f["pipeline_wall_s"]
     text = capsys.readouterr().out
     assert "records/s" in text and "ratio vaepipe/baseline" in text
+    assert f["pipeline_executor"] == "ray" and "--executor ray" in text
+
+
+def test_bench_encode_local_executor_side_agrees_with_the_baseline(ray_local, tmp_path):
+    # --executor local: the in-process encoder threads (what `vaepipe encode` picks on local files)
+    out = tmp_path / "l.json"
+    assert main(["bench", "encode", "--executor", "local", "--records", "3000", "--row-group-rows", "1000",
+                 "--hidden", "32,16", "--workdir", str(tmp_path), "--json", str(out)]) == 0
+    f = json.loads(out.read_text())
+    check_figures(f, 3000)
+    assert f["pipeline_executor"] == "local" and f["pipeline_actors"] is None and f["pipeline_threads"] >= 1
+    assert f["max_abs_mu_diff"] < 1e-5
 
 
 def test_bench_train_cli_writes_the_figures(ray_local, tmp_path):
+    # bf16 autocast on both sides (CPU autocast here; the same flag on a GPU host)
     out = tmp_path / "t.json"
-    assert main(["bench", "train", "--records", "3000", "--epochs", "2", "--hidden", "32,16",
+    assert main(["bench", "train", "--records", "3000", "--epochs", "2", "--hidden", "32,16", "--amp", "bf16",
                  "--workdir", str(tmp_path), "--json", str(out)]) == 0
     f = json.loads(out.read_text())
     check_figures(f, 3000)
-    assert f["what"] == "train" and len(f["baseline_epoch_s"]) == len(f["pipeline_epoch_s"]) == 2
+    assert f["what"] == "train" and f["amp"] == "bf16"
+    assert len(f["baseline_epoch_s"]) == len(f["pipeline_epoch_s"]) == 2
     assert math.isfinite(f["final_train_neg_elbo"])
 
 
@@ -67,6 +81,8 @@ def test_bench_config_checks_and_rss_helpers():
         BenchConfig(what="train", epochs=1)
     with pytest.raises(ConfigError, match="records"):
         BenchConfig(records=0)
+    with pytest.raises(ConfigError, match="only `vaepipe bench train` takes it"):
+        BenchConfig(what="encode", amp="fp16")
     assert BenchConfig(what="train").bs == 128 and BenchConfig().bs == 4096
     with PeakRSS(interval=0.01) as m:
         blob = bytearray(64 * 2**20)

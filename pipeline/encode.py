@@ -56,7 +56,8 @@ class EncodeConfig(WriterConfig):
     batch_size: int = opt(4096, "records per forward pass")
     unit_rows: int = opt(131_072, "target records per work unit / output file (whole row groups)")
     concurrency: int | None = opt(None, "encoder actors (default: CPU cores, or GPUs with --use-gpu)")
-    use_gpu: bool | None = opt(None, "encode on GPUs (default: when the cluster has them)")
+    use_gpu: bool | None = opt(None, "encode on GPUs (default: when there are any: this machine's in this process, "
+                                     "the cluster's on the actor pool; --no-use-gpu: CPU only)")
     logvar: bool = opt(False, "also write the posterior log-variance")
     score: bool = opt(False, "also write an anomaly score per record (higher = more unusual): --score-kind")
     score_kind: str = opt("neg_elbo", "the score: neg_elbo (-ELBO, nats), sq_err (squared reconstruction error of "
@@ -76,9 +77,9 @@ class EncodeConfig(WriterConfig):
     on_bad_record: str = opt("fail", "NaN/inf/null features: fail the job, or skip them (their ids go to the quarantine file the manifest names)",
                              choices=("fail", "skip"))
     executor: str = opt("auto", "where the units run: ray (an actor pool on the Ray cluster), local (this process, "
-                                "no Ray; one encoder thread per core), auto (local for local or memory:// data when "
-                                "no cluster address is set, no Ray cluster runs here and no --concurrency or "
-                                "--use-gpu asks for actors)",
+                                "no Ray; one encoder thread per core, on this machine's GPU when it has one), auto "
+                                "(local for local or memory:// data when no cluster address is set, no Ray cluster "
+                                "runs here, no --concurrency asks for actors and at most one GPU is to be used)",
                         choices=("auto", "ray", "local"))
     storage_options: str = opt("", "fsspec storage options as JSON, for input and output, e.g. "
                                     "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' for an S3-compatible store")
@@ -116,8 +117,13 @@ def choose_executor(cfg: "EncodeConfig", loc: Location, out: Location, units: li
 
     if "ray" in sys.modules and sys.modules["ray"].is_initialized() and not ray_runtime.started_local():
         return "ray", "Ray is already running in this process"
-    if cfg.concurrency is not None or cfg.use_gpu:
-        return "ray", "--concurrency/--use-gpu asks for actors"
+    if cfg.concurrency is not None:
+        return "ray", "--concurrency asks for actors"
+    gpus = torch.cuda.device_count() if cfg.use_gpu is not False else 0
+    if gpus > 1:
+        return "ray", f"{gpus} GPUs here: one actor each"
+    if cfg.use_gpu and not gpus:
+        return "ray", "--use-gpu and no GPU visible to this process: GPU actors on the cluster"
     if not (loc.is_local and out.is_local):
         return "ray", "object-store data: actors overlap the transfers"
     if _local_cluster_running():
@@ -125,7 +131,9 @@ def choose_executor(cfg: "EncodeConfig", loc: Location, out: Location, units: li
     # Local files on one machine, at any size: this process runs one encoder thread per core, as many
     # as a one-node Ray would start actors, without Ray's start, its processes or its object store
     # (10 M records on 2 cores: 150.6 s here against 219.4 s on the actor pool, half the memory;
-    # docs/performance.md). A job that should survive the loss of an encoder runs with --executor ray.
+    # docs/performance.md); with one GPU, the threads decode Parquet in parallel and share it (the one
+    # GPU actor of the pool decodes alone: 1 M records on an H200 host, docs/performance.md). A job
+    # that should survive the loss of an encoder runs with --executor ray.
     size = sum(u.rows for u in units) * record_bytes
     if ray_runtime.started_local():
         # the one-node Ray this process started (a train before, say) has no more cores than this
@@ -567,7 +575,8 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
     executor, why = choose_executor(cfg, loc, out, units, model.config.input_dim * itemsize)
     log.info("encode: executor %s (%s)", executor, why)
     if executor == "local":
-        res = _run_units_here(blob, {**plan, "use_gpu": bool(cfg.use_gpu) and torch.cuda.is_available()},
+        # the GPU unless --no-use-gpu: "when the cluster has them" is, here, when this machine has one
+        res = _run_units_here(blob, {**plan, "use_gpu": cfg.use_gpu is not False and torch.cuda.is_available()},
                               units, commit, total)
     else:
         res = _run_units_on_ray(cfg, blob, plan, units, commit, total)
@@ -674,13 +683,15 @@ def _commit_units(cfg: EncodeConfig, out: Location, commit: Commit, res: list[di
 
 
 def _run_units_here(blob: bytes, plan: dict[str, Any], units: list[Unit], commit: Commit, total: int) -> list[dict]:
-    """The local executor (and memory://): the actor's code, run in this process. On CPU, one thread
-    per torch thread (a core), each with its own encoder on one torch thread, takes the next unit: as
-    the Ray pool's one-thread actors do, without their processes (1 M records on 2 cores: the units
-    took 15-19 s this way against 21-29 s one unit at a time on 2 torch threads). On a GPU, one
-    encoder, one unit at a time. Any error aborts the commit once no thread is writing."""
+    """The local executor (and memory://): the actor's code, run in this process. One thread per torch
+    thread (a core), each with its own encoder on one torch thread, takes the next unit: as the Ray
+    pool's one-thread actors do, without their processes (1 M records on 2 cores: the units took
+    15-19 s this way against 21-29 s one unit at a time on 2 torch threads). On a GPU the same: each
+    thread reads and decodes its unit's Parquet (the work that bounds a GPU encode; pyarrow releases
+    the GIL) and runs its own copy of the model on the one GPU. Any error aborts the commit once no
+    thread is writing."""
     threads = torch.get_num_threads()
-    n = 1 if plan["use_gpu"] else max(1, min(threads, len(units)))
+    n = max(1, min(threads, len(units)))
     try:
         encoders = [UnitEncoder(blob, {**plan, "threads": threads if n == 1 else 1}) for _ in range(n)]
         with Progress("encode", total, units=len(units)) as prog:

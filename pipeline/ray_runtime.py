@@ -34,10 +34,12 @@ loggers:
 
 
 class RayDataConsoleFilter(logging.Filter):
-    """Ray Data's console filter (records marked hidden stay hidden) minus the warning that its
-    progress bars are off: vaepipe switches them off on purpose and reports progress itself."""
+    """Ray Data's console filter (records marked hidden stay hidden) minus two warnings about what
+    vaepipe does on purpose: progress bars off (it reports progress itself), and GPU encode actors
+    that ask for both num_gpus=1 and num_cpus=0.5 (the CPU budget that lets a GPU actor run beside
+    the rest on a small node; Ray calls any such mix experimental)."""
 
-    QUIET = ("Progress bars disabled.",)
+    QUIET = ("Progress bars disabled.", "Specifying both num_cpus and num_gpus for map tasks is experimental")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "hide", False):

@@ -95,3 +95,19 @@ def test_progress_can_be_silenced(monkeypatch):
     with Progress("x", total=3, stream=buf) as p:
         p.update(3)
     assert buf.getvalue() == "" and p.summary().startswith("x: 3 records")
+
+
+def test_ray_data_console_drops_only_the_warnings_about_what_vaepipe_does_on_purpose():
+    import logging
+
+    from pipeline.ray_runtime import RayDataConsoleFilter
+
+    def passes(msg: str, level: int = logging.WARNING) -> bool:
+        return RayDataConsoleFilter().filter(logging.LogRecord("ray.data", level, "x.py", 1, msg, None, None))
+
+    # Ray 2.60's map_operator.py, for the GPU encode actors (num_gpus=1, num_cpus=0.5)
+    assert not passes("Specifying both num_cpus and num_gpus for map tasks is experimental, and may result in "
+                      "scheduling or stability issues. Please report any issues to the Ray team: https://…")
+    assert not passes("Progress bars disabled. To enable, set `DataContext.enable_progress_bars = True`.")
+    assert passes("Specifying both num_cpus and num_gpus …", logging.ERROR)     # an error always shows
+    assert passes("Operator MapBatches(UnitEncoder) is using 95% of its memory budget")   # other warnings show

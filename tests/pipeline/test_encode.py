@@ -150,6 +150,29 @@ def test_auto_executor_stays_in_process_beside_the_one_node_ray_it_started(ray_l
         "local", "8.22 GB of local features: in this process, beside its own one-node Ray")
 
 
+def test_auto_executor_with_gpus(tmp_path, monkeypatch):
+    """One GPU here: the job stays in this process (encoder threads decode Parquet and share the GPU);
+    several: one Ray actor per GPU; --use-gpu with none visible here: GPU actors on the cluster.
+    torch's GPU count is set by hand (this machine has none) for the 1- and 2-GPU cases."""
+    import torch
+
+    from pipeline.encode import Unit, choose_executor
+
+    loc, out = resolve(str(tmp_path / "in")), resolve(str(tmp_path / "out"))
+    units = [Unit(0, "a.parquet", "a.parquet", [0], 1797)]
+    cfg = lambda **kw: EncodeConfig(model=MODEL, input=loc.path, output=out.path, **kw)
+    if not torch.cuda.is_available():
+        assert choose_executor(cfg(use_gpu=True), loc, out, units, 64) == (
+            "ray", "--use-gpu and no GPU visible to this process: GPU actors on the cluster")
+        assert choose_executor(cfg(), loc, out, units, 64)[0] == "local"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert choose_executor(cfg(use_gpu=True), loc, out, units, 64)[0] == "local"
+    assert choose_executor(cfg(), loc, out, units, 64)[0] == "local"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert choose_executor(cfg(), loc, out, units, 64) == ("ray", "2 GPUs here: one actor each")
+    assert choose_executor(cfg(use_gpu=False), loc, out, units, 64)[0] == "local"   # --no-use-gpu: CPU threads
+
+
 class _FakeEncoder:
     """Stands in for UnitEncoder in each_unit: records which thread ran which unit; fails on `fail`."""
 

@@ -301,7 +301,9 @@ class StagedWriter:
 
 
 class UnitEncoder:
-    """A Ray Data actor: loads the model once, then encodes whole units (row groups → one file)."""
+    """A Ray Data actor: loads the model once, then encodes whole units (row groups → one file). A
+    GPU actor runs several units at once in threads: `run_unit` keeps its state in locals, and the
+    model is only read (inference mode)."""
 
     def __init__(self, model_bytes: bytes, plan: dict[str, Any]):
         self.plan = plan
@@ -314,7 +316,6 @@ class UnitEncoder:
         self.out = resolve(plan["output"], **plan.get("storage_options", {}))
         self.spec = FeatureSpec(tuple(plan["features"]), plan["layout"])
         self.scale = np.asarray(plan["int8_scale"], np.float32) if plan["int8_scale"] is not None else None
-        self.int8_sums: dict[str, float] = {}
         self.classes = pa.array(list(self.model.classes)) if plan.get("predict") else None   # int64 or string
 
     def score_members(self, state: dict, plan: dict) -> list[tuple[VAE, Any]]:
@@ -365,15 +366,17 @@ class UnitEncoder:
                     outs["pred_prob"][i:i + bs] = self.model.class_probs(q.mean)
         return {k: v.cpu().numpy() for k, v in outs.items()}
 
-    def output_table(self, t: pa.Table, enc: dict[str, np.ndarray], meta: dict) -> pa.Table:
+    def output_table(self, t: pa.Table, enc: dict[str, np.ndarray], meta: dict, int8_sums: dict) -> pa.Table:
         """The kept id columns and the encodings of one slice, as Arrow lists. Hive partition values
-        stay in the folder names only (as every hive reader expects), never repeated as a column."""
+        stay in the folder names only (as every hive reader expects), never repeated as a column.
+        `int8_sums`, the unit's own (a GPU actor runs several units at once), gathers the int8 error."""
         p = self.plan
         out = {c: t.column(c) for c in p["keep"] if c in t.schema.names}
         out["mu"] = latent_array(enc["mu"], p["dtype"], self.scale)
         if self.scale is not None:   # the int8 error on the data encoded, not on a sample
             sums = error_sums(enc["mu"], out["mu"].flatten().to_numpy().reshape(enc["mu"].shape), self.scale)
-            self.int8_sums = {k: self.int8_sums.get(k, 0) + v for k, v in sums.items()}
+            for k, v in sums.items():
+                int8_sums[k] = int8_sums.get(k, 0) + v
         if "logvar" in enc:
             out["logvar"] = fixed_size_list(enc["logvar"].astype(np.float16 if p["dtype"] != "float32" else np.float32),
                                             pa.float16() if p["dtype"] != "float32" else pa.float32())
@@ -396,7 +399,7 @@ class UnitEncoder:
         rows = skipped = 0
         writer: StagedWriter | None = None
         quarantined: list[pa.Table] = []
-        self.int8_sums = {}
+        int8_sums: dict[str, float] = {}
         t_start = time.time()
         with self.loc.fs.open(unit["file"], "rb") as f:
             pf = pq.ParquetFile(f, pre_buffer=True)   # one coalesced read per row group
@@ -418,7 +421,7 @@ class UnitEncoder:
                 if item is not None:
                     t, x = self.screen(*item, source, quarantined)
                     skipped += item[0].num_rows - t.num_rows
-                    pieces.append(self.output_table(t, self.encode(x), meta))
+                    pieces.append(self.output_table(t, self.encode(x), meta, int8_sums))
                     del t, x, item
                     continue
                 table = pa.concat_tables(pieces)   # one output row group per input row group
@@ -437,7 +440,7 @@ class UnitEncoder:
             pause_point("unit.written")   # crash tests: a driver killed while its actors work
         return {"index": unit["index"], "staged": staged if writer is not None else "", "rows": rows,
                 "skipped": skipped, "skipped_file": skipped_path if skipped else "",
-                "t_start": t_start, "t_end": time.time(), "int8_sums": json.dumps(self.int8_sums)}
+                "t_start": t_start, "t_end": time.time(), "int8_sums": json.dumps(int8_sums)}
 
     def screen(self, t: pa.Table, x: np.ndarray, source: str, quarantined: list) -> tuple[pa.Table, np.ndarray]:
         """Records with a NaN or ±inf value: an error naming the first (`--on-bad-record fail`), or
@@ -631,17 +634,26 @@ def _run_units_on_ray(cfg: EncodeConfig, blob: bytes, plan: dict[str, Any], unit
     import ray.data
 
     from pipeline.ray_pool import strict_pool_dataset
-    from pipeline.ray_runtime import cluster_actors, init_ray, quiet_data_progress
+    from pipeline.ray_runtime import cluster_actors, cluster_calls_per_gpu, init_ray, quiet_data_progress
 
     init_ray(cfg.ray_address)
     quiet_data_progress()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     n_actors = cluster_actors("encode", use_gpu=use_gpu, requested=cfg.concurrency, units=len(units))
     plan = {**plan, "use_gpu": use_gpu, "threads": 1 if not use_gpu else 2}
+    # A GPU actor runs several units at once, each thread decoding its own Parquet (what the GPU waits
+    # on) and sharing the actor's model: as many as its node has CPUs per GPU, no more than its share
+    # of the units. A CPU actor runs one unit at a time on one core.
+    calls = min(cluster_calls_per_gpu(), -(-len(units) // n_actors)) if use_gpu else 1
+    compute = (ray.data.ActorPoolStrategy(size=n_actors) if calls == 1 else
+               ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=calls,
+                                          max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True))
+    if calls > 1:
+        log.info("encode: %d units at once in each GPU actor", calls)
     items = [{"unit": json.dumps(u.__dict__)} for u in units]
     ds = strict_pool_dataset(ray.data.from_items(items, override_num_blocks=len(items)))
     ds = ds.map_batches(
-        UnitEncoder, fn_constructor_args=(blob, plan), batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors),
+        UnitEncoder, fn_constructor_args=(blob, plan), batch_size=1, compute=compute,
         num_gpus=1 if use_gpu else 0, num_cpus=0.5 if use_gpu else 1)
     try:
         res = []

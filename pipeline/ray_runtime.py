@@ -307,6 +307,16 @@ def size_actors(raw_nodes: list[dict], what: str, *, use_gpu: bool = False, requ
     return n, f"{what}: {n} {'GPU ' if use_gpu else ''}actor{'s' if n != 1 else ''} ({why})"
 
 
+def calls_per_gpu(raw_nodes: list[dict], local_cores: int | None = None) -> int:
+    """Work units a GPU actor runs at once, each in a thread of its own: the fewest whole CPUs per GPU
+    over the alive GPU nodes (capped at `local_cores` as in size_actors), at least 1. A GPU encode
+    waits on reading and decoding Parquet, which each unit's thread does for itself (one H200 host:
+    16 threads sharing the GPU encoded 7.2x faster than one; docs/performance.md)."""
+    work, _ = work_nodes(raw_nodes)
+    per = [min(n["cpus"], local_cores or n["cpus"]) / n["gpus"] for n in work if n["gpus"] >= 1]
+    return max(1, int(min(per))) if per else 1
+
+
 def plan_train(raw_nodes: list[dict], workers: int, cpus_per_worker: float) -> str:
     """One log line for the train worker group: where workers can go, and how each picks its torch
     threads (CPUs of the node it lands on / the workers there, see `train_threads`). Says so when
@@ -336,6 +346,13 @@ def started_local() -> bool:
 
 def _local_cores() -> int | None:
     return (os.cpu_count() or 1) if _STARTED_LOCAL else None
+
+
+def cluster_calls_per_gpu() -> int:
+    """`calls_per_gpu` on the live cluster."""
+    import ray
+
+    return calls_per_gpu(ray.nodes(), _local_cores())
 
 
 def cluster_actors(what: str, *, use_gpu: bool = False, requested: int | None = None,

@@ -150,6 +150,74 @@ def test_auto_executor_stays_in_process_beside_the_one_node_ray_it_started(ray_l
         "local", "8.22 GB of local features: in this process, beside its own one-node Ray")
 
 
+def test_one_encoder_running_units_in_several_threads_at_once_writes_what_separate_ones_do(
+        trained_digits, digits_parquet, workdir, tmp_path, monkeypatch):
+    """A GPU actor of the pool runs several units at once on one UnitEncoder (one model on the GPU):
+    here every thread of the local executor gets the same encoder, 3 units on 3 threads, int8
+    latents (the per-unit error sums are the state that must not be shared), and the output and
+    its reported int8 error equal a run with an encoder per thread."""
+    import torch
+
+    from pipeline import encode as enc
+
+    def run(out: str):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(3)        # the local executor runs one thread per torch thread
+        try:
+            return run_encode(EncodeConfig(model=MODEL, input=digits_parquet, output=out, dtype="int8", executor="local",
+                                           workdir=workdir))
+        finally:
+            torch.set_num_threads(threads)
+
+    ref = run(str(tmp_path / "separate"))
+    made, real = [], enc.UnitEncoder
+    monkeypatch.setattr(enc, "UnitEncoder", lambda blob, plan: made[0] if made else made.append(real(blob, plan)) or made[0])
+    shared = run(str(tmp_path / "shared"))
+    assert len(made) == 1 and shared.files == ref.files == 3
+    a, b = committed(ref.output).sort_by("id"), committed(shared.output).sort_by("id")
+    assert a.column("id").equals(b.column("id")) and np.array_equal(mu(a), mu(b))
+    assert shared.int8_error == ref.int8_error and shared.int8_error["values"] == 1797 * mu(a).shape[1]
+
+
+GPU_POOL = """
+import json, logging, sys
+import ray
+from pipeline.encode import EncodeConfig, run_encode
+logging.basicConfig(format="%(message)s")
+logging.getLogger("pipeline").setLevel(logging.INFO)   # the pool's sizing lines
+cfg = json.loads(sys.argv[1])
+# a GPU resource declared on this CPU machine: Ray schedules the pool as on a 2-CPU + 1-GPU node
+# (one GPU actor, 2 units at once); torch sees no CUDA, so the encoders run on the CPU
+ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, address="local")
+r = run_encode(EncodeConfig(executor="ray", use_gpu=True, dtype="int8", **cfg))
+print(json.dumps({"files": r.files, "int8_error": r.int8_error}))
+"""
+
+
+@pytest.mark.slow
+def test_gpu_pool_runs_units_at_once_in_its_actor_and_writes_what_the_cpu_path_does(
+        trained_digits, digits_parquet, workdir, tmp_path):
+    """The pool on a GPU node: one actor per GPU, as many units at once as the node has CPUs per GPU
+    (threads on one UnitEncoder). Checked on a Ray whose node declares a GPU (this machine has none):
+    Ray's scheduling, the threaded actor and the output are real; the GPU's speed is not measured
+    here (docs/performance.md has the H200 figures of the in-process path)."""
+    import subprocess
+    import sys
+
+    ref = run_encode(EncodeConfig(model=MODEL, input=digits_parquet, output=str(tmp_path / "ref"), dtype="int8",
+                                  executor="local", workdir=workdir))
+    cfg = {"model": MODEL, "input": digits_parquet, "output": str(tmp_path / "pool"), "workdir": workdir}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.run([sys.executable, "-c", GPU_POOL, json.dumps(cfg)], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "encode: 1 GPU actor (" in p.stderr and "encode: 2 units at once in each GPU actor" in p.stderr, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    a, b = committed(ref.output).sort_by("id"), committed(str(tmp_path / "pool")).sort_by("id")
+    assert got["files"] == ref.files == 3 and got["int8_error"] == ref.int8_error
+    assert a.column("id").equals(b.column("id")) and np.array_equal(mu(a), mu(b))
+
+
 def test_auto_executor_with_gpus(tmp_path, monkeypatch):
     """One GPU here: the job stays in this process (encoder threads decode Parquet and share the GPU);
     several: one Ray actor per GPU; --use-gpu with none visible here: GPU actors on the cluster.

@@ -14,7 +14,7 @@ import pytest
 from pipeline.parquet_io import read_manifest
 from pipeline.uris import resolve
 
-from pipeline.ray_runtime import describe_nodes, plan_train, size_actors, train_threads, work_nodes
+from pipeline.ray_runtime import calls_per_gpu, describe_nodes, plan_train, size_actors, train_threads, work_nodes
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -56,6 +56,14 @@ def test_units_concurrency_and_gpus():
     gpu = [node(0, head=True), node(8, gpus=2), node(8, gpus=1)]
     n, line = size_actors(gpu, "encode", use_gpu=True)
     assert n == 3 and line.startswith("encode: 3 GPU actors (cluster: ") and "8 CPU + 2 GPU" in line
+
+
+def test_a_gpu_actor_runs_as_many_units_at_once_as_its_node_has_cpus_per_gpu():
+    # the fewest CPUs per GPU over the GPU nodes; CPU-only nodes and the 0-CPU head do not count
+    assert calls_per_gpu([node(0, head=True), node(8, gpus=2), node(16, gpus=1), node(4)]) == 4
+    assert calls_per_gpu([node(16, gpus=1)], local_cores=6) == 6      # a local Ray: at most the real cores
+    assert calls_per_gpu([node(1, gpus=2)]) == 1                      # never below one
+    assert calls_per_gpu(KUBERAY) == 1                                # no GPU node
 
 
 def test_a_local_ray_is_capped_at_the_machine_cores():

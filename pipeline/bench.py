@@ -47,10 +47,11 @@ import torch
 from pipeline.config import RuntimeConfig, opt, write_json
 from pipeline.errors import ConfigError
 from pipeline.progress import Progress
+from pipeline.train_config import AMPS
 
 WHATS = ("encode", "train", "query")
 DEVICES = ("auto", "cpu", "cuda")
-AMPS = ("off", "bf16", "fp16")   # as pipeline.train_config.AMPS
+EXECUTORS = ("ray", "local")   # encode's vaepipe side (in-process bench)
 SCHEMA = pa.schema([("id", pa.int64()), ("label", pa.int64()), ("image", pa.list_(pa.uint8(), 784))])
 
 
@@ -72,7 +73,7 @@ class BenchConfig(RuntimeConfig):
                               "auto = cuda when available", choices=DEVICES)
     executor: str = opt("ray", "encode (in-process): the vaepipe side's executor, ray (the Ray Data actor pool) or "
                                "local (this process, one encoder thread per core sharing the GPU if any); "
-                               "--whole-process runs `vaepipe encode` with its default, auto", choices=("ray", "local"))
+                               "--whole-process runs `vaepipe encode` with its default, auto", choices=EXECUTORS)
     amp: str = opt("off", "train: mixed precision on both sides (off, bf16, fp16; fp16 with a GradScaler), "
                           "as `vaepipe train --amp`", choices=AMPS)
     whole_process: bool = opt(False, "encode: time `vaepipe encode` and the plain script as separate processes "
@@ -88,7 +89,7 @@ class BenchConfig(RuntimeConfig):
         self.choice("what", WHATS)
         self.choice("device", DEVICES)
         self.choice("amp", AMPS)
-        self.choice("executor", ("ray", "local"))
+        self.choice("executor", EXECUTORS)
         if self.amp != "off" and self.what != "train":
             raise ConfigError(f"--amp {self.amp}: only `vaepipe bench train` takes it (encode runs in fp32)")
         for name in ("records", "row_group_rows", "file_rows", "epochs", "latent_dim", "k", "query_ids", "query_files"):
@@ -586,7 +587,8 @@ def summary(f: dict[str, Any]) -> str:
              f"  ratio vaepipe/baseline: {f['ratio']:.2f}"]
     if f["what"] == "encode":
         lines += [f"  (vaepipe = whole run_encode, --executor {f.get('pipeline_executor', 'ray')}, after warm-up: "
-                  f"{f['pipeline_wall_s']:.1f} s vs baseline {f['baseline_wall_s']:.1f} s; steady state, first unit start → last unit end: "
+                  f"{f['pipeline_wall_s']:.1f} s vs baseline {f['baseline_wall_s']:.1f} s; steady state, "
+                  f"first unit start → last unit end: "
                   f"{f['pipeline_steady_records_per_s']:,.0f} records/s, ratio {f['steady_ratio']:.2f})",
                   f"  max |μ baseline − μ vaepipe| = {f['max_abs_mu_diff']:.2e}"]
     else:

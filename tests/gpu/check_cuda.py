@@ -15,6 +15,7 @@ Every check asserts; the figures go to stdout (and --json)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,24 +26,23 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 import numpy as np
 import torch
 
+from pipeline.bench import BenchConfig, bench_model
 from pipeline.datasets import mnist
 from vae.checkpoint import checkpoint_bytes, load_checkpoint, model_from_checkpoint
-from vae.config import VAEConfig
 from vae.distributions import record_keys, record_normal
 from vae.loss import kl_weight
 from vae.model import VAE
-from vae.preprocess import Preprocessing
 from vae.train_step import cosine_lr, train_epoch
 
 
-def make_model(arch: str, seed: int = 0) -> VAE:
-    torch.manual_seed(seed)
-    pre = Preprocessing(features=["image"], layout="list", scaling="uint8", offset=[0.0] * 784, scale=[1 / 255] * 784)
-    if arch == "conv":
-        cfg = VAEConfig(input_shape=(1, 28, 28), arch="conv", latent_dim=16, hidden=(32, 64), preprocessing=pre)
-    else:
-        cfg = VAEConfig(input_shape=(784,), arch="mlp", latent_dim=16, hidden=(512, 256), preprocessing=pre)
-    return VAE(cfg).eval()
+def make_model(arch: str) -> VAE:
+    """The MLP both sides of `vaepipe bench` run (784-512-256-16, uint8 scaling, Bernoulli, seed 0),
+    or its conv twin (two stride-2 layers of 32 and 64 channels) with the same preprocessing."""
+    mlp = bench_model(BenchConfig())
+    if arch != "conv":
+        return mlp
+    torch.manual_seed(0)
+    return VAE(dataclasses.replace(mlp.config, input_shape=(1, 28, 28), arch="conv", hidden=(32, 64))).eval()
 
 
 def mu_of(model: VAE, x: torch.Tensor, device: str, bs: int = 4096) -> torch.Tensor:

@@ -114,7 +114,7 @@ def _decode(cfg: DecodeConfig, lease: Lease) -> dict:
 
     from pipeline.progress import Progress
     from pipeline.ray_pool import strict_pool_dataset
-    from pipeline.ray_runtime import cluster_actors, init_ray, quiet_data_progress
+    from pipeline.ray_runtime import cluster_actors, driver_stderr_filtered, init_ray, quiet_data_progress
 
     t0 = time.perf_counter()
     so = parse_storage_options(cfg.storage_options)
@@ -149,7 +149,7 @@ def _decode(cfg: DecodeConfig, lease: Lease) -> dict:
     ds = ds.map_batches(FileDecoder, fn_constructor_args=(blob, plan), batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=n))
     try:
-        with Progress("decode", total, units=len(files)) as prog:   # one line per decoded file
+        with Progress("decode", total, units=len(files)) as prog, driver_stderr_filtered():   # a line per file
             res = []
             for r in ds.iter_rows():
                 res.append(r)

@@ -634,7 +634,8 @@ def _run_units_on_ray(cfg: EncodeConfig, blob: bytes, plan: dict[str, Any], unit
     import ray.data
 
     from pipeline.ray_pool import strict_pool_dataset
-    from pipeline.ray_runtime import cluster_actors, cluster_calls_per_gpu, init_ray, quiet_data_progress
+    from pipeline.ray_runtime import (cluster_actors, cluster_calls_per_gpu, driver_stderr_filtered, init_ray,
+                                      quiet_data_progress)
 
     init_ray(cfg.ray_address)
     quiet_data_progress()
@@ -657,7 +658,7 @@ def _run_units_on_ray(cfg: EncodeConfig, blob: bytes, plan: dict[str, Any], unit
         num_gpus=1 if use_gpu else 0, num_cpus=0.5 if use_gpu else 1)
     try:
         res = []
-        with Progress("encode", total, units=len(items)) as prog:   # one line per finished unit
+        with Progress("encode", total, units=len(items)) as prog, driver_stderr_filtered():   # a line per unit
             for r in ds.iter_rows():
                 res.append(r)
                 prog.update(int(r["rows"]) + int(r["skipped"]))

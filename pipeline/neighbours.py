@@ -311,7 +311,7 @@ def _run_on_ray(cfg: NeighboursConfig, plan: dict, units: list[dict], index_byte
     import ray.data
 
     from pipeline.ray_pool import strict_pool_dataset
-    from pipeline.ray_runtime import init_ray, quiet_data_progress
+    from pipeline.ray_runtime import driver_stderr_filtered, init_ray, quiet_data_progress
 
     init_ray(cfg.ray_address)
     quiet_data_progress()
@@ -322,7 +322,8 @@ def _run_on_ray(cfg: NeighboursConfig, plan: dict, units: list[dict], index_byte
     ds = ds.map_batches(NeighbourUnits, fn_constructor_args=(plan, index_bytes), batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1)
     try:
-        return ds.take_all()
+        with driver_stderr_filtered():
+            return ds.take_all()
     except Exception as e:
         commit.abort()
         del ds   # its execution holds the actor pool

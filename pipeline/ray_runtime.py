@@ -84,6 +84,82 @@ def _filtering(fn):
     return handler
 
 
+# The filter's own process (`python -S -c`): it reads what the driver writes to fd 2 and passes it on,
+# whole lines matching BENIGN_RAY_LINES dropped. A partial line is passed on at once unless it starts
+# with "[" (the start of a C++ log line, written whole): a progress line redrawn with "\r" still shows.
+# Being a process, not a thread, it passes on everything written before a crash or a SIGKILL of the
+# driver (a C++ stack trace included), and it ends at EOF: when every holder of the pipe has closed it.
+_STDERR_FILTER = r"""
+import os, re, sys
+benign, out, buf = re.compile(sys.argv[1]), sys.stdout.fileno(), b""
+def put(b):
+    while b:
+        b = b[os.write(out, b):]
+while True:
+    chunk = os.read(0, 65536)
+    if not chunk:
+        break
+    *lines, buf = (buf + chunk).split(b"\n")
+    put(b"".join(ln + b"\n" for ln in lines if not benign.fullmatch(ln.decode("utf-8", "replace"))))
+    if buf and not buf.startswith(b"["):
+        put(buf)
+        buf = b""
+if not benign.fullmatch(buf.decode("utf-8", "replace")):
+    put(buf)
+"""
+_FILTERING_STDERR = False
+
+
+@contextlib.contextmanager
+def driver_stderr_filtered() -> Iterator[None]:
+    """While a batch job's actor pool runs: drop BENIGN_RAY_LINES that the driver's own core worker
+    (C++) writes to fd 2, which no Python hook reaches. Ray Data passes every pool actor its context
+    and transformer by reference and gives it max_restarts=-1 (what lets a pool survive a lost node),
+    so the driver logs "constructor arguments in the object store and max_restarts > 0" at ERROR for
+    every actor it starts (ray-project/ray#57733; ray/data/.../actor_pool_map_operator.py). Everything
+    else written to fd 2 meanwhile (Python's stderr, Ray's other C++ lines, child processes' output)
+    passes unchanged. Enter it after `init_ray` (processes started inside inherit the pipe: harmless,
+    the filter outlives them) and after anything that asks whether stderr is a terminal (Progress).
+    Where fd 2 cannot be redirected, it does nothing (the line then shows)."""
+    global _FILTERING_STDERR
+    import subprocess
+
+    if _FILTERING_STDERR:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    try:
+        r, w = os.pipe()
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _STDERR_FILTER, BENIGN_RAY_LINES.pattern],
+                                stdin=r, stdout=saved, stderr=saved, close_fds=True)
+    except OSError as e:
+        os.close(saved)
+        log.debug("stderr filter not started: %s", e)
+        yield
+        return
+    os.close(r)
+    os.dup2(w, 2)
+    os.close(w)
+    _FILTERING_STDERR = True
+    try:
+        yield
+    finally:
+        _FILTERING_STDERR = False
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved, 2)   # the pipe's last write end here: the filter sees EOF once it has passed all on
+        os.close(saved)
+        try:
+            proc.wait(timeout=5)   # its lines before ours, unless a process started meanwhile still holds the pipe
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def _token_auth_notice(record: logging.LogRecord) -> bool:
     """A logging filter: False for the one notice a new local Ray logs at WARNING that it enabled
     token authentication (the default since Ray 2.5x, and what vaepipe wants). Setting RAY_AUTH_MODE=token

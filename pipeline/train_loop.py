@@ -484,7 +484,9 @@ def train_loop_per_worker(cfg: WorkerConfig) -> None:
 def _threads_here(rank: int, world: int) -> int:
     """Torch threads from the Ray node this worker landed on: its CPUs / the group's workers on it.
     Workers are counted by Ray node id (gathered over the process group), not by IP as Ray Train's
-    local world size is: several nodes may share a host (and an IP)."""
+    local world size is: several nodes may share a host (and an IP). Rank 0 prints every worker's line,
+    in rank order: Ray forwards each worker's output on its own schedule, and another rank's line
+    reached the driver after the job had ended."""
     import ray
 
     from pipeline.ray_runtime import worker_threads
@@ -498,7 +500,12 @@ def _threads_here(rank: int, world: int) -> int:
         dist.all_gather_object(ids, node_id)
         here = ids.count(node_id)
     n, why = worker_threads(here)
-    print(f"worker {rank}/{world} on {why}", flush=True)
+    lines = [f"worker {rank}/{world} on {why}"]
+    if world > 1:
+        lines = [None] * world
+        dist.all_gather_object(lines, f"worker {rank}/{world} on {why}")
+    if rank == 0:
+        print("\n".join(lines), flush=True)
     return n
 
 

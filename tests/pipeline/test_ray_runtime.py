@@ -208,3 +208,66 @@ def test_train_actors_of_the_local_ray_get_no_runtime_env_and_still_have_the_tra
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "7")   # set after the start: the raylet lacks it
     with train_env_inherited():
         assert get_env_vars_to_propagate() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "7"}
+
+
+# The driver's own C++ line when Ray Data starts a pool actor (as `vaepipe demo` printed it).
+RESTART_NOTICE = ("[2026-12-06 02:17:49,735 E 19604 19604] core_worker.cc:2465: Actor with class name: "
+                  "'MapWorker(MapBatches(UnitEncoder))' and ID: 'b8304ad48f87a5c27394872701000000' has constructor "
+                  "arguments in the object store and max_restarts > 0. If the arguments in the object store go out "
+                  "of scope or are lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/"
+                  "53727 for more details.")
+
+
+def filtered_driver(body: str, **kw) -> subprocess.Popen:
+    """A process that runs `body` inside driver_stderr_filtered, its stderr a pipe to this test."""
+    code = ("import os, signal, subprocess, sys\nfrom pipeline.ray_runtime import driver_stderr_filtered\n"
+            f"N = {RESTART_NOTICE!r}\n"
+            "with driver_stderr_filtered():\n" + "".join(f"    {ln}\n" for ln in body.strip().splitlines()) +
+            "print('after', file=sys.stderr)\n")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), **kw)
+
+
+def test_driver_stderr_filter_drops_only_the_pool_restart_notice_and_keeps_order():
+    p = filtered_driver("""
+os.write(2, b'kept before\\n' + N.encode() + b'\\n')
+os.write(2, N.replace('max_restarts > 0', 'max_restarts = 3').encode() + b'\\n')   # not the benign line
+print('python stderr', file=sys.stderr, flush=True)
+subprocess.run('echo from a child >&2', shell=True)
+os.write(2, b'[2026-12-06 E 1 1] core_worker.cc:1: a real C++ error\\n')
+""")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert err.decode().splitlines() == [
+        "kept before", RESTART_NOTICE.replace("max_restarts > 0", "max_restarts = 3"), "python stderr",
+        "from a child", "[2026-12-06 E 1 1] core_worker.cc:1: a real C++ error", "after"]
+
+
+def test_driver_stderr_filter_passes_a_redrawn_progress_line_before_its_newline():
+    # Progress on a terminal redraws one line with "\r" and no newline: it must show as it is drawn
+    import select
+
+    p = filtered_driver("""
+os.write(2, b'\\rencode: 1/2 units')
+sys.stdin.readline()
+os.write(2, b'\\n')
+""", stdin=subprocess.PIPE)
+    seen, fd = b"", p.stderr.fileno()
+    while b"1/2 units" not in seen:
+        assert select.select([fd], [], [], 30)[0], f"the partial line did not come through: {seen!r}"
+        seen += os.read(fd, 4096)
+    p.stdin.write(b"go\n")
+    p.stdin.close()
+    assert p.wait(timeout=60) == 0
+    assert (seen + p.stderr.read()).decode() == "\rencode: 1/2 units\nafter\n"
+
+
+def test_driver_stderr_filter_passes_on_what_a_sigkilled_driver_wrote():
+    # the filter is its own process: a driver killed mid-job still leaves its last lines
+    p = filtered_driver("""
+os.write(2, b'last words\\n' + N.encode() + b'\\n')
+os.kill(os.getpid(), signal.SIGKILL)
+""")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == -9
+    assert err.decode() == "last words\n"

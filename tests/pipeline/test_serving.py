@@ -202,7 +202,7 @@ def test_pyfunc_takes_uint8_images(trained_digits, digits_parquet, workdir):
     raw = t.column("image").combine_chunks().flatten().to_numpy().reshape(16, 64)
     assert raw.dtype == np.uint8
     ref, blob = load_model_bytes("models:/digits@production", tracking)
-    want = model_from_checkpoint(load_checkpoint(blob)).embed(torch.from_numpy(raw)).mean.numpy()
+    want = model_from_checkpoint(load_checkpoint(blob)).embed(torch.from_numpy(raw.copy())).mean.numpy()
     with using_tracking(tracking):
         model = mlflow.pyfunc.load_model(f"models:/digits/{ref.version}")
     spec = model.metadata.signature.inputs.to_dict()[0]

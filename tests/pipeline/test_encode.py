@@ -49,6 +49,26 @@ def test_memory_store_encodes_and_decodes_in_process_like_local(trained_digits, 
     assert not mem.fs.exists(f"{mem.path}/_lat.vaepipe/staging") and not mem.fs.exists(f"{mem.path}/_rec.vaepipe/staging")
 
 
+def test_use_gpu_in_this_process_without_a_gpu_is_an_error_not_a_cpu_run(trained_digits, digits_parquet, workdir,
+                                                                         tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # as on CI; a GPU host too
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    root = f"memory://vaepipe-{uuid.uuid4().hex[:8]}"
+    mem = resolve(root)
+    for f in sorted(os.listdir(digits_parquet)):
+        mem.fs.put_file(os.path.join(digits_parquet, f), f"{mem.path}/in/{f}")
+    for inp, out, kw, hint in [(f"{root}/in", f"{root}/lat", {}, "memory:// lives in this process"),
+                               (digits_parquet, str(tmp_path / "lat"), {"executor": "local"}, "--executor ray")]:
+        with pytest.raises(ConfigError, match=r"--use-gpu: this process sees no CUDA GPU") as e:
+            run_encode(EncodeConfig(model=MODEL, input=inp, output=out, use_gpu=True, workdir=workdir, **kw))
+        assert hint in str(e.value)
+        o = resolve(out)   # nothing written: no output, no staging left behind
+        parent, name = o.path.rsplit("/", 1)
+        assert not o.fs.exists(o.path) and not o.fs.exists(f"{parent}/_{name}.vaepipe/staging")
+
+
 def test_hive_partitions_stay_folders_and_every_file_names_its_model(trained_digits, digits_parquet, workdir, tmp_path):
     src = tmp_path / "in"
     files = sorted(f for f in os.listdir(digits_parquet) if f.endswith(".parquet"))

@@ -500,10 +500,10 @@ def _threads_here(rank: int, world: int) -> int:
         dist.all_gather_object(ids, node_id)
         here = ids.count(node_id)
     n, why = worker_threads(here)
-    lines = [f"worker {rank}/{world} on {why}"]
+    line = f"worker {rank}/{world} on {why}"
+    lines = [line] * world   # every rank's, gathered below
     if world > 1:
-        lines = [None] * world
-        dist.all_gather_object(lines, f"worker {rank}/{world} on {why}")
+        dist.all_gather_object(lines, line)
     if rank == 0:
         print("\n".join(lines), flush=True)
     return n

@@ -577,15 +577,15 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
     itemsize = np.dtype(raw_dtype(schema, spec)).itemsize
     executor, why = choose_executor(cfg, loc, out, units, model.config.input_dim * itemsize)
     log.info("encode: executor %s (%s)", executor, why)
-    if executor == "local" and cfg.use_gpu and not torch.cuda.is_available():
-        commit.abort()   # an explicit --use-gpu is never run on the CPU without a word
-        raise ConfigError(f"--use-gpu: this process sees no CUDA GPU (torch {torch.__version__}), and the job runs "
-                          f"in it ({why}); drop --use-gpu to encode on the CPU"
-                          + ("" if in_process(loc, out) else ", or take --executor ray for a cluster's GPU actors"))
     if executor == "local":
         # the GPU unless --no-use-gpu: "when the cluster has them" is, here, when this machine has one
-        res = _run_units_here(blob, {**plan, "use_gpu": cfg.use_gpu is not False and torch.cuda.is_available()},
-                              units, commit, total)
+        gpu = cfg.use_gpu is not False and torch.cuda.is_available()
+        if cfg.use_gpu and not gpu:
+            commit.abort()   # an explicit --use-gpu is never run on the CPU without a word
+            raise ConfigError(f"--use-gpu: this process sees no CUDA GPU (torch {torch.__version__}), and the job "
+                              f"runs in it ({why}); drop --use-gpu to encode on the CPU"
+                              + ("" if in_process(loc, out) else ", or take --executor ray for a cluster's GPU actors"))
+        res = _run_units_here(blob, {**plan, "use_gpu": gpu}, units, commit, total)
     else:
         res = _run_units_on_ray(cfg, blob, plan, units, commit, total)
     return _commit_units(cfg, out, commit, res, total, metadata, scale is not None, ref, t0)

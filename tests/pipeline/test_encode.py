@@ -17,7 +17,7 @@ from pipeline.decode import DecodeConfig, run_decode
 from pipeline.encode import EncodeConfig, run_encode
 from pipeline.errors import ConfigError
 from pipeline.parquet_io import read_manifest
-from pipeline.uris import resolve
+from pipeline.uris import Location, resolve
 
 from committed_io import committed, mu
 
@@ -31,13 +31,19 @@ def local_latents(trained_digits, digits_parquet, workdir, tmp_path_factory):
     return committed(out).sort_by("id")
 
 
-def test_memory_store_encodes_and_decodes_in_process_like_local(trained_digits, digits_parquet, workdir, local_latents):
-    """memory:// is per process, so the job runs its units in the driver (documented fallback):
-    the rows and μ equal the local Ray Data run, and decode back to memory:// works too."""
+def digits_in_memory(digits_parquet: str) -> tuple[str, Location]:
+    """A new memory:// root holding the digits files under in/ (memory:// is per process)."""
     root = f"memory://vaepipe-{uuid.uuid4().hex[:8]}"
     mem = resolve(root)
     for f in sorted(os.listdir(digits_parquet)):
         mem.fs.put_file(os.path.join(digits_parquet, f), f"{mem.path}/in/{f}")
+    return root, mem
+
+
+def test_memory_store_encodes_and_decodes_in_process_like_local(trained_digits, digits_parquet, workdir, local_latents):
+    """memory:// is per process, so the job runs its units in the driver (documented fallback):
+    the rows and μ equal the local Ray Data run, and decode back to memory:// works too."""
+    root, mem = digits_in_memory(digits_parquet)
     r = run_encode(EncodeConfig(model=MODEL, input=f"{root}/in", output=f"{root}/lat", keep=["id"], workdir=workdir))
     t = committed(f"{root}/lat").sort_by("id")
     assert (r.rows_in, r.rows_out, t.num_rows) == (1797, 1797, 1797)
@@ -55,10 +61,7 @@ def test_use_gpu_in_this_process_without_a_gpu_is_an_error_not_a_cpu_run(trained
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # as on CI; a GPU host too
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    root = f"memory://vaepipe-{uuid.uuid4().hex[:8]}"
-    mem = resolve(root)
-    for f in sorted(os.listdir(digits_parquet)):
-        mem.fs.put_file(os.path.join(digits_parquet, f), f"{mem.path}/in/{f}")
+    root, _ = digits_in_memory(digits_parquet)
     for inp, out, kw, hint in [(f"{root}/in", f"{root}/lat", {}, "memory:// lives in this process"),
                                (digits_parquet, str(tmp_path / "lat"), {"executor": "local"}, "--executor ray")]:
         with pytest.raises(ConfigError, match=r"--use-gpu: this process sees no CUDA GPU") as e:

@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q $(WHEELS) -c constraints.txt -e '.[dev]'
 	touch $@
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -37,3 +37,8 @@ test: $(VENV)/.installed
 	wait $$cluster; clust=$$?; \
 	echo "---- tests/cluster (ran beside the above) ----"; cat $(CLUSTER_LOG); \
 	test $$main -eq 0 && test $$clust -eq 0
+
+# The inner loop: unit tests only, no cluster, server or trained run (tests/conftest.py marks those
+# `stack` from their fixtures; end-to-end runs are marked `slow`). Not a substitute for `make test`.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -n $(PYTEST_WORKERS) -m "not stack and not slow" --ignore=tests/cluster

@@ -6,14 +6,7 @@ Prints records/s for both, the ratio vaepipe/baseline and the peak RSS of the pr
 (docs/performance.md explains every figure)."""
 import sys
 
-from pipeline.bench import BenchConfig as Config, run_bench, summary
-
-
-def bench_argv(argv: list[str]) -> list[str]:
-    """`bench encode|train|query …`: the positional becomes `--what encode|train|query`."""
-    if argv and argv[0] in ("encode", "train", "query"):
-        return ["--what", argv[0], *argv[1:]]
-    return list(argv)
+from pipeline.measure.bench import BenchConfig as Config, run_bench, summary
 
 
 def run(cfg: Config):
@@ -25,6 +18,6 @@ def run(cfg: Config):
 
 
 if __name__ == "__main__":
-    from jobs.cli import run_job
+    from jobs.cli import bench_argv, run_job
 
     sys.exit(run_job("bench", bench_argv(sys.argv[1:])))

@@ -13,9 +13,9 @@ import types
 import typing
 from typing import Any
 
-from pipeline.config import from_mapping, load_yaml
-from pipeline.errors import VaepipeError
-from pipeline.redact import RedactFilter, RedactingStream, redact_text, secrets_in_args, secrets_in_env
+from pipeline.runtime.config import from_mapping, load_yaml
+from pipeline.runtime.errors import VaepipeError
+from pipeline.runtime.redact import RedactFilter, RedactingStream, redact_text, secrets_in_args, secrets_in_env
 
 JOBS = ("train", "encode", "decode", "nightly", "query", "neighbours", "evaluate", "demo", "bench", "protocol")
 
@@ -72,7 +72,7 @@ def parse_config(cls: type, argv: list[str], prog: str, description: str = ""):
 def run_job(name: str, argv: list[str]) -> int:
     """Run one job. Credentials never reach the terminal or the logs: for the length of the job,
     stdout, stderr (Ray's forwarded worker output included) and every log record go through
-    pipeline.redact, which masks the storage options and URI passwords found in argv, --config and
+    pipeline.runtime.redact, which masks the storage options and URI passwords found in argv, --config and
     the environment, and anything else credential-shaped; so does the one-line error (status 2) and,
     for an unexpected exception, the traceback (status 1)."""
     module = importlib.import_module(f"jobs.{name}")
@@ -112,6 +112,13 @@ def run_job(name: str, argv: list[str]) -> int:
     return 0
 
 
+def bench_argv(argv: list[str]) -> list[str]:
+    """`bench encode|train|query …`: the positional becomes `--what encode|train|query`."""
+    if argv and argv[0] in ("encode", "train", "query"):
+        return ["--what", argv[0], *argv[1:]]
+    return list(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in JOBS:
@@ -128,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
               "\n  protocol  semi-mnist, one-class-mnist, breast-cancer: vaepipe against the baselines in one run", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "bench":
-        from jobs.bench import bench_argv
-
         return run_job("bench", bench_argv(argv[1:]))
     return run_job(argv[0], argv[1:])
 

@@ -1,14 +1,14 @@
 """Reconstruct records from latents (the decompression half of the round trip)."""
 import sys
 
-from pipeline.decode import DecodeConfig as Config, run_decode
+from pipeline.batch.decode import DecodeConfig as Config, run_decode
 
 
 def run(cfg: Config):
     m = run_decode(cfg)
     print(f"decoded {m['rows']:,} records into {cfg.output} with {m['vaepipe.decoded_with']}")
     if cfg.reference:
-        from pipeline.decode import parse_storage_options, roundtrip_report
+        from pipeline.batch.decode import parse_storage_options, roundtrip_report
 
         r = roundtrip_report(cfg.model, cfg.reference, cfg.output, cfg.resolved_tracking_uri(), cfg.id_column,
                              parse_storage_options(cfg.storage_options), latents=cfg.input)

@@ -1,7 +1,7 @@
 """Encode Parquet records to μ vectors (and optional logvar / anomaly score) with a registered model."""
 import sys
 
-from pipeline.encode import EncodeConfig as Config, run_encode
+from pipeline.batch.encode import EncodeConfig as Config, run_encode
 
 
 def run(cfg: Config):

@@ -1,8 +1,8 @@
 """Quality report for a registered VAE: ELBO/IW log-likelihood, compression vs PCA, few-label probes."""
 import sys
 
-from pipeline.eval_report import table
-from pipeline.evaluate import EvaluateConfig as Config, run_evaluate
+from pipeline.evaluation.eval_report import table
+from pipeline.evaluation.evaluate import EvaluateConfig as Config, run_evaluate
 
 
 def run(cfg: Config):

@@ -3,7 +3,7 @@ atomically (id, neighbours, distances); exact by default, or approximate with `-
 (recall@k against exact search printed)."""
 import sys
 
-from pipeline.neighbours import NeighboursConfig as Config, run_neighbours
+from pipeline.batch.neighbours import NeighboursConfig as Config, run_neighbours
 
 
 def run(cfg: Config):

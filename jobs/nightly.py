@@ -2,7 +2,7 @@
 encoded, or that another model version encoded (and the ones whose last run failed)."""
 import sys
 
-from pipeline.nightly import NightlyConfig as Config, run_nightly
+from pipeline.batch.nightly import NightlyConfig as Config, run_nightly
 
 
 def run(cfg: Config):

@@ -2,7 +2,7 @@
 `vaepipe protocol --what semi-mnist|one-class-mnist|breast-cancer|breast-cancer-jobs [--json FILE]` (docs/quality.md)."""
 import sys
 
-from pipeline.protocols import ProtocolConfig as Config, run_protocol, summary
+from pipeline.measure.protocol_run import ProtocolConfig as Config, run_protocol, summary
 
 
 def run(cfg: Config):

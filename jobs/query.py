@@ -7,7 +7,7 @@ import sys
 # cores. Only takes effect when numpy is not imported yet, i.e. in a `vaepipe query` process.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from pipeline.query import QueryConfig as Config, format_rows, run_query
+from pipeline.search.query import QueryConfig as Config, format_rows, run_query
 
 
 def run(cfg: Config):

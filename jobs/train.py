@@ -1,7 +1,7 @@
 """Train a VAE on Parquet records with Ray Train, log it to MLflow and register a version."""
 import sys
 
-from pipeline.train import TrainConfig as Config, run_train
+from pipeline.training.train import TrainConfig as Config, run_train
 
 
 def run(cfg: Config):

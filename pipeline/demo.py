@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config import RuntimeConfig, opt
-from pipeline.datasets import digits, images_table, write_parquet
+from pipeline.runtime.config import RuntimeConfig, opt
+from pipeline.evaluation.datasets import digits, images_table, write_parquet
 
 
 @dataclass
@@ -23,10 +23,10 @@ class DemoConfig(RuntimeConfig):
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from pipeline.encode import EncodeConfig, run_encode
-    from pipeline.plots import latent_scatter, samples_and_reconstructions
-    from pipeline.query import QueryConfig, format_table, run_query
-    from pipeline.train import TrainConfig, run_train
+    from pipeline.batch.encode import EncodeConfig, run_encode
+    from pipeline.models.plots import latent_scatter, samples_and_reconstructions
+    from pipeline.search.query import QueryConfig, format_table, run_query
+    from pipeline.training.train import TrainConfig, run_train
     from vae.checkpoint import load_checkpoint, model_from_checkpoint
 
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ atexit.register(shutil.rmtree, os.environ["VAEPIPE_CACHE_DIR"], ignore_errors=Tr
 SHARED_FIXTURE_GROUPS = {
     "tests/jobs/test_mlflow_server.py": "http_trained",
     "tests/jobs/test_redaction.py": "http_trained",
-    "tests/pipeline/test_train_faults.py": "clean_tiny_run",
+    "tests/pipeline/training/test_train_faults.py": "clean_tiny_run",
     "tests/reliability/test_train_faults_rel.py": "clean_tiny_run",
 }
 
@@ -43,21 +43,21 @@ SHARED_FIXTURE_GROUPS = {
 # first: the longest-processing-time rule). xdist's own order is by number of tests, which put these,
 # few tests each, last. Order only: every other file runs after them, in collection order.
 LONGEST_FIRST = [                                   # seconds in a full run, 2026-12-04 (`--durations`)
-    "tests/pipeline/test_semi_train.py",             # 246
+    "tests/pipeline/training/test_semi_train.py",             # 246
     "clean_tiny_run",                                # 217 (test_train_faults 135 + test_train_faults_rel 82)
-    "tests/pipeline/test_train.py",                  # 171
+    "tests/pipeline/training/test_train.py",                  # 171
     "tests/reliability/test_outputs_trust.py",       # 154
-    "tests/pipeline/test_ray_runtime.py",            # 79
-    "tests/pipeline/test_bench.py",                  # 75
+    "tests/pipeline/runtime/test_ray_runtime.py",            # 79
+    "tests/pipeline/measure/test_bench.py",                  # 75
     "tests/reliability/test_encode_reliability.py",  # 67
-    "tests/pipeline/test_s3.py",                     # 63
+    "tests/pipeline/table/test_s3.py",                     # 63
     "tests/jobs/test_quiet_output.py",               # 59
     "http_trained",                                  # 33
-    "tests/pipeline/test_serving.py",                # 29
-    "tests/pipeline/test_anomaly_jobs.py",           # 25
-    "tests/pipeline/test_batch_jobs.py",             # 23
-    "tests/pipeline/test_mnist_spine.py",            # 21
-    "tests/pipeline/test_encode.py",                 # 20
+    "tests/pipeline/models/test_serving.py",                # 29
+    "tests/pipeline/batch/test_anomaly_jobs.py",           # 25
+    "tests/pipeline/batch/test_batch_jobs.py",             # 23
+    "tests/pipeline/training/test_mnist_spine.py",            # 21
+    "tests/pipeline/batch/test_encode.py",                 # 20
 ]
 
 
@@ -66,7 +66,16 @@ def _scope(nodeid: str) -> str:
     return SHARED_FIXTURE_GROUPS.get(path, path)
 
 
+# A test that uses one of these starts (or shares) a real Ray, MLflow server, S3 endpoint or trained
+# run: it is marked `stack`, and `make test-fast` (-m "not stack and not slow") leaves it out.
+STACK_FIXTURES = {"ray_local", "mlflow_server", "s3_server", "s3_bucket", "digits_model_store", "trained_digits",
+                  "clean_tiny_run", "http_trained"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if STACK_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.stack)
     rank = {scope: i for i, scope in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(_scope(item.nodeid), len(rank)))   # stable: file order kept
 
@@ -113,7 +122,7 @@ def ray_local():
     """A real local Ray instance shared by the session (starting one costs ~10 s on 2 cores)."""
     import ray
 
-    from pipeline.ray_runtime import init_ray
+    from pipeline.runtime.ray_runtime import init_ray
 
     init_ray("local", reserve_cpus=3)   # never a cluster found running on this machine
     yield ray
@@ -142,7 +151,7 @@ def once_per_run(tmp_path_factory, name: str):
 def digits_parquet(tmp_path_factory):
     """scikit-learn's 8×8 digits as Parquet: id, label, image (64 × uint8), in 3 files (one copy for
     the whole run: the model of `digits_model_store` names it as its input)."""
-    from pipeline.datasets import digits, images_table, write_parquet
+    from pipeline.evaluation.datasets import digits, images_table, write_parquet
 
     with once_per_run(tmp_path_factory, "digits") as (folder, done):
         if done.exists():
@@ -156,7 +165,7 @@ def digits_parquet(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mnist_parquet(tmp_path_factory):
     """The shared 8,000 real MNIST digits as Parquet: id, label, image (784 × uint8), in 4 files."""
-    from pipeline.datasets import images_table, mnist, write_parquet
+    from pipeline.evaluation.datasets import images_table, mnist, write_parquet
 
     x, y = mnist()
     return write_parquet(images_table(x, y), str(tmp_path_factory.mktemp("mnist")), files=4)
@@ -169,7 +178,7 @@ def empty_mlflow_db(tmp_path_factory):
     experiment; vaepipe's experiment is created in each copy, with artifacts beside that copy."""
     import shutil
 
-    from pipeline.registry import client
+    from pipeline.models.registry import client
 
     folder = tmp_path_factory.mktemp("mlflow-template")
     client(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
@@ -188,7 +197,7 @@ def workdir(tmp_path_factory, empty_mlflow_db):
 def clean_tiny_run(ray_local, digits_parquet, tmp_path_factory, empty_mlflow_db):
     """One uninterrupted TINY_TRAIN run (its own work folder): the reference every fault test's
     interrupted run must retrace, epoch by epoch. Tests read it, never resume or change it."""
-    from pipeline.train import TrainConfig, run_train
+    from pipeline.training.train import TrainConfig, run_train
     from tests.tiny import TINY_TRAIN
 
     work = str(tmp_path_factory.mktemp("clean-run"))
@@ -200,7 +209,7 @@ def clean_tiny_run(ray_local, digits_parquet, tmp_path_factory, empty_mlflow_db)
 def digits_model_store(ray_local, digits_parquet, tmp_path_factory, empty_mlflow_db):
     """A small model trained once per session on the digits, registered as `digits@production` in
     its own work folder (MLflow SQLite store + artifacts). Returns (folder, TrainResult)."""
-    from pipeline.train import TrainConfig, TrainResult, run_train
+    from pipeline.training.train import TrainConfig, TrainResult, run_train
 
     # Trained once per run, not once per xdist worker (a fit costs ~30 CPU-seconds, mostly Ray Train's
     # processes starting): modules read it and work on copies of its SQLite file (trained_digits).

@@ -9,7 +9,7 @@ With a latent reference (μ of records the model was fit on, stored in its check
                  (reconstruction and latent distance fail on different records, and their units differ).
 The reference's own statistics leave each record out of its k-NN (its nearest neighbour is itself),
 so a record's score is a function of it and the model alone. These are `vaepipe protocol`'s
-candidates of the same names (pipeline.protocols.CandidateScorer; docs/quality.md): knn_z won on the
+candidates of the same names (pipeline.measure.protocols.CandidateScorer; docs/quality.md): knn_z won on the
 breast-cancer table, sq_err+knn_z on one-class MNIST."""
 from __future__ import annotations
 

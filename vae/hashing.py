@@ -1,6 +1,6 @@
-"""Record hashing in numpy only (no torch: Ray Data tasks import it through pipeline.features): a
+"""Record hashing in numpy only (no torch: Ray Data tasks import it through pipeline.table.features): a
 64-bit key per record from the bits of its float32 values, the same in any batch, order or process.
-vae.distributions draws each record's ε from it; pipeline.features splits train/val by it."""
+vae.distributions draws each record's ε from it; pipeline.table.features splits train/val by it."""
 from __future__ import annotations
 
 import numpy as np

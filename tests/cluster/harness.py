@@ -373,7 +373,7 @@ def upload_digits(s3: dict, prefix: str, copies: int = 1, files: int = 3, row_gr
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.datasets import digits, images_table
+    from pipeline.evaluation.datasets import digits, images_table
 
     x, y = digits()
     t = images_table(np.concatenate([x] * copies), np.concatenate([y] * copies))

@@ -90,7 +90,7 @@ def _measure(args, root: pathlib.Path) -> int:
             print(rows[-1], flush=True)
 
         # node loss in the middle of each job: kill node_b once the first output / checkpoint is on S3
-        from pipeline.train_loop import RunStore
+        from pipeline.training.train_loop import RunStore
 
         recovery = []
         for what in ("encode", "train"):

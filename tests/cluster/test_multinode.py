@@ -39,7 +39,7 @@ def _committed(s3, uri: str):
     sys.path.insert(0, str(harness.REPO / "tests" / "pipeline"))
     from committed_io import committed
 
-    from pipeline.uris import resolve
+    from pipeline.table.uris import resolve
 
     resolve(uri, **s3["options"]).fs.invalidate_cache()   # the listings polled during the job are stale
     return committed(uri, **s3["options"])
@@ -180,7 +180,7 @@ def test_encode_survives_losing_a_node_mid_job(env):
 
 
 def test_training_survives_losing_a_node_and_continues_from_the_newest_checkpoint(env):
-    from pipeline.train_loop import RunStore
+    from pipeline.training.train_loop import RunStore
 
     c, s3, client, b = env["cluster"], env["s3"], env["client"], env["bucket"]
     epochs = EPOCHS_KILL

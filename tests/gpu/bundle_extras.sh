@@ -25,5 +25,5 @@ done
 rm -rf "$tmp/site/mlflow/server/js"
 (cd "$tmp/site" && XZ_OPT=-6 tar -cJf - .) > .gpu/mlflow-slim.tar.xz
 rm -rf "$tmp"
-cp "$(python3 -c 'from pipeline.datasets import mnist_path; print(mnist_path())')" .gpu/mnist_8k.npz
+cp "$(python3 -c 'from pipeline.evaluation.datasets import mnist_path; print(mnist_path())')" .gpu/mnist_8k.npz
 du -sh .gpu

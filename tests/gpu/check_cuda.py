@@ -3,7 +3,7 @@ skips on every CI run would prove nothing there).
 
     python tests/gpu/check_cuda.py [--json FILE]      # exits 2 without a visible CUDA GPU
 
-What it checks, on the MNIST digits of ../shared/data (or $VAEPIPE_MNIST), and what it prints:
+What it checks, on the MNIST digits shipped in pipeline/evaluation/data (or $VAEPIPE_MNIST), and what it prints:
 1. parity: μ of the same weights on CPU and on CUDA (fp32), MLP and conv, the largest difference;
    the −ELBO anomaly score with per-record noise likewise. A GPU encode must give the CPU's latents.
 2. amp: 6 epochs of `vae.train_step.train_epoch` (the loop `vaepipe train` runs) per precision,
@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 import numpy as np
 import torch
 
-from pipeline.bench import BenchConfig, bench_model
-from pipeline.datasets import mnist
+from pipeline.measure.bench_common import BenchConfig, bench_model
+from pipeline.evaluation.datasets import mnist
 from vae.checkpoint import checkpoint_bytes, load_checkpoint, model_from_checkpoint
 from vae.distributions import record_keys, record_normal
 from vae.loss import kl_weight

@@ -1,5 +1,5 @@
 """Real servers for the job tests, on loopback only: an `mlflow server` (train/register/encode talk to
-it over HTTP), and the helpers the Ray-head tests share (tests/pipeline/test_ray_runtime.py,
+it over HTTP), and the helpers the Ray-head tests share (tests/pipeline/runtime/test_ray_runtime.py,
 tests/cluster/harness.py). Each server gets its own free ports and temp dirs; teardown stops exactly
 the processes it started.
 
@@ -155,7 +155,7 @@ def http_trained(ray_local, mlflow_server, digits_parquet, tmp_path_factory):
     as a user with credentials runs it: a password in the tracking URI (the server has no auth, so
     requests sends it as basic auth) and storage options holding a key and a secret. Shared by the
     tracking-server test (what reached the server) and the redaction test (what must not have)."""
-    from pipeline.train import TrainConfig, run_train
+    from pipeline.training.train import TrainConfig, run_train
     from tests.jobs.credentials import OPTIONS, PW
 
     work = tmp_path_factory.mktemp("http-train")

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from jobs.cli import parse_config
-from pipeline.errors import ConfigError
-from pipeline.train import TrainConfig
+from pipeline.runtime.errors import ConfigError
+from pipeline.training.train import TrainConfig
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 YAMLS = sorted(CONFIG_DIR.glob("*.yaml")) + sorted(CONFIG_DIR.glob("*.yml"))
@@ -148,8 +148,8 @@ def test_help_groups_the_train_flags_and_keeps_their_spellings(capsys):
 
 
 def test_train_fields_fall_into_frozen_typed_groups_exactly_once():
-    from pipeline.config import RuntimeConfig
-    from pipeline.train_config import (CheckpointOptions, ComputeOptions, DataOptions, ModelOptions, OptimConfig,
+    from pipeline.runtime.config import RuntimeConfig
+    from pipeline.training.train_config import (CheckpointOptions, ComputeOptions, DataOptions, ModelOptions, OptimConfig,
                                        RegistryOptions)
 
     groups = (ModelOptions, OptimConfig, DataOptions, CheckpointOptions, RegistryOptions, ComputeOptions)

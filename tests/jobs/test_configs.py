@@ -7,8 +7,8 @@ import pathlib
 import pytest
 
 from jobs.cli import parse_config
-from pipeline.errors import ConfigError
-from pipeline.train import TrainConfig
+from pipeline.runtime.errors import ConfigError
+from pipeline.training.train import TrainConfig
 
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

@@ -9,8 +9,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.parquet_io import read_manifest
-from pipeline.uris import resolve
+from pipeline.table.parquet_io import read_manifest
+from pipeline.table.uris import resolve
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_train_register_encode_through_tracking_server(mlflow_server, http_trained, digits_parquet, tmp_path):
     from mlflow import MlflowClient
 
-    from pipeline.encode import EncodeConfig, run_encode
+    from pipeline.batch.encode import EncodeConfig, run_encode
 
     url = mlflow_server.url
     r, work = http_trained   # trained through the server (tests/jobs/conftest.py)

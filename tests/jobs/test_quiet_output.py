@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from pipeline.progress import Progress
+from pipeline.runtime.progress import Progress
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(sys.executable).parent
@@ -30,7 +30,7 @@ NOISE = [
     "Started training worker group",                                   # Ray Train's controller at INFO
     "Creating initial MLflow database tables",                         # MLflow, a new SQLite store
     # core_worker.cc's ERROR for actors started with arguments by reference (ray-project/ray#57733):
-    # Ray Data's pool actors, from the driver's own C++ (pipeline.ray_runtime.driver_stderr_filtered)
+    # Ray Data's pool actors, from the driver's own C++ (pipeline.runtime.ray_runtime.driver_stderr_filtered)
     "constructor arguments in the object store and max_restarts > 0",
 ]
 UNIT_LINE = re.compile(r"^encode: (\d+)/(\d+) units, [\d,]+/1,797 records \(\d+%\), [\d,]+ records/s(, ETA .+)?$", re.M)
@@ -64,7 +64,7 @@ def test_demo_output_is_what_it_did(tmp_path):
 
 
 def test_progress_lines_off_a_terminal():
-    code = ("from pipeline.progress import Progress\n"
+    code = ("from pipeline.runtime.progress import Progress\n"
             "with Progress('encode', total=1000, units=4) as p:\n"
             "    for _ in range(4): p.update(250)\n")
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
@@ -100,7 +100,7 @@ def test_progress_can_be_silenced(monkeypatch):
 def test_ray_data_console_drops_only_the_warnings_about_what_vaepipe_does_on_purpose():
     import logging
 
-    from pipeline.ray_runtime import RayDataConsoleFilter
+    from pipeline.runtime.ray_runtime import RayDataConsoleFilter
 
     def passes(msg: str, level: int = logging.WARNING) -> bool:
         return RayDataConsoleFilter().filter(logging.LogRecord("ray.data", level, "x.py", 1, msg, None, None))

@@ -55,7 +55,7 @@ def test_unexpected_error_traceback_and_log_lines_are_redacted(capsys, monkeypat
     from jobs.cli import main
 
     def run(cfg):
-        log = logging.getLogger("pipeline.query")
+        log = logging.getLogger("pipeline.search.query")
         log.warning("reading with %s", json.loads(cfg_options))
         print(f"connecting to {cfg.tracking_uri}")
         raise RuntimeError(f"fsspec failed: {cfg_options}")

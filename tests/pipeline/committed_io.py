@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.commit import control_of
-from pipeline.parquet_io import list_parquet_files, partition_values, read_manifest
-from pipeline.uris import resolve
+from pipeline.table.commit import control_of
+from pipeline.table.parquet_io import list_parquet_files, partition_values, read_manifest
+from pipeline.table.uris import resolve
 
 
 def manifest(uri: str, **so) -> dict:

@@ -6,7 +6,7 @@
 Generates MNIST-like records (id, label, image = 784 x uint8) as hive partitions `day=NNN/` of
 `--per-partition` records each, in a child process (so that what writing them leaves in this
 process's allocators is not counted), trains nothing (registers a tiny random-init model in a private
-MLflow SQLite store), runs pipeline.nightly.run_nightly and samples the RSS of this process and all
+MLflow SQLite store), runs pipeline.batch.nightly.run_nightly and samples the RSS of this process and all
 its descendants (Ray workers, where the job starts any) every 0.2 s. Prints one line: records, wall
 seconds, records/s, the tree's RSS when the job starts (imports done) and its peak (MiB)."""
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.bench import PeakRSS, tree_memory   # RSS of this process and its descendants, from /proc
+from pipeline.measure.bench_common import PeakRSS, tree_memory   # RSS of this process and its descendants, from /proc
 
 
 def generate(folder: str, records: int, per_partition: int, seed: int = 0) -> None:
@@ -52,7 +52,7 @@ def generate(folder: str, records: int, per_partition: int, seed: int = 0) -> No
 
 
 def register_tiny_model(work: str) -> str:
-    from pipeline import registry
+    from pipeline.models import registry
     from vae.checkpoint import save_checkpoint
     from vae.config import VAEConfig
     from vae.model import VAE
@@ -94,7 +94,7 @@ def main() -> None:
 
     common = dict(model="models:/load@production", input=data, output=out, workdir=work, tracking_uri=tracking,
                   concurrency=a.concurrency)
-    from pipeline.nightly import NightlyConfig, run_nightly
+    from pipeline.batch.nightly import NightlyConfig, run_nightly
 
     start_mib = tree_memory()[0] / 2**20
     with PeakRSS() as mem:

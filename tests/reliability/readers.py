@@ -5,8 +5,8 @@ import os
 
 import pyarrow.parquet as pq
 
-from pipeline.parquet_io import list_parquet_files
-from pipeline.uris import resolve
+from pipeline.table.parquet_io import list_parquet_files
+from pipeline.table.uris import resolve
 
 
 def manifest_ids(out: str) -> list:

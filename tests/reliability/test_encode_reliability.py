@@ -12,13 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import registry
-from pipeline.datasets import digits, images_table
-from pipeline.encode import EncodeConfig, run_encode
-from pipeline.commit import control_of
-from pipeline.errors import BadRecordError, InputError, ModelNotFoundError, SchemaError, VaepipeError
-from pipeline.parquet_io import read_manifest
-from pipeline.uris import resolve
+from pipeline.models import registry
+from pipeline.evaluation.datasets import digits, images_table
+from pipeline.batch.encode import EncodeConfig, run_encode
+from pipeline.table.commit import control_of
+from pipeline.runtime.errors import BadRecordError, InputError, ModelNotFoundError, SchemaError, VaepipeError
+from pipeline.table.parquet_io import read_manifest
+from pipeline.table.uris import resolve
 
 MODEL = "models:/digits@production"
 
@@ -153,7 +153,7 @@ def test_04_one_block_raises_job_fails_no_success_destination_unchanged(trained_
     with pytest.raises(VaepipeError) as e:
         _enc(workdir, bad, out, unit_rows=200)
     assert "c.parquet" in str(e.value) and "image" in str(e.value)
-    # The failed job's actors are killed as it fails (pipeline.ray_pool), while its error is still held
+    # The failed job's actors are killed as it fails (pipeline.runtime.ray_pool), while its error is still held
     # (here by pytest.raises, as a nightly run holds a failed partition's). Each kept a CPU: left to Ray's
     # reference counting they lived on for up to 137 s on a saturated machine, and a training after them
     # waited for one forever while the error was held. The wait covers only the kill's own delivery

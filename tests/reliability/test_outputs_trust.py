@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main as vaepipe_main
-from pipeline.commit import control_of
-from pipeline.datasets import digits, images_table
-from pipeline.encode import EncodeConfig, run_encode
-from pipeline.errors import ManifestError, PartialFailure
-from pipeline.nightly import NightlyConfig, read_state, run_nightly
-from pipeline.parquet_io import read_manifest
-from pipeline.uris import resolve
+from pipeline.table.commit import control_of
+from pipeline.evaluation.datasets import digits, images_table
+from pipeline.batch.encode import EncodeConfig, run_encode
+from pipeline.runtime.errors import ManifestError, PartialFailure
+from pipeline.batch.nightly import NightlyConfig, read_state, run_nightly
+from pipeline.table.parquet_io import read_manifest
+from pipeline.table.uris import resolve
 
 from readers import assert_readers_agree, partition_types
 
@@ -44,7 +44,7 @@ def _put(t: pa.Table, path: pathlib.Path) -> None:
 def _nightly(workdir, src, out, **kw) -> dict:
     """A nightly run on the executor users get for these few local records (in this process, no Ray):
     these cases are about which partitions run and what readers see, the same on either executor.
-    Nightly's Ray path runs in case 18's first run (`--concurrency 1`) and tests/pipeline/test_s3.py;
+    Nightly's Ray path runs in case 18's first run (`--concurrency 1`) and tests/pipeline/table/test_s3.py;
     forcing it here cost an actor start per partition, ~25 of them."""
     return run_nightly(NightlyConfig(model=MODEL, input=str(src), output=str(out), workdir=workdir, **kw))
 
@@ -242,7 +242,7 @@ def test_22_nightly_partitions_read_by_duckdb_pyarrow_polars_and_pandas(trained_
     assert got.fetchall() == [(values[0], 100), (values[1], 100)]
     for f in out.rglob("*.parquet"):
         assert key not in pq.read_schema(f).names                         # the value lives in the folder name only
-    from pipeline.query import QueryConfig, run_query   # vaepipe's own reader adds it back, as hive readers do
+    from pipeline.search.query import QueryConfig, run_query   # vaepipe's own reader adds it back, as hive readers do
 
     hits = run_query(QueryConfig(latents=str(out), id=["0"], k=5, where=f"{key} = '{values[1]}'"))
     assert hits.num_rows == 5 and set(hits.column(key).to_pylist()) == {values[1]}

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from jobs.cli import main as cli_main
-from pipeline import registry
-from pipeline.encode import EncodeConfig, run_encode
-from pipeline.errors import InputError, ModelNotFoundError
-from pipeline.uris import check_uri
+from pipeline.models import registry
+from pipeline.batch.encode import EncodeConfig, run_encode
+from pipeline.runtime.errors import InputError, ModelNotFoundError
+from pipeline.table.uris import check_uri
 from vae.checkpoint import FORMAT, CheckpointError, load_checkpoint
 
 
@@ -103,7 +103,7 @@ def test_14_pickled_object_in_checkpoint_or_registered_model_is_refused(trained_
 def _digits_dir():
     import tempfile
 
-    from pipeline.datasets import digits, images_table, write_parquet
+    from pipeline.evaluation.datasets import digits, images_table, write_parquet
 
     x, y = digits()
     return write_parquet(images_table(x[:100], y[:100]), tempfile.mkdtemp(prefix="rel14-"), files=1)

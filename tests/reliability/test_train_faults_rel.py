@@ -11,8 +11,8 @@ import shutil
 
 import pytest
 
-from pipeline.train import TrainConfig, run_train
-from pipeline.run_store import RunStore
+from pipeline.training.train import TrainConfig, run_train
+from pipeline.training.run_store import RunStore
 from tests.tiny import TINY_TRAIN
 
 TINY = dict(features=["image"], latent_dim=2, hidden=[8, 16], batch_size=256, seed=5, promote="never",

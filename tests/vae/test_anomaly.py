@@ -36,7 +36,7 @@ def _tabular(seed) -> tuple[VAE, np.ndarray, np.ndarray]:
 def test_scores_equal_the_protocols_candidates_of_the_same_names(seed):
     # The protocol chose these scores (docs/quality.md) with its own code (sklearn's k-NN, numpy
     # statistics): encode's torch version must give the same numbers for the same model and records.
-    from pipeline.protocols import CandidateScorer
+    from pipeline.measure.protocols import CandidateScorer
 
     model, fit, score = _tabular(seed)
     expected = CandidateScorer(model, fit, k=4, seed=0)(score)

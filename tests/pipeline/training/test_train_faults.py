@@ -1,0 +1,71 @@
+"""Training survives a dying worker and a stopped run, continuing from the last checkpoint."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from pipeline.models.registry import client
+from pipeline.training.train import TrainConfig, run_train
+from pipeline.training.run_store import RunStore
+
+from tests.tiny import TINY_TRAIN
+
+TINY = {k: v for k, v in TINY_TRAIN.items() if k != "workers"}
+
+
+def _journal(run_dir: str) -> list[int]:
+    """Epochs in the order rank 0 finished them (the run folder's journal.jsonl, every attempt)."""
+    return [e["epoch"] for e in RunStore(run_dir).journal()]
+
+
+def test_killed_worker_restarts_from_last_checkpoint_not_from_zero(ray_local, digits_parquet, tmp_path):
+    from ray.util.state import list_actors
+
+    work = str(tmp_path)
+    actors = lambda: {a.actor_id: a.class_name for a in list_actors(
+        address=ray_local.get_runtime_context().gcs_address, limit=10_000, raise_on_missing_output=False)}
+    before = actors()
+    # rank 1 of 2 exits hard at the start of epoch 2; max_failures=1 lets Ray restart the group
+    r = run_train(TrainConfig(input=digits_parquet, workers=2, max_failures=1, fail_at_epoch=2, fail_rank=1,
+                              model_name="faulty", workdir=work, **TINY))
+    assert os.path.exists(os.path.join(r.run_dir, ".fault_injected"))          # the fault did fire
+    assert r.epochs_run == 4
+    # each epoch was trained once: a restart from zero would have logged epochs 0 and 1 twice
+    assert _journal(r.run_dir) == [0, 1, 2, 3]
+    # the cached shards came from the driver's blocks, in both worker groups: Ray Train started no
+    # DatasetManager and no SplitCoordinator actor (a process each) for this run
+    started = [c for a, c in actors().items() if a not in before]
+    assert "RayTrainWorker" in started and not {"DatasetManager", "SplitCoordinator"} & set(started), started
+
+
+def test_resume_after_a_stopped_run_matches_an_uninterrupted_run(ray_local, digits_parquet, clean_tiny_run, tmp_path):
+    work = str(tmp_path)
+    clean = clean_tiny_run
+    # the same run, stopped at epoch 2 (no restarts allowed), then resumed with --resume
+    with pytest.raises(Exception):
+        run_train(TrainConfig(input=digits_parquet, workers=1, max_failures=0, fail_at_epoch=2, run_name="stopped-1",
+                              model_name="stopped", workdir=work, **TINY))
+    assert len(glob.glob(f"{work}/ray_results/stopped-1/epoch_*")) == 2
+    # as if the worker group had been torn down after epoch 1's checkpoint but before its journal line
+    journal_file = f"{work}/ray_results/stopped-1/journal.jsonl"
+    with open(journal_file) as f:
+        lines = f.readlines()
+    assert len(lines) == 2
+    with open(journal_file, "w") as f:
+        f.write(lines[0])
+    resumed = run_train(TrainConfig(input=digits_parquet, workers=1, resume=True, run_name="stopped-1",
+                                    model_name="stopped", workdir=work, **TINY))
+    assert resumed.epochs_run == clean.epochs_run == 4
+    assert _journal(resumed.run_dir) == [0, 1, 2, 3]                       # no epoch trained twice
+    # the lost line came back from the checkpoint resumed from (the commit point), not from a rerun
+    assert [e.get("recovered", False) for e in RunStore(resumed.run_dir).journal()] == [False, True, False, False]
+    assert glob.glob(f"{work}/ray_results/stopped-1/resume-1/epoch_*")        # a new Ray run in the same folder
+    assert resumed.run_id == client(f"sqlite:///{work}/mlflow.db").search_runs(
+        [client(f"sqlite:///{work}/mlflow.db").get_experiment_by_name("vaepipe").experiment_id],
+        filter_string="attributes.run_name = 'stopped-1'")[0].info.run_id      # one MLflow run across the stop
+    # seeded per (seed, epoch), fixed block order and per-record validation ε: the resumed run retraces
+    # the uninterrupted one (measured: bitwise equal on CPU; 1e-4 leaves room for BLAS differences)
+    for m in ("val_neg_elbo", "train_neg_elbo"):
+        assert resumed.metrics[m] == pytest.approx(clean.metrics[m], abs=1e-4), m

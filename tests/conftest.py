@@ -42,7 +42,7 @@ SHARED_FIXTURE_GROUPS = {
 # end together instead of one finishing a long file alone while the other idles (the largest files
 # first: the longest-processing-time rule). xdist's own order is by number of tests, which put these,
 # few tests each, last. Order only: every other file runs after them, in collection order.
-LONGEST_FIRST = [                                   # seconds in a full run, 2026-12-04 (`--durations`)
+LONGEST_FIRST = [                                   # seconds in a full run (`--durations`)
     "tests/pipeline/training/test_semi_train.py",             # 246
     "clean_tiny_run",                                # 217 (test_train_faults 135 + test_train_faults_rel 82)
     "tests/pipeline/training/test_train.py",                  # 171

@@ -9,8 +9,9 @@ runs) writes `score` for the scored half with `--score-kind` over all of them (`
 The AUC is read from the committed Parquet output. IsolationForest is fit on the same fit half (in
 the standardised space the protocol uses), so the comparison is paired draw by draw.
 
-The score and the epochs are not chosen here: they are round 4's choice (docs/quality.md, knn_z at
-10 epochs), fixed before any run of this command."""
+The score and the epochs are not chosen here: they are what `--what breast-cancer --ensemble 5
+--draws 20` chose by its cross-fit (docs/quality.md: knn_z at 10 epochs), fixed before any run of
+this command."""
 from __future__ import annotations
 
 import os
@@ -25,7 +26,7 @@ import torch
 from pipeline.evaluation.eval_metrics import roc_auc
 from pipeline.measure.protocols import ProtocolConfig, breast_cancer_draw, paired, tabular_vae
 
-CHOSEN_SCORE, CHOSEN_EPOCHS = "knn_z", 10   # round 4's choice by the cross-fit (docs/quality.md)
+CHOSEN_SCORE, CHOSEN_EPOCHS = "knn_z", 10   # chosen by breast-cancer's cross-fit (docs/quality.md)
 COLUMNS = [f"c{i}" for i in range(30)]
 
 

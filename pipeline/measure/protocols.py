@@ -1,5 +1,5 @@
 """Standard protocols with published baselines, each one command that trains, scores and prints every
-figure of the same run (issue 14):
+figure of the same run:
 
 * `semi-mnist`: few-label classification on the seeded 6,000 / 2,000 split of mnist_8k
   (pipeline.evaluation.datasets.write_mnist_split's split). M1 (the default conv VAE recipe) is trained on the
@@ -46,7 +46,7 @@ from vae.semi import SemiVAE
 from vae.train_step import cosine_lr, train_epoch
 
 PROTOCOLS = ("semi-mnist", "one-class-mnist", "breast-cancer", "breast-cancer-jobs")
-SCORES = ("iwae", "neg_elbo", "recon")            # the likelihood-type scores of the earlier runs
+SCORES = ("iwae", "neg_elbo", "recon")            # the likelihood-type scores
 MODEL_SCORES = (*SCORES, "sq_err")                  # functions of the record and the VAE alone
 LATENT_SCORES = ("knn_z", "mahal_z")                # densities of μ against the fitting records' μ
 COMBINED = ("recon+knn_z", "sq_err+knn_z", "iwae+knn_z", "sq_err+mahal_z")
@@ -57,7 +57,7 @@ BASELINES = ("isolation_forest", "ocsvm", "pca_recon", "knn_mu")
 @dataclass
 class ProtocolConfig(RuntimeConfig):
     what: str = opt("one-class-mnist", "the protocol: semi-mnist, one-class-mnist, breast-cancer, breast-cancer-jobs "
-                                       "(round 4's chosen score through `train` and `encode --score-kind`)",
+                                       "(the chosen breast-cancer score through `train` and `encode --score-kind`)",
                     choices=PROTOCOLS)
     epochs: int = opt(0, "VAE training epochs (0: the protocol's own: 20 semi-mnist, 100 one-class-mnist, "
                          "breast-cancer chosen among --epoch-grid)")
@@ -294,8 +294,8 @@ def validation_aucs(scorer: CandidateScorer, normal: np.ndarray, anomalous: np.n
 def one_class_mnist(cfg: ProtocolConfig) -> dict[str, Any]:
     """Per digit: fit on d's fitting images, every candidate's AUC on the training-split validation set
     (computed before any held-out image is scored), then every candidate and baseline on the 2,000
-    held-out images. The baselines are fit on all of d's training images (as in the earlier runs, and
-    on more images than the VAE sees); the k-NN-on-μ baseline uses the μ of the same VAE."""
+    held-out images. The baselines are fit on all of d's training images (more images than the VAE
+    sees); the k-NN-on-μ baseline uses the μ of the same VAE."""
     _set_threads(cfg)
     t0 = time.perf_counter()
     xtr, ytr, xte, yte = mnist_split(cfg.seed)

@@ -4,7 +4,7 @@ the job, and a failed job's actors are killed at once, not left to Ray's referen
 Ray Data ends a pool by dropping its references to the actors (`ray.kill` only when forced), so an
 actor lives as long as anything still reaches it. After a failure, that was the execution's scheduling
 thread and the error's tracebacks. On a saturated machine the actors of a failed encode were released
-107 s after the error and force-killed 30 s later (GCS log, 2026-12-03). Each held a CPU, and the next
+107 s after the error and force-killed 30 s later (GCS log). Each held a CPU, and the next
 job on that Ray (a nightly run's next partition, a training) waited for those CPUs. `KillPoolOnFailure`
 kills them itself, as soon as the execution fails.
 

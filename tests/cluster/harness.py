@@ -83,8 +83,8 @@ class LocalCluster:
         """`ray start` for `node`. Ray gives a new raylet a fixed 30 s to register with the GCS
         (ray/_private/node.py, raylet_start_wait_time_s); on a loaded 2-core host that can run out, so
         a start that timed out is cleaned up and tried again, as KubeRay recreates a pod that failed
-        to start. (3 tries were not enough once: all three timed out with the rest of `make test`
-        saturating both cores, 2026-12-03, and the next test then found one worker node.)"""
+        to start. (3 tries can all time out with the rest of `make test`
+        saturating both cores, and the next test then finds one worker node.)"""
         for attempt in range(tries):
             try:
                 return self._launch_once(node, timeout_s)

@@ -119,7 +119,7 @@ def test_encode_joins_a_running_local_cluster_instead_of_a_traceback(tmp_path, d
     def start_head() -> tuple[int, int]:
         """`ray start --head` on fresh ports: (its exit status, the GCS port). Ray waits a fixed 30 s
         for its raylet to register with the GCS (`raylet_start_wait_time_s` in ray/_private/node.py);
-        on 2 cores shared with the rest of the suite that wait ran out once (2026-12-02), so a start
+        on 2 cores shared with the rest of the suite that wait can run out, so a start
         that timed out there is retried once. What the test proves starts after the head is up."""
         ports = jobs.free_ports(9)
         flags = ["--port", "--dashboard-port", "--ray-client-server-port", "--node-manager-port",

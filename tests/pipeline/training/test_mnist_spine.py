@@ -1,4 +1,4 @@
-"""Issue 2's acceptance check on real MNIST: train with 2 Ray Train workers, then encode all 8,000."""
+"""The end-to-end check on real MNIST: train with 2 Ray Train workers, then encode all 8,000."""
 from __future__ import annotations
 
 import os

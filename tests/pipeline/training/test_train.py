@@ -1,4 +1,4 @@
-"""Production training (issue 3): AMP bf16 on CPU, MLflow metrics/figures/signature/lineage, the
+"""Production training: AMP bf16 on CPU, MLflow metrics/figures/signature/lineage, the
 promotion rule, a second validation URI with streaming (cache=off), and 1-worker reproducibility."""
 from __future__ import annotations
 

@@ -161,7 +161,7 @@ def log_model(run_id: str, checkpoint_path: str, input_dim: int, latent_dim: int
     """Log the pyfunc model (code + checkpoint artifact + signature) into the run; return its URI.
     The signature comes from the preprocessing stored in the checkpoint (`model_signature`).
     `example` is not used: an input example would cost a model load and a predict at every log, and
-    the signature already says what a request holds (the README shows one)."""
+    the signature already says what a request holds (docs/serving.md shows one)."""
     import mlflow
 
     from vae.checkpoint import load_checkpoint

@@ -14,7 +14,7 @@ message, a log line, or an MLflow param or tag. The tools here:
   for the length of a job, so Ray's forwarded worker output is covered as well.
 
 Pass credentials through the environment (AWS_ACCESS_KEY_ID, MLFLOW_TRACKING_PASSWORD…) rather than
-on a command line: a Ray job's entrypoint is shown by the Ray dashboard. See README.md.
+on a command line: a Ray job's entrypoint is shown by the Ray dashboard. See docs/cluster.md.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Querying a committed encode output without vaepipe, as the README shows: DuckDB SQL (k-NN by id,
+"""Querying a committed encode output without vaepipe, as docs/outputs.md shows: DuckDB SQL (k-NN by id,
 filter + k-NN), Polars and pandas, each reading the files the manifest lists. DuckDB reads `mu` as
 FLOAT[] (Parquet has no fixed-size list), so array_distance needs the cast mu::FLOAT[D]. The k-NN
 results equal `vaepipe query`'s."""
@@ -19,7 +19,7 @@ from pipeline.search.query import QueryConfig, run_query
 MODEL = "models:/digits@production"
 LATENT_DIM = 4      # the session's digits model (tests/conftest.py)
 
-# The README's SQL, verbatim apart from D = 4.
+# The SQL of docs/outputs.md, verbatim apart from D = 4.
 KNN_BY_ID = """
 WITH q AS (SELECT mu::FLOAT[4] AS v FROM read_parquet($files) WHERE id = $id)
 SELECT id, label, array_distance(t.mu::FLOAT[4], q.v) AS distance
@@ -39,7 +39,7 @@ LIMIT 5
 
 
 def committed_files(out: str) -> list[str]:
-    """The files of the committed run, from the manifest in the control folder (what the README does)."""
+    """The files of the committed run, from the manifest in the control folder (what docs/outputs.md does)."""
     parent, name = os.path.split(out.rstrip("/"))
     with open(os.path.join(parent, f"_{name}.vaepipe", "manifest.json")) as f:
         return [os.path.join(out, e["path"]) for e in json.load(f)["files"]]

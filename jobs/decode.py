@@ -15,7 +15,10 @@ def run(cfg: Config):
         m["report"] = r
         print(f"round trip over {r['records']:,} records ({r['latent_type']} latents, {r['latent_dim']} dims): "
               f"MSE {r['vae_mse']:.6f} vs PCA-{r['latent_dim']} {r['pca_mse']:.6f} "
-              f"(ratio {r['vae_over_pca']:.2f}; model input units, [0,1] for 8-bit images)")
+              f"(ratio {r['vae_over_pca']:.2f}; model input units), {r['active_units']}/{r['latent_dim']} active units")
+        if r["active_units"] == 0:
+            print("warning: posterior collapse: no latent unit is active on these records (μ is the same for all); "
+                  "retrain with a lower --beta, --free-bits or --warmup-epochs", file=sys.stderr)
     return m
 
 

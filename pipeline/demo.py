@@ -16,7 +16,7 @@ from pipeline.evaluation.datasets import digits, images_table, write_parquet
 
 @dataclass
 class DemoConfig(RuntimeConfig):
-    epochs: int = opt(15, "training epochs")
+    epochs: int = opt(60, "training epochs (0: train's auto length; 60 keeps the demo to about a minute of training)")
     workers: int = opt(2, "Ray Train workers (DDP on CPU here)")
     latent_dim: int = opt(8, "latent size")
     model_name: str = opt("digits-vae", "registered model name")

@@ -62,7 +62,14 @@ class VAEConfig:
     hidden: tuple[int, ...] = (512, 256)
     """MLP: widths of the hidden layers. conv: channels of each stride-2 conv layer."""
     likelihood: str = "bernoulli"
-    """'bernoulli' (BCE, for data in [0, 1]) or 'gaussian' (unit-variance, i.e. MSE)."""
+    """'bernoulli' (BCE, for data in [0, 1]) or 'gaussian' (MSE-based; see `calibrated`)."""
+    calibrated: bool = False
+    """gaussian only: the decoder's shared σ is fitted to the data (σ-VAE: the batch's optimal σ in
+    training, its running value stored in the model's `log_sigma` buffer for evaluation and scores);
+    False keeps the unit variance of models trained before it existed."""
+    linear_path: bool = False
+    """A linear encoder and decoder beside the nonlinear ones (their outputs add), which training starts
+    at probabilistic PCA (vae.linear); False: the nonlinear nets alone, as models trained before it."""
     logvar_min: float = -30.0
     logvar_max: float = 20.0
     """log-variance is clamped to this range (as diffusers' DiagonalGaussianDistribution)."""
@@ -95,6 +102,8 @@ class VAEConfig:
             if self.input_shape[1] % k or self.input_shape[2] % k:
                 raise ValueError(f"conv with {len(self.hidden)} stride-2 layers needs H and W divisible "
                                  f"by {k}, got {self.input_shape[1:]}")
+        if self.calibrated and self.likelihood != "gaussian":
+            raise ValueError("calibrated applies to the gaussian likelihood only")
         if self.logvar_min >= self.logvar_max:
             raise ValueError("logvar_min must be < logvar_max")
 

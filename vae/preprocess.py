@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-SCALINGS = ("none", "uint8", "minmax", "standardize")
+SCALINGS = ("none", "uint8", "range", "minmax", "standardize")
 
 
 @dataclass
@@ -20,8 +20,9 @@ class Preprocessing:
     layout: str = "list"
     """'list' (one list column holding the whole vector) or 'scalars' (one column per feature)."""
     scaling: str = "none"
-    """'uint8' (x / 255), 'minmax' (to [0, 1] per feature), 'standardize' (zero mean, unit variance per
-    feature) or 'none'."""
+    """'uint8' (x / 255), 'range' (the data's own range to [0, 1], one offset and scale for the whole
+    vector, so an image keeps its contrast between pixels), 'minmax' (to [0, 1] per feature),
+    'standardize' (zero mean, unit variance per feature) or 'none'."""
     offset: list[float] = field(default_factory=list)
     scale: list[float] = field(default_factory=list)
     """Fitted per-feature transform: model_input = (raw - offset) * scale (empty = identity)."""
@@ -46,22 +47,23 @@ class Preprocessing:
     @property
     def unit_interval(self) -> bool:
         """True when model inputs lie in [0, 1] (so the Bernoulli likelihood applies)."""
-        return self.scaling in ("uint8", "minmax")
+        return self.scaling in ("uint8", "range", "minmax")
 
     @classmethod
     def fit(cls, x: np.ndarray, features: list[str], layout: str, scaling: str = "auto",
             dtypes: list[str] | None = None) -> "Preprocessing":
-        """Fit on a sample of raw training records x: (N, D). 'auto' picks uint8 for integer data in
-        [0, 255], none for data already in [0, 1], standardize otherwise. `dtypes`: the feature
-        columns' dtypes in the input (recorded, not used by the transform)."""
+        """Fit on a sample of raw training records x: (N, D). 'auto' picks none for data already in
+        [0, 1]; for a list column of integers (images, counts, grey levels 0–16 or 0–255 alike) the
+        range the data spans; standardize otherwise (scalar columns: each in its own units).
+        `dtypes`: the feature columns' dtypes in the input (recorded, not used by the transform)."""
         x = np.asarray(x)
         if scaling == "auto":
             lo, hi = float(np.min(x)), float(np.max(x))
             integral = np.issubdtype(x.dtype, np.integer) or bool(np.all(np.mod(x, 1) == 0))
             if lo >= 0 and hi <= 1:
                 scaling = "none"
-            elif integral and lo >= 0 and hi <= 255:
-                scaling = "uint8"
+            elif integral and layout == "list":
+                scaling = "range"
             else:
                 scaling = "standardize"
         d = x.shape[1]
@@ -70,6 +72,9 @@ class Preprocessing:
             offset, scale = np.zeros(d), np.ones(d)
         elif scaling == "uint8":
             offset, scale = np.zeros(d), np.full(d, 1 / 255)
+        elif scaling == "range":
+            lo, hi = float(xf.min()), float(xf.max())
+            offset, scale = np.full(d, lo), np.full(d, 1 / (hi - lo if hi > lo else 1.0))
         elif scaling == "minmax":
             lo, hi = xf.min(0), xf.max(0)
             offset, scale = lo, 1 / np.where(hi > lo, hi - lo, 1.0)

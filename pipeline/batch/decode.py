@@ -22,6 +22,7 @@ from pipeline.table.lease import Lease, hold_lease
 from pipeline.table.parquet_io import list_parquet_files, read_footer, read_table, write_options
 from pipeline.table.quantize import dequantize
 from pipeline.table.uris import resolve
+from vae.train_step import active_units
 from vae.checkpoint import load_checkpoint, model_from_checkpoint
 
 
@@ -183,7 +184,8 @@ def roundtrip_report(model_uri: str, reference: str, decoded: str, tracking_uri:
     """Reconstruction quality of a committed decode: MSE per value between the original records
     (`reference`) and the decoded ones, joined on `id_column`, in the model's input units (x/255 for
     8-bit images, i.e. [0,1] pixels), next to PCA with k = latent size fit on the same records (the
-    linear baseline at the same number of floats per record). Also reports the latent bytes/record."""
+    linear baseline at the same number of floats per record). Also reports the latent type and the
+    model's active units on these records (0: μ carries nothing, the decoded records are all alike)."""
     from sklearn.decomposition import PCA
 
     so = storage_options or {}
@@ -201,13 +203,16 @@ def roundtrip_report(model_uri: str, reference: str, decoded: str, tracking_uri:
     x = to_matrix(ref.take(np.argsort(ids_r, kind="stable")), spec, dim, source=reference)
     y = to_matrix(dec.take(np.argsort(ids_d, kind="stable")), spec, dim, source=decoded)
     with torch.no_grad():
-        xs = model.preprocess(torch.from_numpy(np.array(x, copy=True))).numpy()
+        xt = torch.from_numpy(np.array(x, copy=True))
+        xs = model.preprocess(xt).numpy()
         ys = model.preprocess(torch.from_numpy(np.array(y, copy=True))).numpy()
+        kl_dims = torch.cat([model.embed(xt[i:i + 4096]).kl_per_dim() for i in range(0, len(xt), 4096)]).mean(0)
     pca = PCA(n_components=k, random_state=0).fit(xs)
     pca_mse = float(((pca.inverse_transform(pca.transform(xs)) - xs) ** 2).mean())
     vae_mse = float(((ys - xs) ** 2).mean())
     out = {"records": int(len(xs)), "latent_dim": k, "vae_mse": vae_mse, "pca_mse": pca_mse,
-           "vae_over_pca": vae_mse / pca_mse if pca_mse else float("inf")}
+           "vae_over_pca": vae_mse / pca_mse if pca_mse else float("inf"),
+           "active_units": active_units(kl_dims)}
     if latents:
         loc = resolve(latents, **so)
         first = list_parquet_files(loc)[0]

@@ -99,3 +99,35 @@ def keep_few_labels(folder: str, n: int, seed: int = 0, source: str = "label", c
         pq.write_table(t.append_column(column, col), path, compression="zstd")
         start += t.num_rows
     return folder
+
+
+# --- the any-data panel's sets (pipeline.measure.panel): real data nothing in the project was tuned on
+
+def digits_as_stored() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8×8 digits as stored: grey levels 0–16, (N, 64) uint8."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data.astype(np.uint8), d.target
+
+
+def breast_cancer() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's breast-cancer table: 569 records of 30 scalar columns (float64), the target, the names."""
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer()
+    return d.data, d.target, [str(n) for n in d.feature_names]
+
+
+def photo_patches(photo: str, size: int, n: int, seed: int = 0) -> np.ndarray:
+    """n random size×size colour patches of one of scikit-learn's two bundled photos ('china.jpg' or
+    'flower.jpg', 427×640×3), flattened channels first (C, H, W), uint8: (n, 3·size²)."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images()
+    img = photos.images[[str(f).rsplit("/", 1)[-1] for f in photos.filenames].index(photo)]
+    rng = np.random.default_rng(seed)
+    r = rng.integers(0, img.shape[0] - size + 1, n)
+    c = rng.integers(0, img.shape[1] - size + 1, n)
+    patches = np.stack([img[i:i + size, j:j + size] for i, j in zip(r, c)])      # (n, H, W, C)
+    return np.ascontiguousarray(patches.transpose(0, 3, 1, 2).reshape(n, -1))

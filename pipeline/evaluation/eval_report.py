@@ -36,6 +36,9 @@ def table(r: dict) -> str:
     for n, e in r.get("m2_error", {}).items():
         lines.append(f"M1+M2 error (vae.semi head, {r['m2_epochs']} epochs), {n:>4} labels (mean ± sd of "
                      f"{r['label_draws']} draws): {e:.3f} ± {r['m2_error_sd'][n]:.3f}")
+    if r["active_units"] == 0:
+        lines.append("posterior collapse: no latent unit is active (μ is the same for every record); retrain with a "
+                     "lower --beta, --free-bits or --warmup-epochs")
     if "anomaly_roc_auc" in r:
         lines.append(f"anomaly ROC AUC (-ELBO): {r['anomaly_roc_auc']:.3f}")
     return "\n".join(lines)

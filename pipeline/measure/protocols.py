@@ -45,7 +45,7 @@ from vae.preprocess import Preprocessing
 from vae.semi import SemiVAE
 from vae.train_step import cosine_lr, train_epoch
 
-PROTOCOLS = ("semi-mnist", "one-class-mnist", "breast-cancer", "breast-cancer-jobs")
+PROTOCOLS = ("semi-mnist", "one-class-mnist", "breast-cancer", "breast-cancer-jobs", "any-data")
 SCORES = ("iwae", "neg_elbo", "recon")            # the likelihood-type scores
 MODEL_SCORES = (*SCORES, "sq_err")                  # functions of the record and the VAE alone
 LATENT_SCORES = ("knn_z", "mahal_z")                # densities of μ against the fitting records' μ
@@ -57,9 +57,10 @@ BASELINES = ("isolation_forest", "ocsvm", "pca_recon", "knn_mu")
 @dataclass
 class ProtocolConfig(RuntimeConfig):
     what: str = opt("one-class-mnist", "the protocol: semi-mnist, one-class-mnist, breast-cancer, breast-cancer-jobs "
-                                       "(the chosen breast-cancer score through `train` and `encode --score-kind`)",
+                                       "(the chosen breast-cancer score through `train` and `encode --score-kind`), any-data "
+                                       "(the default recipe on the panel of real data sets: pipeline.measure.panel)",
                     choices=PROTOCOLS)
-    epochs: int = opt(0, "VAE training epochs (0: the protocol's own: 20 semi-mnist, 100 one-class-mnist, "
+    epochs: int = opt(0, "VAE training epochs (0: the protocol's own: 20 semi-mnist, 100 one-class-mnist, any-data auto, "
                          "breast-cancer chosen among --epoch-grid)")
     head_epochs: int = opt(50, "semi-mnist: epochs of the M2 head per label draw")
     labels: list[int] = opt(help="semi-mnist: label counts", factory=lambda: [100, 600, 1000])
@@ -80,6 +81,12 @@ class ProtocolConfig(RuntimeConfig):
     iw_samples: int = opt(16, "importance samples K of the iwae score")
     ensemble: int = opt(1, "breast-cancer: VAEs fit per model (seeds differ; the first is the one-model run's), "
                            "each candidate score averaged over them")
+    sets: list[str] = opt(help="any-data: the panel's data sets (default all: mnist, digits-0-16, digits-0-255, "
+                               "breast-cancer, patches16-china, patches16-flower, patches32-china, patches32-flower; "
+                               "patchesN-PHOTO trains on PHOTO's patches and tests on the other photo's)",
+                          factory=list)
+    betas: list[float] = opt(help="any-data: β values to train each set with (default 1, the recipe's; several "
+                                  "give the rate-distortion frontier)", factory=lambda: [1.0])
     seed: int = opt(0, "seed of the split, the models and the draws")
     threads: int = opt(0, "torch threads (0: torch's default)")
     json: str | None = opt(None, "write every figure here as JSON")
@@ -96,6 +103,8 @@ class ProtocolConfig(RuntimeConfig):
             raise ConfigError(f"epoch_grid must be a non-empty list of epochs ≥ 1, got {self.epoch_grid}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not self.betas or any(b < 0 for b in self.betas):
+            raise ConfigError(f"betas must be a non-empty list of β ≥ 0, got {self.betas}")
         if any(d not in range(10) for d in self.digits):
             raise ConfigError(f"digits must be 0–9, got {self.digits}")
         if any(n < 2 for n in self.labels):
@@ -125,7 +134,7 @@ def image_config(arch: str = "conv", semi: SemiConfig | None = None) -> VAEConfi
 
 
 def fit_vae(model: VAE, raw: np.ndarray, epochs: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-            val_fraction: float = 0.0) -> VAE:
+            val_fraction: float = 0.0, beta: float = 1.0) -> VAE:
     """The default recipe's loop (AdamW, cosine decay, a seeded permutation per epoch), unsupervised.
     With val_fraction > 0 a seeded part of `raw` is held out and the epoch with the best validation
     -ELBO (vae.train_step.evaluate, per-record noise) is kept, as `train --patience` keeps its best."""
@@ -140,13 +149,13 @@ def fit_vae(model: VAE, raw: np.ndarray, epochs: int, batch_size: int = 128, lr:
         n_val = max(1, int(len(x) * val_fraction))
         x, val = x[p[n_val:]], x[p[:n_val]]
     best, best_state = float("inf"), None
-    opt_ = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt_ = torch.optim.AdamW(model.param_groups(), lr=lr)
     for epoch in range(epochs):
         for g in opt_.param_groups:
-            g["lr"] = cosine_lr(lr, epoch, epochs)
+            g["lr"] = cosine_lr(lr, epoch, epochs) * g["lr_scale"]
         torch.manual_seed(seed * 100_003 + epoch * 1009)
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919))
-        train_epoch(model, (x[perm[i:i + batch_size]] for i in range(0, len(x), batch_size)), opt_, beta=1.0)
+        train_epoch(model, (x[perm[i:i + batch_size]] for i in range(0, len(x), batch_size)), opt_, beta=beta)
         if val is not None:
             score = evaluate(model, [val], seed=seed)[0].means()["neg_elbo"]
             if score < best:
@@ -160,7 +169,6 @@ def fit_vae(model: VAE, raw: np.ndarray, epochs: int, batch_size: int = 128, lr:
 def vae_scores(model: VAE, raw: np.ndarray, k: int, seed: int, batch: int = 500) -> dict[str, np.ndarray]:
     """Per-record anomaly scores (higher = more unusual), each a function of the record alone:
     neg_elbo (one z, per-record noise), recon (-log p(x | z = μ)), iwae (-log p(x), K samples)."""
-    from vae.loss import reconstruction_nll
 
     out: dict[str, list] = {s: [] for s in SCORES}
     g = torch.Generator().manual_seed(seed)
@@ -169,7 +177,7 @@ def vae_scores(model: VAE, raw: np.ndarray, k: int, seed: int, batch: int = 500)
         eps = record_normal(record_keys(r), model.config.latent_dim, seed)
         out["neg_elbo"].append(model.score(r, eps=eps[None]).numpy())
         x = model.preprocess(r)
-        out["recon"].append(reconstruction_nll(model.decode(model.encode(x).mean), x, model.config.likelihood).numpy())
+        out["recon"].append(model.nll(model.decode(model.encode(x).mean), x).numpy())
         out["iwae"].append((-model.iw_log_likelihood(r, k, g)).numpy())
     return {s: np.concatenate(v) for s, v in out.items()}
 

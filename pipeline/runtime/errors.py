@@ -32,6 +32,13 @@ class ConfigError(VaepipeError):
     """A job configuration that breaks an invariant."""
 
 
+class CollapseError(VaepipeError):
+    """A trained model whose posterior carries (almost) nothing: fewer active latent units than the
+    threshold. It is registered, for inspection, but never promoted."""
+
+    exit_code = 4
+
+
 class LeaseHeldError(VaepipeError):
     """Another run holds the output's lease: one writer per output."""
 

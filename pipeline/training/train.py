@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.models import registry
-from pipeline.runtime.errors import ConfigError, InputError, VaepipeError, unwrap_ray_error
+from pipeline.runtime.errors import CollapseError, ConfigError, InputError, VaepipeError, unwrap_ray_error
 from pipeline.training.faults import FaultPlan
 from pipeline.table.labels import check_label_column, read_classes
 from pipeline.table.features import FeatureSpec, check_finite, feature_dtypes, infer_spec, split_table, to_matrix
@@ -38,6 +37,7 @@ from vae.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoi
 from vae.config import SemiConfig, VAEConfig
 from vae.model import VAE
 from vae.preprocess import Preprocessing
+from vae import recipe
 from vae.train_step import evaluate
 
 __all__ = ["TrainConfig", "TrainResult", "run_train", "prepare_data", "build_datasets", "promote"]
@@ -111,23 +111,12 @@ def lineage_tags(cfg: TrainConfig, data, run_dir: str) -> dict[str, str]:
 
 
 def _model_config(cfg: ModelOptions, pre: Preprocessing, dim: int, layout: str, sample_in_unit: bool) -> VAEConfig:
-    """The architecture for this data: "auto" settles on conv for square images, Bernoulli for [0, 1]."""
-    side = math.isqrt(dim)
-    arch = cfg.arch
-    if arch == "auto":
-        arch = "conv" if layout == "list" and side * side == dim and side >= 8 and side % 4 == 0 else "mlp"
-    shape: tuple[int, ...] = (dim,)
-    if arch == "conv":
-        shape = tuple(cfg.image_shape) if cfg.image_shape else (1, side, side)
-        if math.prod(shape) != dim:
-            raise ConfigError(f"image_shape {shape} does not match {dim} features")
-    hidden = tuple(cfg.hidden) or ((32, 64) if arch == "conv" else (512, 256))
-    likelihood = cfg.likelihood
-    if likelihood == "auto":
-        in_unit = pre.unit_interval or (pre.scaling == "none" and sample_in_unit)
-        likelihood = "bernoulli" if in_unit else "gaussian"
-    return VAEConfig(input_shape=shape, arch=arch, latent_dim=cfg.latent_dim, hidden=hidden,
-                     likelihood=likelihood, preprocessing=pre)
+    """The architecture and likelihood for this data: vae.recipe decides what is left "auto"."""
+    try:
+        return recipe.model_config(pre, dim, layout, cfg.latent_dim, arch=cfg.arch, image_shape=cfg.image_shape,
+                                   hidden=cfg.hidden, likelihood_choice=cfg.likelihood, sample_in_unit=sample_in_unit)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def prepare_data(cfg: TrainConfig) -> PreparedData:
@@ -332,7 +321,17 @@ def worker_config(cfg: TrainConfig, data: PreparedData, plan: RunPlan, has_val: 
         faults=FaultPlan(cfg.fail_at_epoch, cfg.fail_rank, plan.run_dir, so),
         resume_from=plan.resume_from, labels=cfg.labels, labelled_per_batch=cfg.labelled_per_batch,
         threads=None if not use_gpu else 4,   # None: from the CPUs of the node each worker lands on
-        blocks=blocks)
+        blocks=blocks, start=_ppca_start(data, cfg))
+
+
+def _ppca_start(data: PreparedData, cfg: TrainConfig):
+    """Where a model with a linear path starts: the pPCA of the preprocessed sample (vae.linear)."""
+    if not data.model.linear_path:
+        return None
+    from vae.linear import fit_ppca
+
+    x = VAE(data.model).preprocess(torch.from_numpy(np.ascontiguousarray(data.sample)))
+    return fit_ppca(x, data.model.latent_dim, cfg.seed)
 
 
 def _trainer_class():
@@ -509,6 +508,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     os.makedirs(cfg.workdir, exist_ok=True)
     tracking = cfg.resolved_tracking_uri()
     data = prepare_data(cfg)
+    if cfg.epochs == 0:
+        cfg.epochs = recipe.auto_epochs(int(data.rows * (1 - cfg.val_fraction)) if not cfg.val_input else data.rows,
+                                        cfg.batch_size, cfg.workers)
+        print(f"epochs: {cfg.epochs} (auto: about {recipe.STEP_BUDGET:,} optimizer steps over {data.rows:,} records)")
     init_ray(cfg.ray_address, reserve_cpus=cfg.workers * cfg.cpus_per_worker + 1)
     quiet_data_progress()
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
@@ -531,11 +534,14 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         mv = registry.register(model_uri, cfg.model_name, tracking, run_id,
                                tags={"input_uri": redact_uri(cfg.input), "data_fingerprint": data.fingerprint,
                                      "git_commit": registry.git_commit()})
-        promoted = promote(cfg, mv.version, model, data, val_ds, tracking)
+        collapsed = _collapse(cfg, state)
+        promoted = promote(cfg, mv.version, model, data, val_ds, tracking, collapsed)
     except BaseException as e:   # the MLflow run never stays RUNNING after a failure
         client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
+    if collapsed:
+        raise CollapseError(f"model {cfg.model_name} v{mv.version} is registered but not promoted: {collapsed}")
     return TrainResult(run_id=run_id, model_uri=f"models:/{cfg.model_name}/{mv.version}", version=str(mv.version),
                        promoted=promoted, metrics=dict(state["extra"]["metrics"]), checkpoint=ckpt_file,
                        epochs_run=epochs_run, wall_s=time.perf_counter() - t_start, run_dir=plan.run_dir)
@@ -547,15 +553,29 @@ def _val_batches(val_ds, data: PreparedData, batch_size=1024):
         yield torch.from_numpy(to_matrix(b, spec, dim, source="validation"))
 
 
-def promote(cfg: TrainConfig, version: str, model: VAE, data: PreparedData, val_ds, tracking: str) -> bool:
+def _collapse(cfg: TrainConfig, state: dict) -> str | None:
+    """Why the picked checkpoint counts as collapsed (fewer than --min-active-units active latent
+    units on validation), naming the flags that help, or None."""
+    active = state["extra"]["metrics"].get("active_units")
+    if active is None or int(active) >= cfg.min_active_units:
+        return None
+    return (f"posterior collapse: {int(active)} of {cfg.latent_dim} latent units active (mean KL > 0.01 nats on "
+            f"validation), fewer than --min-active-units {cfg.min_active_units}; μ carries (almost) nothing. "
+            f"Try a lower --beta (now {cfg.beta:g}), --free-bits 0.1-0.5 (now {cfg.free_bits:g}) or "
+            f"--warmup-epochs 5-20 (now {cfg.warmup_epochs:g})")
+
+
+def promote(cfg: TrainConfig, version: str, model: VAE, data: PreparedData, val_ds, tracking: str,
+            collapsed: str | None = None) -> bool:
     """Move `alias` to `version` if it has none yet, with --promote force, or (auto) when the new
-    model's validation -ELBO is lower than the current alias holder's on the same validation data."""
+    model's validation -ELBO is lower than the current alias holder's on the same validation data;
+    never when the model collapsed (`collapsed` says how)."""
     from mlflow.exceptions import MlflowException
 
     client = registry.client(tracking)
     current = registry.current_alias_version(cfg.model_name, cfg.alias, tracking)
     new_s, cur_s = None, None
-    if val_ds is not None and cfg.promote != "never":
+    if val_ds is not None and cfg.promote != "never" and not collapsed:
         new_s = evaluate(model, _val_batches(val_ds, data), seed=cfg.seed)[0].means()["neg_elbo"]
     if current is not None and cfg.promote == "auto" and val_ds is not None:
         try:
@@ -568,7 +588,9 @@ def promote(cfg: TrainConfig, version: str, model: VAE, data: PreparedData, val_
             # an unusable current version (missing artifacts, not a vaepipe checkpoint, other
             # features) never blocks a good new one
             log.warning("could not score current %s version %s: %s", cfg.alias, current, e)
-    if cfg.promote == "never":
+    if collapsed:
+        ok, why = False, collapsed.split(";")[0]
+    elif cfg.promote == "never":
         ok, why = False, "--promote never"
     elif current is None:
         ok, why = True, f"no version holds alias {cfg.alias!r} yet"

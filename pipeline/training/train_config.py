@@ -16,7 +16,7 @@ G = TypeVar("G")
 
 ARCHS = ("auto", "mlp", "conv")
 LIKELIHOODS = ("auto", "bernoulli", "gaussian")
-SCALINGS = ("auto", "uint8", "minmax", "standardize", "none")
+SCALINGS = ("auto", "range", "uint8", "minmax", "standardize", "none")
 AMPS = ("off", "bf16", "fp16")
 PROMOTES = ("auto", "force", "never")
 SCHEDULES = ("cosine", "constant")
@@ -93,6 +93,7 @@ class RegistryOptions:
     model_name: str
     alias: str
     promote: str
+    min_active_units: int
 
 
 @dataclass(frozen=True)
@@ -127,18 +128,27 @@ class TrainConfig(RuntimeConfig):
                              "epoch; auto (when under 2 GB as float32), on, off (stream every epoch through "
                              "the local shuffle buffer)", choices=CACHES, group="data")
     # model
-    arch: str = opt("auto", "model: mlp, conv, or auto (conv for square images ≥ 8×8)", choices=ARCHS, group="model")
-    image_shape: list[int] = opt(help="C,H,W of image records for conv (default: 1,√D,√D)", factory=list, group="model")
+    arch: str = opt("auto", "model: mlp, conv, or auto (conv for a list column given --image-shape, or holding "
+                            "square grey images ≥ 8×8)", choices=ARCHS, group="model")
+    image_shape: list[int] = opt(help="C,H,W of image records, colour included (default: 1,√D,√D for a square D)",
+                                 factory=list, group="model")
     latent_dim: int = opt(16, "latent size (μ has this many floats)", group="model")
     hidden: list[int] = opt(help="MLP widths or conv channels (default: 512,256 / 32,64)", factory=list, group="model")
-    likelihood: str = opt("auto", "bernoulli, gaussian, or auto (bernoulli for data in [0, 1])",
+    likelihood: str = opt("auto", "gaussian (calibrated: the decoder's σ is fitted to the data, σ-VAE), bernoulli "
+                                  "(data in [0, 1]), or auto (the calibrated gaussian)",
                           choices=LIKELIHOODS, group="model")
-    scaling: str = opt("auto", "uint8, minmax, standardize, none, or auto", choices=SCALINGS, group="model")
+    scaling: str = opt("auto", "range (the data's own range to [0, 1]), uint8, minmax, standardize, none, or "
+                               "auto (none for data in [0, 1], range for a list column of integers, "
+                               "standardize otherwise)", choices=SCALINGS, group="model")
+    min_active_units: int = opt(1, "a model with fewer active latent units (mean KL > 0.01 nats on validation) is "
+                                   "registered but never promoted, and train exits 4 (0 = no check)", group="registry")
     # optimisation
     beta: float = opt(1.0, "weight of the KL term (β-VAE)", group="optimisation")
     warmup_epochs: float = opt(0.0, "epochs over which β ramps up from 0 (KL warm-up)", group="optimisation")
     free_bits: float = opt(0.0, "free bits λ per latent dimension, nats (0 = off)", group="optimisation")
-    epochs: int = opt(20, "training epochs", group="optimisation")
+    epochs: int = opt(0, "training epochs; 0 = auto: about 2,000 optimizer steps whatever the table's size "
+                         "(vae.recipe.auto_epochs: MNIST's 7,200 training records get 36, a 500-row table 400)",
+                      group="optimisation")
     batch_size: int = opt(128, "records per batch per worker", group="optimisation")
     lr: float = opt(2e-3, "peak learning rate (AdamW)", group="optimisation")
     lr_schedule: str = opt("cosine", "cosine or constant", choices=SCHEDULES, group="optimisation")
@@ -190,9 +200,13 @@ class TrainConfig(RuntimeConfig):
             self.choice(name, allowed)
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("epochs", "batch_size", "workers", "latent_dim", "keep_checkpoints"):
+        if self.epochs < 0:
+            raise ConfigError(f"epochs must be ≥ 0 (0 = auto), got {self.epochs}")
+        for name in ("batch_size", "workers", "latent_dim", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.min_active_units < 0 or self.min_active_units > self.latent_dim:
+            raise ConfigError(f"min_active_units must be in [0, latent_dim={self.latent_dim}], got {self.min_active_units}")
         if self.head_epochs < 0:
             raise ConfigError(f"head_epochs must be ≥ 0, got {self.head_epochs}")
         if self.beta < 0 or self.free_bits < 0 or self.lr <= 0:

@@ -69,6 +69,9 @@ class WorkerConfig:
     # (ObjectRef, first row, end row) each; every worker holds its own share on its device (load_shard).
     # None: the cache off, each epoch streams the worker's Ray Data shard.
     blocks: dict[str, tuple[tuple[Any, int, int], ...]] | None = None
+    # A model with a linear path starts it here (vae.linear.PPCA, fit by the driver on the sample the
+    # preprocessing was fit on); None: no linear path, or a run that continues from a checkpoint.
+    start: Any = None
 
     @property
     def cache(self) -> bool:
@@ -271,13 +274,15 @@ class TrainWorker:
         model = build_model(VAEConfig.from_dict(self.cfg.model))
         if state is not None:
             model.load_state_dict(state["model"])
+        elif self.cfg.start is not None:
+            model.start_at(self.cfg.start)
         self.model = ray.train.torch.prepare_model(model)   # moves to device; DDP when world > 1
         self.core: VAE = getattr(self.model, "module", self.model)
         self.step_fn = torch.compile(self.model) if self.cfg.optim.compile else self.model
 
     def _setup_optimizer(self, state: dict | None) -> None:
         o = self.cfg.optim
-        self.optimizer = torch.optim.AdamW(self.core.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.core.param_groups(), lr=o.lr, weight_decay=o.weight_decay)
         # --labels: the head-only epochs' own optimiser, over M2's parameters only (the VAE stays frozen)
         self.head_optimizer = torch.optim.AdamW(self.core.m2.parameters(), lr=M2_LR) if self.cfg.labels else None
         if state is not None:   # a checkpoint holds the optimiser of its phase; its state moves to the device
@@ -404,7 +409,7 @@ class TrainWorker:
         torch.manual_seed(o.seed * 100_003 + epoch * 1009 + self.rank)   # ε draws: a function of (seed, epoch, rank)
         lr = o.lr_at(epoch)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         beta = kl_weight(o.beta, epoch + 1, o.warmup_epochs)
         t0 = time.perf_counter()
         stats = train_epoch(self.step_fn, self.epoch_batches("train", epoch, shuffle=True), self.optimizer, beta,

@@ -100,9 +100,9 @@ def test_train_config_without_input_is_a_config_error(tmp_path):
 
 
 @pytest.mark.parametrize("text,match", [("- a\n- b\n", "must be a mapping"), ("a: [1\n", "not valid YAML"),
-                                        ("input: in/\nfeatures: [x]\nepochs: 0\n", "epochs must be ≥ 1"),
+                                        ("input: in/\nfeatures: [x]\nepochs: -1\n", "epochs must be ≥ 0"),
                                         ("input: in/\nfeatures: [x]\nval_fraction: 1.0\n", "val_fraction")],
-                         ids=["not-a-mapping", "bad-yaml", "zero-epochs", "val-fraction-1"])
+                         ids=["not-a-mapping", "bad-yaml", "negative-epochs", "val-fraction-1"])
 def test_bad_yaml_files_are_config_errors(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         parse_config(TrainConfig, ["--config", write(tmp_path, text)], prog="train")

@@ -12,18 +12,36 @@ from vae.preprocess import Preprocessing, Scaler
 
 # --- Preprocessing.fit(scaling='auto') --------------------------------------------------------------
 
-def test_auto_picks_uint8_for_integer_data_in_0_255():
+def test_auto_maps_an_integer_list_column_by_its_own_range_not_by_its_dtype():
     x = np.random.randint(0, 256, size=(100, 5)).astype(np.uint8)
+    x[0, 0], x[0, 1] = 0, 255
     pre = Preprocessing.fit(x, ["image"], "list")
-    assert pre.scaling == "uint8"
+    assert pre.scaling == "range"
     assert pre.offset == [0.0] * 5 and pre.scale == pytest.approx([1 / 255] * 5)
     assert pre.unit_interval
 
 
-def test_auto_picks_uint8_for_whole_numbers_stored_as_floats():
-    # pixel values often arrive as float64 columns; integral values in [0, 255] still mean uint8
+def test_grey_levels_0_16_in_a_uint8_column_fill_the_unit_interval():
+    # scikit-learn's digits as stored: dividing by 255 would squeeze them into [0, 0.063]
+    x = np.random.randint(0, 17, size=(100, 64)).astype(np.uint8)
+    x[0, 0], x[0, 1] = 0, 16
+    pre = Preprocessing.fit(x, ["image"], "list")
+    assert pre.scaling == "range"
+    y = Scaler(pre, 64)(torch.from_numpy(x))
+    assert float(y.min()) == 0.0 and float(y.max()) == pytest.approx(1.0)
+
+
+def test_range_keeps_the_contrast_between_features():
+    # one offset and scale for the whole vector: a dim pixel stays dimmer than a bright one
+    x = np.array([[0, 10, 200], [5, 20, 100]], dtype=np.uint8)
+    pre = Preprocessing.fit(x, ["image"], "list")
+    assert len(set(pre.scale)) == 1 and len(set(pre.offset)) == 1
+
+
+def test_auto_maps_whole_numbers_stored_as_floats_by_their_range():
+    # pixel values often arrive as float64 columns; integral values still count as integers
     x = np.random.randint(0, 256, size=(50, 4)).astype(np.float64)
-    assert Preprocessing.fit(x, ["image"], "list").scaling == "uint8"
+    assert Preprocessing.fit(x, ["image"], "list").scaling == "range"
 
 
 @pytest.mark.parametrize("x", [np.random.rand(50, 3), np.random.randint(0, 2, size=(50, 3))],

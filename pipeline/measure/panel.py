@@ -1,0 +1,180 @@
+"""`vaepipe protocol --what any-data`: the default recipe on real data sets nothing was tuned on.
+
+For each set the recipe (vae.recipe: scaling, likelihood, architecture and training length chosen
+from the data, as `vaepipe train` chooses them with only --features, --latent-dim and --image-shape
+given) trains on the training part; the held-out part is only encoded and decoded. Printed per set:
+the round-trip MSE of decode(μ) against PCA's at the same latent dimension, in the data's own units
+(pixels for images, scalar columns standardised by the training part), active units, 5-NN accuracy of
+μ against PCA's scores where labels exist, the error of an M2 head on the frozen q(z|x) with a few
+labels (what `train --labels` adds) against label spreading on the raw features with the same labels,
+and the wall time. It runs in this process without Ray (the same vae.train_step loop the Ray workers
+call), so the whole panel fits in minutes on 2 cores."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.evaluation import datasets
+from pipeline.evaluation.eval_metrics import spreading_error
+from pipeline.evaluation.probes import m2_error, posterior
+from pipeline.measure.protocols import fit_vae
+from vae.model import VAE
+from vae.preprocess import Preprocessing
+from vae.recipe import auto_epochs, model_config, start
+from vae.train_step import active_units
+
+BATCH_SIZE = 128        # `vaepipe train`'s default --batch-size
+VAL_FRACTION = 0.1      # `vaepipe train`'s default --val-fraction
+HEAD_EPOCHS = 800       # `vaepipe train`'s default --head-epochs
+
+
+@dataclass
+class PanelSet:
+    name: str
+    x_train: np.ndarray            # (N, D) raw records the recipe trains on
+    x_test: np.ndarray             # (M, D) held out: only encoded and decoded
+    y_train: np.ndarray | None     # labels, where the data has them
+    y_test: np.ndarray | None
+    latent_dim: int
+    layout: str = "list"           # 'list' (one vector column) or 'scalars' (one column per feature)
+    image_shape: tuple[int, ...] = ()
+    labels: int = 0                # label count for the `train --labels` comparison (0: none)
+
+
+def _split(x: np.ndarray, y: np.ndarray, n_test: int, seed: int):
+    p = np.random.default_rng(seed).permutation(len(x))
+    return x[p[n_test:]], x[p[:n_test]], y[p[n_test:]], y[p[:n_test]]
+
+
+def panel_sets(names: tuple[str, ...], seed: int = 0) -> list[PanelSet]:
+    """The panel's data, by name (PANEL): each split once, by a seeded permutation (photos: one trains,
+    the other is held out)."""
+    out = []
+    for name in names:
+        if name == "mnist":
+            x, y = datasets.mnist()
+            xtr, xte, ytr, yte = _split(x.reshape(len(x), -1), y, 2000, seed)
+            out.append(PanelSet(name, xtr, xte, ytr, yte, 16, image_shape=(1, 28, 28), labels=100))
+        elif name in ("digits-0-16", "digits-0-255"):
+            x, y = datasets.digits_as_stored()
+            if name == "digits-0-255":
+                x = np.round(x * (255 / 16)).astype(np.uint8)
+            out.append(PanelSet(name, *_split(x, y, 500, seed), 8, image_shape=(1, 8, 8), labels=50))
+        elif name == "breast-cancer":
+            x, y, _ = datasets.breast_cancer()
+            out.append(PanelSet(name, *_split(x, y, 169, seed), 4, layout="scalars", labels=20))
+        elif name.startswith("patches"):                       # e.g. patches16-china: train on china.jpg
+            size, photo = int(name[7:9]), name.split("-")[1]
+            other = "flower" if photo == "china" else "china"
+            xtr = datasets.photo_patches(f"{photo}.jpg", size, 4000, seed)
+            xte = datasets.photo_patches(f"{other}.jpg", size, 1000, seed + 1)
+            out.append(PanelSet(name, xtr, xte, None, None, 16, image_shape=(3, size, size)))
+        else:
+            raise ValueError(f"unknown panel set {name!r}; known: {PANEL}")
+    return out
+
+
+PANEL = ("mnist", "digits-0-16", "digits-0-255", "breast-cancer", "patches16-china", "patches16-flower",
+         "patches32-china", "patches32-flower")
+
+
+def train_default(s: PanelSet, seed: int, epochs: int = 0, beta: float = 1.0, **overrides: Any) -> tuple[VAE, int]:
+    """The default recipe on s.x_train: (trained model, epochs). `beta` and `overrides` (passed to
+    vae.recipe.model_config: likelihood_choice, hidden, arch, linear_path) are for sweeps and ablations."""
+    pre = Preprocessing.fit(s.x_train, ["x"] if s.layout == "list" else [f"c{i}" for i in range(s.x_train.shape[1])],
+                            s.layout, "auto")
+    in_unit = bool(s.x_train.min() >= 0 and s.x_train.max() <= 1)
+    cfg = model_config(pre, s.x_train.shape[1], s.layout, s.latent_dim, image_shape=s.image_shape,
+                       sample_in_unit=in_unit, **overrides)
+    epochs = epochs or auto_epochs(int(len(s.x_train) * (1 - VAL_FRACTION)), BATCH_SIZE)
+    torch.manual_seed(seed)
+    model = VAE(cfg)
+    start(model, s.x_train[:10_000].astype(np.float32), seed)      # train's --sample-rows
+    model = fit_vae(model, s.x_train.astype(np.float32), epochs, BATCH_SIZE, seed=seed, val_fraction=VAL_FRACTION,
+                    beta=beta)
+    return model, epochs
+
+
+def _units(s: PanelSet):
+    """The data's own units: pixels as they are; scalar columns standardised by the training part."""
+    if s.layout == "list":
+        return lambda x: np.asarray(x, np.float64)
+    mean, sd = s.x_train.mean(0), s.x_train.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    return lambda x: (np.asarray(x, np.float64) - mean) / sd
+
+
+def measure(s: PanelSet, model: VAE, seed: int) -> dict[str, Any]:
+    """Round trip, active units and neighbours of one trained model against PCA on s."""
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import KNeighborsClassifier
+
+    units = _units(s)
+    mu_tr, lv_tr = posterior(model, s.x_train.astype(np.float32))
+    mu_te, _ = posterior(model, s.x_test.astype(np.float32))
+    recon = model.reconstruct(torch.from_numpy(mu_te)).numpy()            # reconstruct: no_grad
+    mse = float(np.mean((units(recon) - units(s.x_test)) ** 2))
+    pca = PCA(s.latent_dim, random_state=seed).fit(units(s.x_train))
+    p_tr, p_te = pca.transform(units(s.x_train)), pca.transform(units(s.x_test))
+    pca_mse = float(np.mean((pca.inverse_transform(p_te) - units(s.x_test)) ** 2))
+    kl = 0.5 * (mu_tr ** 2 + np.exp(lv_tr) - 1 - lv_tr)                       # (N, L) nats
+    out: dict[str, Any] = {"set": s.name, "train": len(s.x_train), "test": len(s.x_test),
+                           "features": s.x_train.shape[1], "latent_dim": s.latent_dim,
+                           "arch": model.config.arch, "likelihood": model.config.likelihood,
+                           "scaling": model.config.preprocessing.scaling,
+                           "mse": mse, "pca_mse": pca_mse, "mse_vs_pca": mse / pca_mse,
+                           "active_units": active_units(torch.from_numpy(kl.mean(0))),
+                           "kl_nats": float(kl.sum(1).mean())}
+    if s.y_train is not None:
+        def knn(a, b):
+            return float(KNeighborsClassifier(5).fit(a, s.y_train).score(b, s.y_test))
+        out["knn5_mu"], out["knn5_pca"] = knn(mu_tr, mu_te), knn(p_tr, p_te)
+    if s.labels:
+        out["labels"] = s.labels
+        out["m2_error"] = m2_error(mu_tr, lv_tr, s.y_train, mu_te, s.y_test, s.labels, seed, HEAD_EPOCHS)
+        out["spreading_error_raw"] = spreading_error(units(s.x_train), s.y_train, units(s.x_test), s.y_test,
+                                                     s.labels, seed)
+    return out
+
+
+def row(r: dict[str, Any]) -> str:
+    line = (f"{r['set']:<17} β {r['beta']:<4g} {r['arch']:<4} {r['epochs']:>3} ep  MSE {r['mse']:10.4g} = "
+            f"{r['mse_vs_pca']:.3f}× PCA  KL {r['kl_nats']:.1f} nats  active {r['active_units']}/{r['latent_dim']}")
+    if "knn5_mu" in r:
+        line += f"  5-NN μ {r['knn5_mu']:.3f} PCA {r['knn5_pca']:.3f}"
+    if "m2_error" in r:
+        line += f"  {r['labels']} labels: M2 {r['m2_error']:.1%} spreading {r['spreading_error_raw']:.1%}"
+    return line + f"  {r['wall_s']:.0f} s"
+
+
+def any_data(names: tuple[str, ...] = PANEL, seed: int = 0, epochs: int = 0, betas: tuple[float, ...] = (1.0,),
+             **overrides: Any) -> dict[str, Any]:
+    """The panel: one row per set (see the module docstring) and β (the default recipe's is 1; more
+    give the rate-distortion frontier: round-trip MSE against the KL in nats), printed as it finishes."""
+    t0, rows = time.perf_counter(), []
+    for s in panel_sets(names, seed):
+        for beta in betas:
+            t = time.perf_counter()
+            model, ep = train_default(s, seed, epochs, beta, **overrides)
+            r = {**measure(s, model, seed), "epochs": ep, "beta": beta}
+            r["wall_s"] = time.perf_counter() - t
+            rows.append(r)
+            print(row(r), flush=True)
+    return {"protocol": "any-data", "seed": seed, "sets": rows, "wall_s": time.perf_counter() - t0}
+
+
+def summary(r: dict[str, Any]) -> str:
+    """The panel as a table (what `vaepipe protocol --what any-data` prints at the end)."""
+    lines = [f"any-data panel (default recipe, seed {r['seed']}): wall {r['wall_s']:.0f} s",
+             "set | β | arch | epochs | MSE / PCA | KL nats | active | 5-NN μ / PCA | labels: M2 / spreading on raw | wall s"]
+    for x in r["sets"]:
+        knn = f"{x['knn5_mu']:.3f} / {x['knn5_pca']:.3f}" if "knn5_mu" in x else "–"
+        lab = f"{x['labels']}: {x['m2_error']:.1%} / {x['spreading_error_raw']:.1%}" if "m2_error" in x else "–"
+        lines.append(f"{x['set']} | {x['beta']:g} | {x['arch']} | {x['epochs']} | {x['mse_vs_pca']:.3f} | "
+                     f"{x['kl_nats']:.1f} | {x['active_units']}/"
+                     f"{x['latent_dim']} | {knn} | {lab} | {x['wall_s']:.0f}")
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""The default recipe: what a VAE looks like and how long it trains when only the data is given.
+
+`vaepipe train` and the any-data panel (pipeline.measure.panel) both call these, so the panel
+measures exactly what a user gets. Every choice is made from the data's shape and a fitted sample,
+never from its dtype alone; docs/quality.md has the panel the defaults were checked on."""
+from __future__ import annotations
+
+import math
+
+from vae.config import VAEConfig
+from vae.preprocess import Preprocessing
+
+STEP_BUDGET = 2_000
+"""Optimizer steps an `--epochs auto` run aims for. MNIST's 7,200 training records at batch 128 get
+36 epochs; a 455-row table gets the MAX_AUTO_EPOCHS cap (1,600 steps) instead of 20 epochs' 80."""
+MAX_AUTO_EPOCHS = 400
+"""Cap on auto epochs: each epoch writes a checkpoint, which costs more than a tiny table's steps."""
+CONV_HIDDEN = (32, 64)
+MLP_HIDDEN = (512, 256)
+
+
+def auto_epochs(train_rows: int, batch_size: int, workers: int = 1) -> int:
+    """Epochs that give about STEP_BUDGET optimizer steps (each worker steps on its own shard of
+    `train_rows`), at least 1 and at most MAX_AUTO_EPOCHS. Early stopping (--patience) can still end
+    a run sooner."""
+    steps_per_epoch = max(1, math.ceil(train_rows / max(1, workers) / batch_size))
+    return max(1, min(MAX_AUTO_EPOCHS, math.ceil(STEP_BUDGET / steps_per_epoch)))
+
+
+def architecture(arch: str, dim: int, layout: str, image_shape: tuple[int, ...] = ()) -> tuple[str, tuple[int, ...]]:
+    """(arch, input_shape). 'auto' is conv for images: a list column with `image_shape` given (any
+    C×H×W, colour included) or a square of at least 8×8 grey pixels, when H and W survive the two
+    stride-2 layers; an MLP over (D,) otherwise."""
+    if image_shape and math.prod(image_shape) != dim:
+        raise ValueError(f"image_shape {tuple(image_shape)} holds {math.prod(image_shape)} values, "
+                         f"the feature column has {dim}")
+    side = math.isqrt(dim)
+    shape = tuple(image_shape) if image_shape else ((1, side, side) if side * side == dim else ())
+    k = 2 ** len(CONV_HIDDEN)
+    image = layout == "list" and len(shape) == 3 and min(shape[1:]) >= 8 and shape[1] % k == 0 and shape[2] % k == 0
+    if arch == "auto":
+        arch = "conv" if image else "mlp"
+    if arch == "conv":
+        if len(shape) != 3:
+            raise ValueError(f"--arch conv needs --image-shape C,H,W: {dim} features are not a square image")
+        return arch, shape
+    return arch, (dim,)
+
+
+def likelihood(choice: str, pre: Preprocessing, sample_in_unit: bool) -> tuple[str, bool]:
+    """(likelihood, calibrated). 'auto' is the calibrated Gaussian (σ-VAE) on every kind of data: its
+    σ follows the data's error scale, so β = 1 balances reconstruction and KL in any units. An explicit
+    'gaussian' is calibrated too; 'bernoulli' needs data in [0, 1]."""
+    if choice == "bernoulli":
+        if not (pre.unit_interval or (pre.scaling == "none" and sample_in_unit)):
+            raise ValueError("the bernoulli likelihood needs data in [0, 1] (scaling uint8, range or minmax, or "
+                             "data already there); use --likelihood gaussian")
+        return "bernoulli", False
+    return "gaussian", True
+
+
+def model_config(pre: Preprocessing, dim: int, layout: str, latent_dim: int, *, arch: str = "auto",
+                 image_shape: tuple[int, ...] = (), hidden: tuple[int, ...] = (), likelihood_choice: str = "auto",
+                 sample_in_unit: bool = False, linear_path: bool | None = None) -> VAEConfig:
+    """The VAEConfig for this data and these (possibly 'auto') choices. The Gaussian models get the
+    linear path started at pPCA (vae.linear) unless `linear_path` says otherwise."""
+    arch, shape = architecture(arch, dim, layout, tuple(image_shape))
+    lik, calibrated = likelihood(likelihood_choice, pre, sample_in_unit)
+    hidden = tuple(hidden) or (CONV_HIDDEN if arch == "conv" else MLP_HIDDEN)
+    return VAEConfig(input_shape=shape, arch=arch, latent_dim=latent_dim, hidden=hidden, likelihood=lik,
+                     calibrated=calibrated,
+                     linear_path=lik == "gaussian" if linear_path is None else linear_path, preprocessing=pre)
+
+
+def start(model, sample, seed: int = 0) -> None:
+    """Start a linear-path model at the pPCA of `sample` (raw records (N, D), preprocessed here);
+    nothing for a model without one."""
+    import torch
+
+    from vae.linear import fit_ppca
+
+    if model.config.linear_path:
+        x = model.preprocess(torch.as_tensor(sample))
+        model.start_at(fit_ppca(x, model.config.latent_dim, seed))

@@ -169,3 +169,22 @@ def test_the_breast_cancer_protocol_through_the_jobs_scores_the_protocols_draws(
                           reference_from_checkpoint(state)).numpy()
     assert r["draws"][0]["jobs"] == pytest.approx(roc_auc(score, (target[te] == 0).astype(int)), abs=1e-6)
     assert "minus isolation_forest" in summary(r) and r["score"] == "knn_z"
+
+
+def test_plain_score_gets_the_protocols_choice_and_a_model_without_a_reference_gets_neg_elbo(
+        trained_digits, digits_parquet, workdir, tmp_path, capsys):
+    out = str(tmp_path / "auto")
+    run_encode(EncodeConfig(model=MODEL, input=digits_parquet, output=out, score=True, executor="local",
+                            workdir=workdir))
+    files = [os.path.join(out, e["path"]) for e in manifest(out)["files"]]
+    assert pq.read_schema(files[0]).metadata[b"vaepipe.score_kind"] == b"sq_err+knn_z"
+    ids, x = _records(digits_parquet)
+    got = duckdb.execute("SELECT score FROM read_parquet($f) ORDER BY id", {"f": files}).fetchnumpy()["score"]
+    np.testing.assert_allclose(got, _expected(trained_digits.checkpoint, x, "sq_err+knn_z"), rtol=1e-5, atol=1e-4)
+    uri = _register(workdir, "digits_noref_auto", load_checkpoint(trained_digits.checkpoint), None)
+    out2 = str(tmp_path / "auto_noref")
+    run_encode(EncodeConfig(model=uri, input=digits_parquet, output=out2, score=True, executor="local",
+                            workdir=workdir))
+    files = [os.path.join(out2, e["path"]) for e in manifest(out2)["files"]]
+    assert pq.read_schema(files[0]).metadata[b"vaepipe.score_kind"] == b"neg_elbo"
+    assert "no latent reference" in capsys.readouterr().err

@@ -132,8 +132,10 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, z: torch.Tensor) -> torch.Tensor:
-        """Records in raw feature units from latents: E[x|z], (B, L) -> (B, D)."""
-        return self.scaler.inverse(self.mean_of(self.decode(z)))
+        """Records in raw feature units from latents: E[x|z], (B, L) -> (B, D). For data scaled into
+        [0, 1] (pixels) a Gaussian decoder's overshoot is clipped back into the data's range."""
+        x = self.mean_of(self.decode(z))
+        return self.scaler.inverse(x.clamp(0.0, 1.0) if self.scaler.clip else x)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

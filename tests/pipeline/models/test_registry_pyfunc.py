@@ -29,9 +29,12 @@ def test_model_carries_its_preprocessing(trained_digits, workdir):
     tracking = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
     _, blob = load_model_bytes("models:/digits@production", tracking)
     cfg = load_checkpoint(blob)["config"]
-    # uint8 pixels are scaled to [0, 1] by the model itself, so encode applies what training saw
-    assert cfg["preprocessing"]["features"] == ["image"] and cfg["preprocessing"]["scaling"] == "uint8"
-    assert cfg["likelihood"] == "bernoulli" and cfg["arch"] == "conv" and cfg["input_shape"] == [1, 8, 8]
+    # uint8 pixels are scaled to [0, 1] (by their own range) by the model itself, so encode applies
+    # what training saw; the default recipe's calibrated Gaussian keeps its σ in the weights
+    assert cfg["preprocessing"]["features"] == ["image"] and cfg["preprocessing"]["scaling"] == "range"
+    assert cfg["likelihood"] == "gaussian" and cfg["calibrated"] and cfg["linear_path"]
+    assert cfg["arch"] == "conv" and cfg["input_shape"] == [1, 8, 8]
+    assert "log_sigma" in load_checkpoint(blob)["model"]
 
 
 def test_jobs_do_not_leak_their_tracking_uri_into_the_environment(trained_digits):

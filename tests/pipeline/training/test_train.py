@@ -213,13 +213,15 @@ def test_journal_lines_reach_mlflow_live_once_each_whole_only_and_after_a_failur
 
 
 def test_a_collapsed_model_is_registered_never_promoted_and_train_says_why(ray_local, digits_parquet, workdir):
-    # β = 200 pushes every latent unit to the prior: μ constant, nothing kept. Even --promote force
+    # β = 200 pushes every latent unit of the Bernoulli model (no pPCA-started linear path) to the
+    # prior: μ constant, nothing kept, the case. Even --promote force
     # (and an empty alias, which any first version would take) must not put it into production.
     tr = _tracking(workdir)
     from pipeline.runtime.errors import CollapseError
 
     with pytest.raises(CollapseError, match=r"0 of 2 latent units active.*--beta \(now 200\).*--free-bits") as e:
-        run_train(TrainConfig(input=digits_parquet, epochs=3, beta=200, promote="force", model_name="flat",
+        run_train(TrainConfig(input=digits_parquet, epochs=3, beta=200, likelihood="bernoulli", promote="force",
+                              model_name="flat",
                               workdir=workdir, **TINY))
     assert e.value.exit_code == 4
     assert current_alias_version("flat", "production", tr) is None

@@ -72,13 +72,20 @@ def model_config(pre: Preprocessing, dim: int, layout: str, latent_dim: int, *, 
                      linear_path=lik == "gaussian" if linear_path is None else linear_path, preprocessing=pre)
 
 
-def start(model, sample, seed: int = 0) -> None:
-    """Start a linear-path model at the pPCA of `sample` (raw records (N, D), preprocessed here);
-    nothing for a model without one."""
+def ppca_start(model, sample, seed: int = 0):
+    """The pPCA (vae.linear.PPCA) a linear-path model starts at, fit on `sample` (raw records (N, D),
+    preprocessed here); None for a model without a linear path."""
     import torch
 
     from vae.linear import fit_ppca
 
-    if model.config.linear_path:
-        x = model.preprocess(torch.as_tensor(sample))
-        model.start_at(fit_ppca(x, model.config.latent_dim, seed))
+    if not model.config.linear_path:
+        return None
+    return fit_ppca(model.preprocess(torch.as_tensor(sample)), model.config.latent_dim, seed)
+
+
+def start(model, sample, seed: int = 0) -> None:
+    """Start a linear-path model at the pPCA of `sample`; nothing for a model without one."""
+    p = ppca_start(model, sample, seed)
+    if p is not None:
+        model.start_at(p)

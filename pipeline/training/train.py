@@ -325,13 +325,8 @@ def worker_config(cfg: TrainConfig, data: PreparedData, plan: RunPlan, has_val: 
 
 
 def _ppca_start(data: PreparedData, cfg: TrainConfig):
-    """Where a model with a linear path starts: the pPCA of the preprocessed sample (vae.linear)."""
-    if not data.model.linear_path:
-        return None
-    from vae.linear import fit_ppca
-
-    x = VAE(data.model).preprocess(torch.from_numpy(np.ascontiguousarray(data.sample)))
-    return fit_ppca(x, data.model.latent_dim, cfg.seed)
+    """Where a model with a linear path starts: the pPCA of the sample the preprocessing was fit on."""
+    return recipe.ppca_start(VAE(data.model), np.ascontiguousarray(data.sample), cfg.seed)
 
 
 def _trainer_class():

@@ -17,7 +17,7 @@ from pipeline.runtime.config import from_mapping, load_yaml
 from pipeline.runtime.errors import VaepipeError
 from pipeline.runtime.redact import RedactFilter, RedactingStream, redact_text, secrets_in_args, secrets_in_env
 
-JOBS = ("train", "encode", "decode", "nightly", "query", "neighbours", "evaluate", "demo", "bench", "protocol")
+JOBS = ("train", "encode", "decode", "nightly", "query", "index", "neighbours", "evaluate", "demo", "bench", "protocol")
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
               "  encode    write μ (and optional logvar/score) for every record, with Ray Data\n"
               "  decode    reconstruct records from latents (the decompression half)\n"
               "  nightly   incremental, idempotent encode of partitions not yet encoded\n"
-              "  query     nearest neighbours over latent Parquet\n"
+              "  query     nearest neighbours over latent Parquet (through its index when fresh)\n"
+              "  index     build the approximate-neighbour index of a latents table (kept with its commit)\n"
               "  neighbours  every record's k nearest neighbours (Ray Data batch job; exact or --index usearch)\n"
               "  evaluate  quality report: ELBO, compression vs PCA, few-label probes\n"
               "  demo      the whole pipeline on bundled data, end to end\n"

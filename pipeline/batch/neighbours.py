@@ -31,7 +31,7 @@ from pipeline.runtime.config import WriterConfig, opt
 from pipeline.runtime.errors import ConfigError, InputError, SchemaError
 from pipeline.search.knn import BlockSearch, exact_sq, from_np, latent_matrix
 from pipeline.table.parquet_io import Commit, list_parquet_files, write_options
-from pipeline.search.query import Latents
+from pipeline.search.latents import Latents
 from pipeline.table.uris import resolve
 
 INDEXES = ("exact", "usearch")

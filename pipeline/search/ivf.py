@@ -1,17 +1,29 @@
 """An inverted-file index with flat (exact) lists over μ: k-means cells, each query scored exactly
 against the records of its `nprobe` nearest cells. Distances of the returned neighbours are exact
-squared Euclidean distances (the same float32 arithmetic as pipeline.search.knn); only which records
-are looked at is approximate, and `recall_at_k` measures that against an exact scan.
+squared Euclidean distances (pipeline.search.knn.exact_sq, the arithmetic of the exact scan); only
+which records are looked at is approximate, and `recall_at_k` measures that against an exact scan.
 
-numpy only (a query process stays light). Stored as one .npz of plain arrays (no pickle)."""
+Why IVF-flat: on 16-dim μ the vectors themselves are small (64 bytes), so storing them whole costs
+little more than a PQ code plus the re-ranking data, and every distance it returns is exact. A cell's
+vectors are contiguous on disk, so a query memory-maps the index and reads only its probed cells: a
+short query process touches a few MB however large the table (docs/query.md has the measurements
+against HNSW and LanceDB's IVF-PQ).
+
+Stored as a folder of plain .npy arrays (no pickle), memory-mapped when local. numpy only."""
 from __future__ import annotations
 
 import math
+import posixpath
 from dataclasses import dataclass
 
 import numpy as np
 
-CHUNK = 65_536   # rows assigned to cells per matrix product
+from pipeline.search.knn import BlockSearch, exact_sq
+
+CHUNK = 65_536        # rows assigned to cells per matrix product
+DIRECT_MAX = 2_048    # above this many cells, rows are assigned through a coarse level first
+SPREAD = 8            # coarse groups whose cells are searched when assigning a row
+ARRAYS = ("centroids", "offsets", "rows", "vectors")
 
 
 @dataclass
@@ -25,74 +37,200 @@ class IVFFlat:
     def n_lists(self) -> int:
         return len(self.centroids)
 
-    def save(self, path: str) -> None:
-        with open(path, "wb") as f:
-            np.savez(f, centroids=self.centroids, offsets=self.offsets, rows=self.rows, vectors=self.vectors)
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, a).nbytes for a in ARRAYS)
 
     @classmethod
-    def load(cls, path: str) -> "IVFFlat":
-        with np.load(path, allow_pickle=False) as z:
-            return cls(z["centroids"], z["offsets"], z["rows"], z["vectors"])
+    def load(cls, fs, folder: str, mmap: bool = True) -> "IVFFlat":
+        """The four arrays of a stored index; memory-mapped when the folder is on a local disk."""
+        from pipeline.table.uris import is_local_fs
 
+        arrays = {}
+        for a in ARRAYS:
+            path = posixpath.join(folder, f"{a}.npy")
+            if mmap and is_local_fs(fs):
+                arrays[a] = np.load(path, mmap_mode="r", allow_pickle=False)
+            else:
+                with fs.open(path, "rb") as f:
+                    arrays[a] = np.load(f, allow_pickle=False)
+        return cls(**arrays)
+
+
+# --- building -------------------------------------------------------------------------------------
 
 def _nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Index of the nearest centre for each row of x: (N, L), (C, L) -> (N,)."""
+    """Index of the nearest centre for each row of x: (N, L), (C, L) -> (N,) int32."""
     cc = (c * c).sum(1)
-    out = np.empty(len(x), np.int64)
+    out = np.empty(len(x), np.int32)
     for i in range(0, len(x), CHUNK):
         xb = x[i:i + CHUNK]
         out[i:i + CHUNK] = np.argmin(cc[None, :] - 2 * xb @ c.T, axis=1)
     return out
 
 
-def build(x: np.ndarray, n_lists: int = 0, iters: int = 10, seed: int = 0, sample_per_list: int = 64) -> IVFFlat:
-    """Index x (N, L): k-means (Lloyd, `iters` rounds) on a seeded sample of up to sample_per_list × n_lists
-    rows, then every row assigned to its nearest centre. n_lists 0: about 4·√N."""
-    x = np.ascontiguousarray(x, np.float32)
+def kmeans(x: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> np.ndarray:
+    """Lloyd's k-means on x, k centres started at distinct rows; an empty cell keeps its centre."""
+    c = x[rng.choice(len(x), k, replace=False)].astype(np.float32)
+    for _ in range(iters):
+        a = _nearest(x, c)
+        sums = np.zeros((k, x.shape[1]), np.float64)
+        np.add.at(sums, a, x)
+        counts = np.bincount(a, minlength=k)
+        full = counts > 0
+        c[full] = (sums[full] / counts[full, None]).astype(np.float32)
+    return c
+
+
+def train(x: np.ndarray, n_lists: int = 0, iters: int = 10, seed: int = 0, sample_per_list: int = 64) -> np.ndarray:
+    """Cell centres: k-means on a seeded sample of up to sample_per_list × n_lists rows of x.
+    n_lists 0: about 4·√N."""
     n = len(x)
     if n == 0:
         raise ValueError("cannot index an empty table")
     n_lists = min(n, n_lists or max(1, round(4 * math.sqrt(n))))
     rng = np.random.default_rng(seed)
-    sample = x[rng.choice(n, min(n, sample_per_list * n_lists), replace=False)]
-    c = sample[rng.choice(len(sample), n_lists, replace=False)].copy()
-    for _ in range(iters):
-        a = _nearest(sample, c)
-        sums = np.zeros_like(c, dtype=np.float64)
-        np.add.at(sums, a, sample)
-        counts = np.bincount(a, minlength=n_lists)
-        full = counts > 0
-        c[full] = (sums[full] / counts[full, None]).astype(np.float32)   # an empty cell keeps its centre
-    a = _nearest(x, c)
+    pick = np.sort(rng.choice(n, min(n, sample_per_list * n_lists), replace=False))
+    return kmeans(np.ascontiguousarray(x[pick], np.float32), n_lists, iters, rng)
+
+
+def assign(x: np.ndarray, c: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The cell of every row of x (N,) int32. Up to DIRECT_MAX cells, the nearest centre. Above, two
+    levels: the centres are grouped by k-means into √C groups; a row is compared with the centres of
+    the SPREAD groups nearest its own group's centre only (C/√C·SPREAD products instead of C), which
+    gives the nearest centre for nearly every row and a near one otherwise (recall is measured on the
+    result, not assumed)."""
+    if len(c) <= DIRECT_MAX:
+        return _nearest(x, c)
+    g = max(2, round(math.sqrt(len(c))))
+    coarse = kmeans(c, g, 10, np.random.default_rng(seed))
+    member = _nearest(c, coarse)                                   # (C,) group of each centre
+    near = np.argsort(((coarse[:, None, :] - coarse[None, :, :]) ** 2).sum(-1), axis=1)[:, :SPREAD]
+    cand = [np.flatnonzero(np.isin(member, near[j])) for j in range(g)]
+    out = np.empty(len(x), np.int32)
+    step = CHUNK * 16
+    for i in range(0, len(x), step):   # by slices, so only one slice's row copies live at a time
+        xb = np.ascontiguousarray(x[i:i + step], np.float32)
+        grp = _nearest(xb, coarse)
+        order = np.argsort(grp, kind="stable")
+        bounds = np.searchsorted(grp[order], np.arange(g + 1))
+        for j in range(g):
+            sel = order[bounds[j]:bounds[j + 1]]
+            if len(sel):
+                out[i + sel] = cand[j][_nearest(xb[sel], c[cand[j]])]
+    return out
+
+
+def layout(a: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (C + 1,), order (N,)): rows grouped by cell, in table order inside each cell."""
     order = np.argsort(a, kind="stable")
     offsets = np.concatenate([[0], np.cumsum(np.bincount(a, minlength=n_lists))]).astype(np.int64)
+    return offsets, order
+
+
+def build(x: np.ndarray, n_lists: int = 0, iters: int = 10, seed: int = 0, sample_per_list: int = 64) -> IVFFlat:
+    """An index of x (N, L) in memory (train, assign, layout)."""
+    x = np.ascontiguousarray(x, np.float32)
+    c = train(x, n_lists, iters, seed, sample_per_list)
+    offsets, order = layout(assign(x, c, seed), len(c))
     return IVFFlat(c, offsets, order.astype(np.int64), x[order])
 
 
+def write(fs, folder: str, x: np.ndarray, c: np.ndarray, a: np.ndarray, window: int = 1 << 22) -> int:
+    """Store the index of x with centres c and assignment a under `folder` (four .npy files) without
+    a second copy of x in memory: the vectors are gathered into cell order a window at a time.
+    Returns the bytes written."""
+    offsets, order = layout(a, len(c))
+    fs.makedirs(folder, exist_ok=True)
+    total = 0
+    for name, arr in (("centroids", c), ("offsets", offsets)):
+        with fs.open(posixpath.join(folder, f"{name}.npy"), "wb") as f:
+            np.save(f, arr)
+        total += arr.nbytes
+    for name, dtype, width, piece in (("rows", np.int64, None, lambda s: order[s].astype(np.int64)),
+                                      ("vectors", np.float32, x.shape[1], lambda s: np.asarray(x[order[s]], np.float32))):
+        shape = (len(order),) if width is None else (len(order), width)
+        with fs.open(posixpath.join(folder, f"{name}.npy"), "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                                     "shape": shape})
+            for lo in range(0, len(order), window):
+                b = piece(slice(lo, lo + window))
+                f.write(b.tobytes())
+                total += b.nbytes
+    return total
+
+
+# --- searching ------------------------------------------------------------------------------------
+
+def probe(index: IVFFlat, q: np.ndarray, nprobe: int) -> np.ndarray:
+    """The `nprobe` nearest cells of each query (Q, nprobe)."""
+    c = np.asarray(index.centroids)
+    cd = (c * c).sum(1)[None, :] - 2 * q @ c.T       # (Q, C)
+    nprobe = min(nprobe, len(c))
+    if nprobe >= len(c):
+        return np.argsort(cd, axis=1)
+    part = np.argpartition(cd, nprobe - 1, axis=1)[:, :nprobe]
+    return np.take_along_axis(part, np.argsort(np.take_along_axis(cd, part, 1), axis=1), 1)
+
+
 def search(index: IVFFlat, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-    """(squared distances (Q, k), table rows (Q, k)) of each query's k nearest among its `nprobe`
-    nearest cells, ascending; inf and -1 where fewer than k records were looked at."""
+    """(squared distances (Q, k), table rows (Q, k)) of each query's k nearest among the records of
+    its `nprobe` nearest cells, ascending (ties by table row); inf and -1 where fewer than k records
+    were looked at."""
     q = np.ascontiguousarray(queries, np.float32).reshape(-1, index.centroids.shape[1])
-    cd = (index.centroids * index.centroids).sum(1)[None, :] - 2 * q @ index.centroids.T       # (Q, C)
-    probe = np.argsort(cd, axis=1)[:, :min(nprobe, index.n_lists)]
     d_out = np.full((len(q), k), np.inf, np.float32)
     r_out = np.full((len(q), k), -1, np.int64)
-    for i, cells in enumerate(probe):
-        pos = np.concatenate([np.arange(index.offsets[c], index.offsets[c + 1]) for c in cells])
-        diff = index.vectors[pos] - q[i]
-        d = np.einsum("ij,ij->i", diff, diff)
-        top = np.argsort(d, kind="stable")[:k]
-        d_out[i, :len(top)], r_out[i, :len(top)] = d[top], index.rows[pos[top]]
+    offsets = index.offsets
+    for i, cells in enumerate(probe(index, q, nprobe)):
+        spans = [(int(offsets[c]), int(offsets[c + 1])) for c in cells]
+        spans = [s for s in spans if s[1] > s[0]]
+        if not spans:
+            continue
+        vec = np.concatenate([index.vectors[a:b] for a, b in spans])
+        rows = np.concatenate([index.rows[a:b] for a, b in spans])
+        d = exact_sq(vec, q[i])
+        top = np.argpartition(d, k - 1)[:k] if len(d) > k else np.arange(len(d))
+        top = top[np.lexsort((rows[top], d[top]))]
+        d_out[i, :len(top)], r_out[i, :len(top)] = d[top], rows[top]
     return d_out, r_out
 
 
-def recall_at_k(index: IVFFlat, x: np.ndarray, queries: np.ndarray, k: int, nprobe: int) -> float:
-    """Share of the exact k nearest rows of x (brute force) that `search` returns, over the queries."""
-    x = np.asarray(x, np.float32)
-    _, got = search(index, queries, k, nprobe)
-    hit = 0
-    for i, qv in enumerate(np.asarray(queries, np.float32)):
-        d = ((x - qv) ** 2).sum(1)
-        want = np.argsort(d, kind="stable")[:k]
-        hit += len(set(want.tolist()) & set(got[i].tolist()))
+def exact_neighbours(x: np.ndarray, queries: np.ndarray, k: int, block: int = 1 << 20) -> np.ndarray:
+    """Table rows of each query's exact k nearest in x (Q, k), through the exact scan's search."""
+    s = BlockSearch(np.ascontiguousarray(queries, np.float32), k)
+    for lo in range(0, len(x), block):
+        s.add(np.ascontiguousarray(x[lo:lo + block], np.float32), lo)
+    return s.result.rows
+
+
+def _drop(rows: np.ndarray, own: np.ndarray | None, k: int) -> list[set]:
+    """The first k rows of each query's list, leaving out the query's own row when given."""
+    if own is None:
+        return [set(r[:k].tolist()) - {-1} for r in rows]
+    return [set([v for v in r.tolist() if v != o][:k]) - {-1} for r, o in zip(rows, own.tolist())]
+
+
+def recall_at_k(index: IVFFlat, x: np.ndarray, queries: np.ndarray, k: int, nprobe: int,
+                truth: np.ndarray | None = None, own: np.ndarray | None = None) -> float:
+    """Share of the exact k nearest rows of x that `search` returns, over the queries. With `own`
+    (the row of x each query is), that row counts for neither list: a query that is a record of the
+    table would otherwise find itself, a hit that says nothing of the index."""
+    extra = 0 if own is None else 1
+    truth = exact_neighbours(x, queries, k + extra) if truth is None else truth
+    _, got = search(index, queries, k + extra, nprobe)
+    hit = sum(len(t & g) for t, g in zip(_drop(truth, own, k), _drop(got, own, k)))
     return hit / (len(queries) * k)
+
+
+def tune_nprobe(index: IVFFlat, x: np.ndarray, own: np.ndarray, k: int, target: float) -> tuple[int, float, dict]:
+    """The smallest nprobe (1, 2, 4, …) whose recall@k reaches `target`, for queries that are the
+    rows `own` of x: (nprobe, its recall, {nprobe: recall} of every one tried)."""
+    queries = np.asarray(x[own], np.float32)
+    truth = exact_neighbours(x, queries, k + 1)
+    tried = {}
+    nprobe = 1
+    while True:
+        tried[nprobe] = recall_at_k(index, x, queries, k, nprobe, truth, own)
+        if tried[nprobe] >= target or nprobe >= index.n_lists:
+            return nprobe, tried[nprobe], tried
+        nprobe = min(2 * nprobe, index.n_lists)

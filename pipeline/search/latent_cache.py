@@ -60,6 +60,13 @@ def cache_key(uri: str, fs, files: list[str], columns: list[str]) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def local_index_pointer(path: str) -> str:
+    """Where a local table's index pointer is (pipeline.search.ann: control folder, index/current.json),
+    found without fsspec: a short query checks it before taking the note's path."""
+    parent, name = os.path.split(os.path.abspath(path).rstrip("/"))
+    return os.path.join(parent, f"_{name}.vaepipe", "index", "current.json")
+
+
 def tree_identity(path: str) -> str | None:
     """sha256 of every file under a local table's path and under its control folder (the sibling
     `_<name>.vaepipe`, where its manifests live): path, size, mtime and inode of each, in order.

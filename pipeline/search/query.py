@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import posixpath
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,15 +26,15 @@ from pipeline.search import latent_cache
 from pipeline.runtime.config import RuntimeConfig, opt
 from pipeline.runtime.errors import ConfigError, InputError, SchemaError
 from pipeline.search.knn import BlockSearch, from_np, latent_matrix, np_dtype, string_array, to_np, unique_first
+from pipeline.search import ivf
+from pipeline.search.latents import CachedLatents, Latents
 
 if TYPE_CHECKING:   # imported where used: a cached query of a local table needs neither
     import pyarrow.parquet as pq
 
-    from pipeline.table.uris import Location
-
 FORMATS = ("table", "jsonl", "csv")
+NO_INDEX_NOTE_ROWS = 1_000_000   # a table this large without an index gets a line saying the scan is exact
 CACHE_MODES = ("auto", "off")
-BLOCK_ROWS = 262_144     # a larger row group is read in slices of this many rows
 
 
 @dataclass
@@ -59,6 +57,9 @@ class QueryConfig(RuntimeConfig):
     cache_dir: str = opt("", "cache folder (default $VAEPIPE_CACHE_DIR, else ~/.cache/vaepipe/latents)")
     cache_max_gb: float = opt(latent_cache.DEFAULT_MAX_GB, "size budget of the cache folder: the least "
                                                            "recently used entries are deleted beyond it")
+    exact: bool = opt(False, "scan every row even when the table has a fresh index (`vaepipe index`)")
+    nprobe: int = opt(0, "cells of the index each query looks in (0: the value chosen at build time for its "
+                         "measured recall)")
 
     def __post_init__(self) -> None:
         self.require("latents")
@@ -70,6 +71,8 @@ class QueryConfig(RuntimeConfig):
         self.choice("cache", CACHE_MODES)
         if self.cache_max_gb <= 0:
             raise ConfigError(f"cache_max_gb must be > 0, got {self.cache_max_gb}")
+        if self.nprobe < 0:
+            raise ConfigError(f"nprobe must be ≥ 0 (0: the index's own), got {self.nprobe}")
 
 
 # --- the --where filter ---------------------------------------------------------------------------
@@ -133,177 +136,6 @@ def where_mask(t: pa.Table, clauses: list[tuple[str, str, Any]]) -> np.ndarray |
             a = to_np(c)
             mask &= np.isin(a, np.asarray(v, a.dtype)) if op == "in" else _OPS[op](a, v)
     return mask
-
-
-# --- reading --------------------------------------------------------------------------------------
-
-class Latents:
-    """The files of a latents folder with their footers: global row numbers, row-group offsets."""
-
-    def __init__(self, loc: Location, files: list[str]):
-        from pipeline.table.parquet_io import partition_values, read_footer
-
-        self.loc, self.files = loc, files
-        self.afs = loc.arrow_fs()
-        self.meta = []
-        for path in files:
-            self.meta.append(read_footer(loc, path))
-        self.file_start = np.cumsum([0] + [m.num_rows for m in self.meta])
-        self.rg_start = [np.cumsum([0] + [m.row_group(i).num_rows for i in range(m.num_row_groups)])
-                         for m in self.meta]
-        first = next((m for m in self.meta if m.num_rows), self.meta[0])
-        schema = first.schema.to_arrow_schema()
-        self.metadata = schema.metadata or {}
-        # hive partition values live in the folder names (nightly's date=…/): string columns, as a hive reader adds
-        self.parts = [partition_values(posixpath.relpath(p, loc.path)) for p in files]
-        self.part_keys = sorted({k for d in self.parts for k in d} - set(schema.names))
-        for k in self.part_keys:
-            schema = schema.append(pa.field(k, pa.string()))
-        self.schema = schema
-        self.cached: latent_cache.CachedBlocks | None = None   # set by use_cache when an entry matches
-
-    def use_cache(self, cache: latent_cache.LatentCache, columns: list[str]) -> bool:
-        """Serve reads of `columns` (or fewer) from `cache` when its entry exists and is whole."""
-        self.cached = cache.open(columns)
-        return self.cached is not None
-
-    def from_cache(self, columns: list[str]) -> bool:
-        """Whether reads of `columns` come from the cache."""
-        return self.cached is not None and set(columns) <= set(self.cached.schema.names)
-
-    @property
-    def rows(self) -> int:
-        return int(self.file_start[-1])
-
-    def open(self, i: int) -> pq.ParquetFile:
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(self.afs.open_input_file(self.files[i]), metadata=self.meta[i], pre_buffer=True)
-
-    def pieces(self, row_groups: dict[int, list[int]] | None = None) -> list[tuple[int, int, int, int]]:
-        """(file, row group, first row in it, rows) for every row group, or slice of a large one."""
-        out = []
-        for i, md in enumerate(self.meta):
-            for rg in (range(md.num_row_groups) if row_groups is None else row_groups.get(i, [])):
-                n = md.row_group(rg).num_rows
-                for lo in range(0, max(n, 1), BLOCK_ROWS):
-                    out.append((i, rg, lo, min(n, lo + BLOCK_ROWS) - lo))
-        return out
-
-    def read_piece(self, piece: tuple[int, int, int, int], columns: list[str]) -> tuple[int, pa.Table]:
-        """(global first row, table) of one piece, with any hive partition columns asked for."""
-        parts = [c for c in columns if c in self.part_keys]
-        if not parts:
-            return self._read_piece(piece, columns)
-        start, t = self._read_piece(piece, [c for c in columns if c not in parts])
-        for c in parts:
-            t = t.append_column(c, pa.array([self.parts[piece[0]].get(c)] * t.num_rows, pa.string()))
-        return start, t.select(columns)
-
-    def _read_piece(self, piece: tuple[int, int, int, int], columns: list[str]) -> tuple[int, pa.Table]:
-        i, rg, lo, n = piece
-        start = int(self.file_start[i] + self.rg_start[i][rg]) + lo
-        try:
-            pf = self.open(i)
-            if lo == 0 and n == self.meta[i].row_group(rg).num_rows:
-                return start, pf.read_row_group(rg, columns=columns, use_threads=False)
-            batches = pf.iter_batches(batch_size=BLOCK_ROWS, row_groups=[rg], columns=columns, use_threads=False)
-            for j, b in enumerate(batches):
-                if j * BLOCK_ROWS == lo:
-                    return start, pa.Table.from_batches([b])
-            raise InputError(f"{self.loc.full(self.files[i])}: row group {rg} is shorter than its footer says")
-        except (OSError, pa.ArrowException) as e:
-            raise InputError(f"{self.loc.full(self.files[i])}: cannot read Parquet "
-                             f"({type(e).__name__}: {str(e)[:200]})") from None
-
-    def blocks(self, columns: list[str], row_groups: dict[int, list[int]] | None = None, threads: int | None = None):
-        """(global first row, table) for every row group (or slice of a large one), in order, decoded
-        by `threads` reader threads (default: one per core, at most 4) a few pieces ahead of the
-        consumer: pyarrow decodes without the GIL, so the cores decode while the caller scores. A
-        full scan of cached columns reads the memory-mapped cache instead (no decoding at all)."""
-        if row_groups is None and self.from_cache(columns):
-            yield from self.cached.blocks(columns)
-            return
-        pieces = self.pieces(row_groups)
-        threads = threads or min(4, os.cpu_count() or 1)
-        if threads <= 1 or len(pieces) <= 1:
-            for p in pieces:
-                yield self.read_piece(p, columns)
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads, thread_name_prefix="vaepipe-read") as ex:
-            window = [ex.submit(self.read_piece, p, columns) for p in pieces[:threads + 1]]
-            nxt = len(window)
-            try:
-                while window:
-                    item = window.pop(0).result()
-                    if nxt < len(pieces):
-                        window.append(ex.submit(self.read_piece, pieces[nxt], columns))
-                        nxt += 1
-                    yield item
-            finally:
-                for f in window:
-                    f.cancel()
-
-    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Global rows → (file index, row group, row inside the row group)."""
-        fi = np.searchsorted(self.file_start, rows, side="right") - 1
-        rg = np.empty_like(rows)
-        local = np.empty_like(rows)
-        for f in unique_first(fi)[0]:
-            sel = fi == f
-            r = rows[sel] - self.file_start[f]
-            g = np.searchsorted(self.rg_start[f], r, side="right") - 1
-            rg[sel], local[sel] = g, r - self.rg_start[f][g]
-        return fi, rg, local
-
-    def take(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
-        """The `columns` of the given global rows, in that order (reads their row groups only, or the
-        cache)."""
-        if not columns or len(rows) == 0:
-            return self.schema.empty_table().select(columns)
-        if self.from_cache(columns):
-            return self.cached.take(rows, columns)
-        fi, rg, local = self.locate(rows)
-        groups = {}
-        parts = [c for c in columns if c in self.part_keys]
-        for f, g in sorted(set(zip(fi.tolist(), rg.tolist()))):
-            t = self.open(f).read_row_group(g, columns=[c for c in columns if c not in parts])
-            for c in parts:   # hive partition values from the file's folder names
-                t = t.append_column(c, pa.array([self.parts[f].get(c)] * t.num_rows, pa.string()))
-            groups[f, g] = t.select(columns)
-        if len(rows) <= 4096:   # one-row slices: no pyarrow.compute import for a few winners
-            return pa.concat_tables([groups[f, g].slice(r, 1) for f, g, r in zip(fi.tolist(), rg.tolist(),
-                                                                                local.tolist())])
-        pieces, order = [], []
-        for (f, g), t in groups.items():
-            sel = np.flatnonzero((fi == f) & (rg == g))
-            pieces.append(t.take(from_np(local[sel])))
-            order.append(sel)
-        t = pa.concat_tables(pieces)
-        return t.take(from_np(np.argsort(np.concatenate(order), kind="stable")))
-
-
-class CachedLatents:
-    """A local table served wholly from its cache entry, found through the entry's note
-    (latent_cache.find_local): the same reads as Latents, no footer or Parquet page opened. Its
-    schema is the cached columns' (all but logvar), with the table's metadata."""
-
-    def __init__(self, cached: latent_cache.CachedBlocks):
-        self.cached, self.schema = cached, cached.schema
-        self.metadata = self.schema.metadata or {}
-        self.rows = int(cached.starts[-1])
-
-    def from_cache(self, columns: list[str]) -> bool:
-        return set(columns) <= set(self.schema.names)
-
-    def blocks(self, columns: list[str], row_groups: dict[int, list[int]] | None = None, threads: int | None = None):
-        assert row_groups is None, "a cached table is scanned whole"
-        return self.cached.blocks(columns)
-
-    def take(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
-        return self.cached.take(rows, columns)
 
 
 # --- query ids ------------------------------------------------------------------------------------
@@ -407,7 +239,7 @@ def find_queries(lat: Latents | CachedLatents, cfg: QueryConfig, ids: pa.Array) 
 def open_latents(cfg: QueryConfig) -> tuple[Latents | CachedLatents, latent_cache.LatentCache | None, str | None]:
     """The table to query; the cache entry to write during the scan (None: nothing to write); the
     local table's tree identity, for the note that lets the next query skip this (None: not local)."""
-    if cfg.cache == "auto":
+    if cfg.cache == "auto" and (cfg.exact or not _may_have_index(cfg.latents)):
         hit = latent_cache.find_local(cfg.latents, cfg.cache_dir or None, cfg.cache_max_gb)
         if hit is not None and cfg.column in hit.schema.names:
             return CachedLatents(hit), None, None
@@ -435,13 +267,26 @@ def open_latents(cfg: QueryConfig) -> tuple[Latents | CachedLatents, latent_cach
     return lat, cache, ident
 
 
+def _may_have_index(uri: str) -> bool:
+    """Whether the table may have an index (the short path of a cached local table does not check
+    one): always for remote tables, which do not take that path anyway."""
+    import os
+
+    if "://" in uri and not uri.startswith("file://"):
+        return True
+    return os.path.exists(latent_cache.local_index_pointer(uri.removeprefix("file://")))
+
+
 def cached_columns(schema: pa.Schema) -> list[str]:
     """What the cache holds: every column a query reads (μ, ids, --where and printed columns), all
     but logvar."""
     return [c for c in schema.names if c != "logvar"]
 
 
-def run_query(cfg: QueryConfig) -> pa.Table:
+def run_query(cfg: QueryConfig, say=None) -> pa.Table:
+    """The neighbours table: from the table's index when it is fresh (and not --exact), else by an
+    exact scan; `say` (default: stderr) gets one line when an index exists but cannot answer."""
+    say = say or _stderr
     lat, cache, ident = open_latents(cfg)
     schema = lat.schema
     keep = [c for c in schema.names if c not in (cfg.column, "logvar")]
@@ -469,8 +314,12 @@ def run_query(cfg: QueryConfig) -> pa.Table:
     if dim is not None and queries.shape[1] != dim:
         raise SchemaError(f"query vector has {queries.shape[1]} values, latents have {dim}")
 
-    search = BlockSearch(queries, cfg.k)
     exclude = ids is not None and cfg.exclude_self
+    found = None if cfg.exact or not isinstance(lat, Latents) else \
+        indexed_search(lat, cfg, queries, ids, clauses, exclude, say)
+    if found is not None:   # (nothing was scanned, so no cache entry is written)
+        return result_table(lat, *found, labels, keep)
+    search = BlockSearch(queries, cfg.k)
     cols = list(dict.fromkeys([*([cfg.id_column] if exclude else []), *(c for c, _, _ in clauses), cfg.column,
                                *(cache_cols if cache else [])]))
     writer = cache.writer(schema_of(schema, cache_cols)) if cache else None
@@ -482,7 +331,85 @@ def run_query(cfg: QueryConfig) -> pa.Table:
         raise
     if writer and writer.commit():
         cache.remember(ident, lat.loc.path)
-    return result_table(lat, search, labels, keep)
+    return result_table(lat, search.result.d, search.result.rows, labels, keep)
+
+
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)
+
+
+ROUNDS = 4   # widenings of a filtered index search before it gives way to the exact scan
+
+
+def indexed_search(lat: Latents, cfg: QueryConfig, queries: np.ndarray, ids: pa.Array | None, clauses: list,
+                   exclude: bool, say) -> tuple[np.ndarray, np.ndarray] | None:
+    """(squared distances, rows) (Q, k) from the table's index when it is fresh, else None (and a
+    line through `say` saying why the scan is exact). With `--where` or a query's own record to leave
+    out, the index's candidates are checked against the table's columns (exact re-scoring of a wider
+    candidate list), widened until every query has k that pass."""
+    from pipeline.search import ann
+
+    try:
+        pointer = ann.read_pointer(lat.loc)
+    except ConfigError:   # a table with no control folder (a bare file, a bucket root): no index
+        return None
+    why = ann.freshness(pointer, lat, cfg.column)
+    if why is None:
+        try:
+            index = ann.open_index(lat.loc, pointer)
+        except (FileNotFoundError, ValueError, OSError) as e:   # replaced by a new build as we read it
+            why = f"the index could not be opened ({type(e).__name__}: {str(e)[:120]})"
+    if why is not None:
+        if pointer is not None or lat.rows >= NO_INDEX_NOTE_ROWS:
+            say(f"query: exact scan of {lat.rows:,} rows: {why}"
+                + ("" if pointer is None else f"; `vaepipe index --latents {cfg.latents}` rebuilds it"))
+        return None
+    if queries.shape[1] != pointer["dim"]:
+        raise SchemaError(f"query vector has {queries.shape[1]} values, the index has {pointer['dim']}")
+    need = list(dict.fromkeys([*([cfg.id_column] if exclude else []), *(c for c, _, _ in clauses)]))
+    nprobe = cfg.nprobe or pointer["nprobe"]
+    k = cfg.k
+    width = k + (1 if exclude else 0) if not clauses else max(4 * k, 64)
+    for _ in range(ROUNDS):
+        d, rows = ivf.search(index, queries, width, nprobe)
+        if not need:
+            return d[:, :k], rows[:, :k]
+        got = _passing(lat, cfg, d, rows, ids, clauses, exclude, k)
+        short = [i for i in range(len(rows)) if (got[1][i] < 0).any()]
+        # a short query whose candidate list was not full has seen every record of its probed cells;
+        # when those are all the cells, fewer than k records pass at all: the answer is complete
+        if not short or (nprobe >= index.n_lists and not any((rows[i] >= 0).all() for i in short)):
+            return got
+        width, nprobe = width * 4, min(index.n_lists, nprobe * 2)
+    say(f"query: exact scan: the filter keeps fewer than {k} of the index's nearest candidates for "
+        f"{len(short)} quer{'y' if len(short) == 1 else 'ies'}")
+    return None
+
+
+def _passing(lat: Latents, cfg: QueryConfig, d: np.ndarray, rows: np.ndarray, ids: pa.Array | None, clauses: list,
+             exclude: bool, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first k candidates of each query that pass --where and are not the query's own record."""
+    uniq = np.unique(rows[rows >= 0])
+    cols = list(dict.fromkeys([*([cfg.id_column] if exclude else []), *(c for c, _, _ in clauses)]))
+    t = lat.take(uniq, cols)
+    ok = where_mask(t, clauses)
+    ok = np.ones(len(uniq), bool) if ok is None else ok
+    own = t.column(cfg.id_column).to_pylist() if exclude else None
+    qids = ids.to_pylist() if exclude else None
+    d_out = np.full((len(rows), k), np.inf, np.float32)
+    r_out = np.full((len(rows), k), -1, np.int64)
+    for i in range(len(rows)):
+        n = 0
+        for dd, r in zip(d[i].tolist(), rows[i].tolist()):
+            if r < 0 or n == k:
+                break
+            j = int(np.searchsorted(uniq, r))
+            if ok[j] and not (exclude and own[j] == qids[i]):
+                d_out[i, n], r_out[i, n] = dd, r
+                n += 1
+    return d_out, r_out
 
 
 def schema_of(schema: pa.Schema, columns: list[str]) -> pa.Schema:
@@ -520,9 +447,10 @@ def scan(lat: Latents | CachedLatents, cfg: QueryConfig, search: BlockSearch, co
         search.add(x[sel], start, ex, row_ids=start + sel)
 
 
-def result_table(lat: Latents | CachedLatents, search: BlockSearch, labels: pa.Array, keep: list[str]) -> pa.Table:
-    """query, rank, distance and the kept columns of each neighbour, ordered by query then rank."""
-    d, rows = search.result.d, search.result.rows
+def result_table(lat: Latents | CachedLatents, d: np.ndarray, rows: np.ndarray, labels: pa.Array,
+                 keep: list[str]) -> pa.Table:
+    """query, rank, distance and the kept columns of each neighbour (squared distances and table
+    rows (Q, k), inf / -1 where none), ordered by query then rank."""
     found = np.isfinite(d)
     qi, rank = np.nonzero(found)
     winners = rows[qi, rank]

@@ -33,13 +33,41 @@ def test_returned_distances_are_exact_and_all_cells_give_the_exact_answer(seed):
         np.testing.assert_allclose(np.sort(d[i]), np.sort(exact)[:7], rtol=1e-5)
 
 
-def test_every_row_is_in_exactly_one_cell_and_the_index_round_trips_without_pickle(seed, tmp_path):
+def test_every_row_is_in_exactly_one_cell_and_the_stored_index_maps_back_the_same(seed, tmp_path):
+    import fsspec
+
     x = _mixture(1_000, seed)
     index = ivf.build(x, seed=seed)
     assert sorted(index.rows.tolist()) == list(range(1_000)) and index.offsets[-1] == 1_000
-    index.save(str(tmp_path / "i.npz"))
-    back = ivf.IVFFlat.load(str(tmp_path / "i.npz"))
-    assert all(np.array_equal(getattr(index, f), getattr(back, f)) for f in ("centroids", "offsets", "rows", "vectors"))
+    fs = fsspec.filesystem("file")
+    c = ivf.train(x, seed=seed)
+    ivf.write(fs, str(tmp_path / "i"), x, c, ivf.assign(x, c), window=100)   # gathered a window at a time
+    back = ivf.IVFFlat.load(fs, str(tmp_path / "i"))
+    assert isinstance(back.vectors, np.memmap)                               # local: mapped, not read
+    assert all(np.array_equal(getattr(index, f), getattr(back, f)) for f in ivf.ARRAYS)
+    mem = fsspec.filesystem("memory")                                        # remote: read into memory
+    ivf.write(mem, "/i", x, c, ivf.assign(x, c))
+    assert np.array_equal(ivf.IVFFlat.load(mem, "/i").vectors, index.vectors)
+
+
+def test_two_level_assignment_finds_the_nearest_cell_for_nearly_every_row(seed):
+    x = _mixture(30_000, seed)
+    c = ivf.train(x, n_lists=3_000, iters=3, seed=seed, sample_per_list=8)    # above DIRECT_MAX: two levels
+    a = ivf.assign(x, c, seed)
+    exact = ivf._nearest(x, c)
+    d = lambda cells: ((x - c[cells]) ** 2).sum(1)
+    assert (a == exact).mean() > 0.97 and np.median(d(a) / np.maximum(d(exact), 1e-9)) == 1.0
+
+
+def test_nprobe_is_the_smallest_power_of_two_reaching_the_target_and_a_query_never_counts_itself(seed):
+    x = _mixture(10_000, seed)
+    index = ivf.build(x, seed=seed)
+    own = np.arange(0, 10_000, 97)
+    nprobe, recall, tried = ivf.tune_nprobe(index, x, own, 10, 0.95)
+    assert recall >= 0.95 and tried[nprobe] == recall and all(r < 0.95 for n, r in tried.items() if n < nprobe)
+    assert list(tried) == [2 ** i for i in range(len(tried))]
+    # with its own row counted, every query would score a free hit: the measured recall is lower
+    assert ivf.recall_at_k(index, x, x[own], 10, 1, own=own) < ivf.recall_at_k(index, x, x[own], 10, 1)
 
 
 def test_fewer_records_than_k_leave_the_rest_empty_and_an_empty_table_is_refused(seed):

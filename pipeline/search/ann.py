@@ -1,0 +1,219 @@
+"""The approximate-neighbour index of a committed latents table, kept in the output's control folder:
+
+    <parent>/_<name>.vaepipe/index/
+        current.json        the pointer: which build is current, and what it was built from
+        <build>/            one build: centroids.npy, offsets.npy, rows.npy, vectors.npy (pipeline.search.ivf)
+
+A build reads the table as committed (the files its manifests name, in the order a query numbers
+their rows), writes its arrays into a folder of its own, measures recall@k against an exact scan on
+a sample of the table's records, and only then, still holding the output's lease, replaces the
+pointer (one atomic write): a build killed at any point leaves the previous pointer and its arrays
+(or none), never a half-written index; the next build removes what the killed one left.
+
+The pointer names the files and row counts the index covers. A query uses the index only when they
+are exactly the table's files now (`freshness`); after any commit the index is stale and the query
+scans exactly, and says so. The pointer is read back from storage, so it is untrusted: every name in
+it is checked before anything is opened."""
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.runtime.config import RuntimeConfig, opt
+from pipeline.runtime.errors import ConfigError, InputError, ManifestError
+from pipeline.search import ivf
+from pipeline.search.knn import latent_matrix
+from pipeline.search.latents import Latents
+from pipeline.table.commit import control_of, pause_point, read_json, safe_name, safe_relpath, write_bytes_atomic
+from pipeline.table.uris import Location
+
+INDEX = "index"
+POINTER = "current.json"
+FORMAT = 1
+KINDS = ("ivf-flat",)
+
+
+@dataclass
+class IndexConfig(RuntimeConfig):
+    latents: str = opt("", "latents folder written by encode/nightly (the index is stored in its control folder)")
+    column: str = opt("mu", "latent column")
+    kind: str = opt("ivf-flat", "index kind: ivf-flat (k-means cells, exact distances inside the probed cells)",
+                    choices=KINDS)
+    lists: int = opt(0, "cells of the index (0: about 4·√rows)")
+    target_recall: float = opt(0.95, "nprobe is the smallest power of two whose recall@k on the sample reaches this")
+    recall_k: int = opt(10, "k of the recall measured at build time")
+    recall_queries: int = opt(200, "records of the table used as queries to measure recall (each leaves itself out)")
+    seed: int = opt(0, "seed of the k-means sample and the recall sample")
+    lease_ttl: float = opt(60.0, "seconds the output's lease lasts without renewal")
+    wait: float = opt(0.0, "seconds to wait for another writer's lease before giving up")
+
+    def __post_init__(self) -> None:
+        self.require("latents")
+        self.choice("kind", KINDS)
+        if self.lists < 0:
+            raise ConfigError(f"lists must be ≥ 0 (0: automatic), got {self.lists}")
+        if not 0 < self.target_recall <= 1:
+            raise ConfigError(f"target_recall must be in (0, 1], got {self.target_recall}")
+        if self.recall_k < 1 or self.recall_queries < 1:
+            raise ConfigError(f"recall_k and recall_queries must be ≥ 1, got {self.recall_k}, {self.recall_queries}")
+
+
+# --- where it lives, and whether it is the table's --------------------------------------------------
+
+def index_home(out: Location) -> Location:
+    return control_of(out).join(INDEX)
+
+
+def read_pointer(out: Location) -> dict[str, Any] | None:
+    """The validated pointer of the table's current index, or None when it has none."""
+    home = index_home(out)
+    path = posixpath.join(home.path, POINTER)
+    p = read_json(home, path)
+    if p is None:
+        return None
+    src = home.full(path)
+    if not isinstance(p, dict) or p.get("format") != FORMAT or p.get("kind") not in KINDS:
+        raise ManifestError(f"{src}: not an index pointer vaepipe writes (format {FORMAT}, kind in {KINDS})")
+    safe_name(p.get("build"), f"{src}: build")
+    files = p.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, list) and len(f) == 2 and isinstance(f[1], int)
+                                              for f in files):
+        raise ManifestError(f"{src}: 'files' must be a list of [path, rows]")
+    for f in files:
+        safe_relpath(f[0], f"{src}: file")
+    for key in ("nprobe", "rows", "dim"):
+        if not isinstance(p.get(key), int) or p[key] < 0:
+            raise ManifestError(f"{src}: {key!r} must be a non-negative integer, got {p.get(key)!r}")
+    return p
+
+
+def identity(lat: Latents) -> list[list]:
+    """The table as a query numbers its rows: each file (relative to the table) with its row count."""
+    return [[posixpath.relpath(f, lat.loc.path) if f != lat.loc.path else posixpath.basename(f), int(m.num_rows)]
+            for f, m in zip(lat.files, lat.meta)]
+
+
+def freshness(pointer: dict[str, Any] | None, lat: Latents, column: str) -> str | None:
+    """Why the index cannot answer for the table as it is now (None: it can)."""
+    if pointer is None:
+        return "the table has no index"
+    if pointer.get("column") != column:
+        return f"the index is over column {pointer.get('column')!r}, not {column!r}"
+    now = identity(lat)
+    if pointer["files"] != now:
+        return (f"the index is stale: built from {len(pointer['files'])} file(s), {pointer['rows']:,} rows "
+                f"(run {', '.join(pointer.get('runs', [])[-2:]) or '?'}); the table has been committed since "
+                f"({len(now)} file(s), {sum(r for _, r in now):,} rows)")
+    return None
+
+
+def open_index(out: Location, pointer: dict[str, Any]) -> ivf.IVFFlat:
+    home = index_home(out)
+    return ivf.IVFFlat.load(home.fs, posixpath.join(home.path, pointer["build"]))
+
+
+# --- building -------------------------------------------------------------------------------------
+
+def read_vectors(lat: Latents, column: str) -> np.ndarray:
+    """Every row's latent vector, in the table's row order (N, L) float32."""
+    x = None
+    for start, t in lat.blocks([column]):
+        if t.num_rows == 0:
+            continue
+        v = latent_matrix(t.column(column), lat.metadata, lat.loc.uri)
+        if x is None:
+            x = np.empty((lat.rows, v.shape[1]), np.float32)
+        x[start:start + len(v)] = v
+    if x is None:
+        raise InputError(f"latents {lat.loc.uri!r} hold no rows: nothing to index")
+    return x
+
+
+def run_ids(lat: Latents) -> list[str]:
+    """The runs whose files the table holds (vaepipe's part names end in the run id)."""
+    out = set()
+    for f in lat.files:
+        base = posixpath.basename(f)
+        if base.startswith("part-") and base.endswith(".parquet") and base.count("-") >= 2:
+            out.add(base[len("part-00000-"):-len(".parquet")])
+    return sorted(out)
+
+
+def build_locked(out: Location, lease, cfg: IndexConfig, log=print) -> dict[str, Any]:
+    """Build the index of the committed table at `out` while the caller holds its lease; returns
+    the pointer written."""
+    from pipeline.table.parquet_io import list_parquet_files
+
+    t0 = time.perf_counter()
+    lat = Latents(out, list_parquet_files(out))
+    if cfg.column not in lat.schema.names:
+        raise InputError(f"latents {out.uri!r} have no column {cfg.column!r}; columns: {lat.schema.names}")
+    x = read_vectors(lat, cfg.column)
+    t_read = time.perf_counter() - t0
+    home = index_home(out)
+    fs = out.fs
+    build = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    folder = posixpath.join(home.path, build)
+    c = ivf.train(x, cfg.lists, seed=cfg.seed)
+    a = ivf.assign(x, c, cfg.seed)
+    nbytes = ivf.write(fs, folder, x, c, a)
+    del a
+    t_build = time.perf_counter() - t0
+    index = ivf.IVFFlat.load(fs, folder)
+    rng = np.random.default_rng(cfg.seed + 1)
+    own = np.sort(rng.choice(len(x), min(len(x), cfg.recall_queries), replace=False))
+    k = min(cfg.recall_k, max(1, len(x) - 1))
+    nprobe, recall, tried = ivf.tune_nprobe(index, x, own, k, cfg.target_recall)
+    pointer = {"format": FORMAT, "kind": cfg.kind, "build": build, "column": cfg.column, "dim": int(x.shape[1]),
+               "rows": int(len(x)), "files": identity(lat), "runs": run_ids(lat),
+               "lists": int(index.n_lists), "nprobe": int(nprobe),
+               "recall": {"k": k, "queries": int(len(own)), "at_nprobe": round(float(recall), 4),
+                          "tried": {str(n): round(float(r), 4) for n, r in tried.items()}},
+               "bytes": int(nbytes), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "seconds": {"read": round(t_read, 2), "build": round(t_build - t_read, 2),
+                           "recall": round(time.perf_counter() - t0 - t_build, 2)}}
+    del x, index
+    pause_point("index.pointer")
+    lease.check()
+    write_bytes_atomic(home, posixpath.join(home.path, POINTER), json.dumps(pointer, indent=1).encode())
+    sweep(home, keep=build)
+    log(f"index: {pointer['kind']} over {pointer['rows']:,} rows of {out.uri} ({pointer['lists']:,} cells, "
+        f"{nbytes / 2**20:,.1f} MiB) in {time.perf_counter() - t0:.1f} s; recall@{k} {recall:.4f} at nprobe "
+        f"{nprobe} on {len(own)} of its records")
+    return pointer
+
+
+def sweep(home: Location, keep: str) -> None:
+    """Remove every build folder but `keep`, and temporary pointers of killed writes (under the lease
+    no other build runs). A reader that still maps an old build's files keeps them (local) or falls
+    back to an exact scan when they are gone (query.open_index)."""
+    try:
+        entries = home.fs.ls(home.path, detail=False)
+    except FileNotFoundError:
+        return
+    for p in entries:
+        name = posixpath.basename(p.rstrip("/"))
+        if name in (keep, POINTER):
+            continue
+        try:
+            home.fs.rm(p, recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+def build_index(cfg: IndexConfig, log=print) -> dict[str, Any]:
+    """`vaepipe index`: take the output's lease, build, commit the pointer."""
+    from pipeline.table.lease import hold_lease
+    from pipeline.table.uris import resolve
+
+    out = resolve(cfg.latents)
+    if not out.fs.exists(out.path):
+        raise InputError(f"latents {cfg.latents!r} do not exist")
+    with hold_lease(control_of(out), out.uri, "index", cfg.lease_ttl, cfg.wait) as lease:
+        return build_locked(out, lease, cfg, log)

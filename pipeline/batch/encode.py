@@ -86,6 +86,8 @@ class EncodeConfig(WriterConfig):
                         choices=("auto", "ray", "local"))
     storage_options: str = opt("", "fsspec storage options as JSON, for input and output, e.g. "
                                     "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}' for an S3-compatible store")
+    index: str = opt("", "after the commit, under the same lease, build this approximate-neighbour index of the "
+                         "output (ivf-flat; `vaepipe index` has the other settings); empty: none", choices=("", "ivf-flat"))
 
     def __post_init__(self) -> None:
         self.require("model", "input", "output")
@@ -96,6 +98,7 @@ class EncodeConfig(WriterConfig):
             self.score = True
         self.choice("executor", ("auto", "ray", "local"))
         self.choice("on_bad_record", ("fail", "skip"))
+        self.choice("index", ("", "ivf-flat"))
         if self.batch_size < 1 or self.unit_rows < 1:
             raise ConfigError("batch_size and unit_rows must be ≥ 1")
         if self.concurrency is not None and self.concurrency < 1:
@@ -525,7 +528,17 @@ def run_encode(cfg: EncodeConfig, models: tuple | None = None, files: list[str] 
         return _encode(cfg, loc, out, target.control, target.lease, models, files)
     refuse_partition_of_nightly(out)
     with hold_lease(control_of(out), out.uri, "encode", cfg.lease_ttl, cfg.wait) as lease:
-        return _encode(cfg, loc, out, control_of(out), lease, models, files)
+        r = _encode(cfg, loc, out, control_of(out), lease, models, files)
+        if cfg.index:
+            build_index_locked(out, lease, cfg)
+        return r
+
+
+def build_index_locked(out: Location, lease: Lease, cfg: EncodeConfig, log=print) -> None:
+    """The output's index, built under the lease the run holds (pipeline.search.ann)."""
+    from pipeline.search.ann import IndexConfig, build_locked
+
+    build_locked(out, lease, IndexConfig(latents=out.uri, kind=cfg.index, lease_ttl=cfg.lease_ttl), log)
 
 
 def refuse_partition_of_nightly(out: Location) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.table.commit import control_of, partition_control, read_json, safe_name, safe_relpath, write_bytes_atomic
 from pipeline.runtime.config import opt
-from pipeline.batch.encode import EncodeConfig, Target, load_models, run_encode
+from pipeline.batch.encode import EncodeConfig, Target, build_index_locked, load_models, run_encode
 from pipeline.runtime.errors import InputError, LeaseLostError, ManifestError, PartialFailure, VaepipeError
 from pipeline.table.lease import hold_lease
 from pipeline.table.parquet_io import is_parquet_name
@@ -149,6 +149,24 @@ def write_state(out: Location, state: dict) -> None:
 
 # --- the run ----------------------------------------------------------------------------------------
 
+def index_is_fresh(out: Location, cfg: NightlyConfig) -> bool:
+    """Whether the output's index covers it as committed now (a run with nothing to encode still
+    builds a missing or stale one)."""
+    from pipeline.search.ann import freshness, read_pointer
+    from pipeline.search.latents import Latents
+    from pipeline.table.parquet_io import list_parquet_files
+
+    try:
+        files = list_parquet_files(out)
+    except InputError:
+        return True   # nothing committed yet: nothing to index
+    if not files:
+        return True
+    try:
+        return freshness(read_pointer(out), Latents(out, files), "mu") is None
+    except ManifestError:
+        return False
+
 def run_nightly(cfg: NightlyConfig, log=print) -> dict:
     so = cfg.storage_options_dict()
     loc, out = resolve(cfg.input, **so), resolve(cfg.output, **so)
@@ -181,7 +199,7 @@ def _nightly(cfg: NightlyConfig, loc: Location, out: Location, lease, log) -> di
         name = part.removesuffix(".parquet")
         part_in = loc.join(part)
         paths = [part_in.path] if loc.fs.isfile(part_in.path) else [posixpath.join(part_in.path, f) for f in files]
-        sub = EncodeConfig(**{**base, "input": part_in.uri, "output": out.join(name).uri})
+        sub = EncodeConfig(**{**base, "input": part_in.uri, "output": out.join(name).uri, "index": ""})
         entry = {"files": files, "model_uri": ref.uri, "model_version": ref.version, "columns": columns,
                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         try:
@@ -204,6 +222,9 @@ def _nightly(cfg: NightlyConfig, loc: Location, out: Location, lease, log) -> di
         state = read_state(out)   # re-read under the lease: never drop an entry another run wrote
         state["partitions"][part] = entry
         write_state(out, state)
+    if cfg.index and (done or not index_is_fresh(out, cfg)):
+        lease.check()
+        build_index_locked(out, lease, cfg, log)   # the whole output; unchanged partitions keep their cells
     result = {"model_uri": ref.uri, "encoded": done, "failed": failed, "reasons": {p: w for p, _, w in pending},
               "current": [p for p, _, _ in current], "input_gone": gone, "wall_s": time.perf_counter() - t0}
     if failed:

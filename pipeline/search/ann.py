@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.runtime.config import RuntimeConfig, opt
+from pipeline.runtime.config import WriterConfig, opt
 from pipeline.runtime.errors import ConfigError, InputError, ManifestError
 from pipeline.search import ivf
 from pipeline.search.knn import latent_matrix
@@ -40,7 +40,7 @@ KINDS = ("ivf-flat",)
 
 
 @dataclass
-class IndexConfig(RuntimeConfig):
+class IndexConfig(WriterConfig):
     latents: str = opt("", "latents folder written by encode/nightly (the index is stored in its control folder)")
     column: str = opt("mu", "latent column")
     kind: str = opt("ivf-flat", "index kind: ivf-flat (k-means cells, exact distances inside the probed cells)",
@@ -50,11 +50,13 @@ class IndexConfig(RuntimeConfig):
     recall_k: int = opt(10, "k of the recall measured at build time")
     recall_queries: int = opt(200, "records of the table used as queries to measure recall (each leaves itself out)")
     seed: int = opt(0, "seed of the k-means sample and the recall sample")
-    lease_ttl: float = opt(60.0, "seconds the output's lease lasts without renewal")
-    wait: float = opt(0.0, "seconds to wait for another writer's lease before giving up")
+    extend: bool = opt(True, "keep the current build's cells for the files it already covers (a nightly's "
+                             "unchanged partitions) and assign only new rows; a full rebuild when they are "
+                             "less than half the table")
 
     def __post_init__(self) -> None:
         self.require("latents")
+        self.check_writer()
         self.choice("kind", KINDS)
         if self.lists < 0:
             raise ConfigError(f"lists must be ≥ 0 (0: automatic), got {self.lists}")
@@ -160,8 +162,17 @@ def build_locked(out: Location, lease, cfg: IndexConfig, log=print) -> dict[str,
     fs = out.fs
     build = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     folder = posixpath.join(home.path, build)
-    c = ivf.train(x, cfg.lists, seed=cfg.seed)
-    a = ivf.assign(x, c, cfg.seed)
+    files = identity(lat)
+    kept = previous_cells(out, files, cfg, log) if cfg.extend else None
+    if kept is None:
+        c = ivf.train(x, cfg.lists, seed=cfg.seed)
+        a = ivf.assign(x, c, cfg.seed)
+        extended = None
+    else:
+        c, a, extended = kept
+        new = np.flatnonzero(a < 0)
+        a[new] = ivf.assign(x[new], c, cfg.seed)
+        extended["assigned_rows"] = int(len(new))
     nbytes = ivf.write(fs, folder, x, c, a)
     del a
     t_build = time.perf_counter() - t0
@@ -171,11 +182,11 @@ def build_locked(out: Location, lease, cfg: IndexConfig, log=print) -> dict[str,
     k = min(cfg.recall_k, max(1, len(x) - 1))
     nprobe, recall, tried = ivf.tune_nprobe(index, x, own, k, cfg.target_recall)
     pointer = {"format": FORMAT, "kind": cfg.kind, "build": build, "column": cfg.column, "dim": int(x.shape[1]),
-               "rows": int(len(x)), "files": identity(lat), "runs": run_ids(lat),
+               "rows": int(len(x)), "files": files, "runs": run_ids(lat),
                "lists": int(index.n_lists), "nprobe": int(nprobe),
                "recall": {"k": k, "queries": int(len(own)), "at_nprobe": round(float(recall), 4),
                           "tried": {str(n): round(float(r), 4) for n, r in tried.items()}},
-               "bytes": int(nbytes), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "extended": extended, "bytes": int(nbytes), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "seconds": {"read": round(t_read, 2), "build": round(t_build - t_read, 2),
                            "recall": round(time.perf_counter() - t0 - t_build, 2)}}
     del x, index
@@ -187,6 +198,46 @@ def build_locked(out: Location, lease, cfg: IndexConfig, log=print) -> dict[str,
         f"{nbytes / 2**20:,.1f} MiB) in {time.perf_counter() - t0:.1f} s; recall@{k} {recall:.4f} at nprobe "
         f"{nprobe} on {len(own)} of its records")
     return pointer
+
+
+def previous_cells(out: Location, files: list[list], cfg: IndexConfig, log) -> tuple | None:
+    """(centres, cell of each row or -1 for rows the current build does not cover, a note) when the
+    current build covers at least half of the table's rows through files that are still there,
+    unchanged (same name, same rows: vaepipe never rewrites a part in place); else None."""
+    try:
+        prev = read_pointer(out)
+    except ManifestError as e:   # a pointer vaepipe did not write: rebuild from scratch (and replace it)
+        log(f"index: the current pointer is not usable ({e}); building from scratch")
+        return None
+    if prev is None or prev["column"] != cfg.column or prev["kind"] != cfg.kind or (cfg.lists and cfg.lists != prev["lists"]):
+        return None
+    start, pos = {}, 0
+    for path, rows in prev["files"]:
+        start[path] = (pos, rows)
+        pos += rows
+    n = sum(r for _, r in files)
+    covered = sum(r for p, r in files if start.get(p, (0, -1))[1] == r)
+    if covered < n / 2:
+        return None
+    try:
+        old = open_index(out, prev)
+        c = np.array(old.centroids)
+        if c.shape[1] != prev["dim"] or int(old.offsets[-1]) != prev["rows"]:
+            return None
+        cell = np.repeat(np.arange(len(c), dtype=np.int32), np.diff(np.asarray(old.offsets)))
+        old_a = np.empty(prev["rows"], np.int32)
+        old_a[np.asarray(old.rows)] = cell
+    except (OSError, ValueError, IndexError) as e:
+        log(f"index: the current build cannot be read ({type(e).__name__}: {e}); building from scratch")
+        return None
+    a = np.full(n, -1, np.int32)
+    pos = 0
+    for path, rows in files:
+        o = start.get(path)
+        if o is not None and o[1] == rows:
+            a[pos:pos + rows] = old_a[o[0]:o[0] + rows]
+        pos += rows
+    return c, a, {"from_build": prev["build"], "kept_rows": int(covered)}
 
 
 def sweep(home: Location, keep: str) -> None:

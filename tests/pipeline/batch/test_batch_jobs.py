@@ -64,6 +64,52 @@ def test_nightly_encodes_only_new_partitions_and_reruns_safely(trained_digits, d
     assert pq.read_table(os.path.join(out, "date=2026-11-03")).num_rows == state["partitions"]["date=2026-11-03"]["rows"]
 
 
+def test_nightly_with_an_index_keeps_it_fresh_and_extends_it_for_the_partitions_it_encoded(
+        trained_digits, digits_parquet, workdir, tmp_path):
+    """--index ivf-flat: after each run's commits the index covers the output as committed (a query
+    uses it, silently); the unchanged partitions keep their cells, only the new one is assigned."""
+    from pipeline.search import ann
+    from pipeline.search.query import QueryConfig, run_query
+
+    src, out = tmp_path / "in", str(tmp_path / "out")
+    files = sorted(p for p in os.listdir(digits_parquet) if p.endswith(".parquet"))
+    for i, f in enumerate(files[:2]):
+        (src / f"date=2026-11-0{i + 1}").mkdir(parents=True)
+        shutil.copy(os.path.join(digits_parquet, f), src / f"date=2026-11-0{i + 1}" / f)
+    cfg = NightlyConfig(model=MODEL, input=str(src), output=out, workdir=workdir, index="ivf-flat")
+    run_nightly(cfg)
+    first = ann.read_pointer(resolve(out))
+    assert first["extended"] is None and first["rows"] == sum(pq.read_metadata(os.path.join(
+        digits_parquet, f)).num_rows for f in files[:2])
+    (src / "date=2026-11-03").mkdir()
+    shutil.copy(os.path.join(digits_parquet, files[2]), src / "date=2026-11-03" / files[2])
+    run_nightly(cfg)
+    second = ann.read_pointer(resolve(out))
+    new_rows = pq.read_metadata(os.path.join(digits_parquet, files[2])).num_rows
+    assert second["rows"] == first["rows"] + new_rows
+    assert second["extended"] == {"from_build": first["build"], "kept_rows": first["rows"], "assigned_rows": new_rows}
+    said = []
+    q = str(pq.read_table(os.path.join(out, "date=2026-11-03")).column("id")[0].as_py())
+    got = run_query(QueryConfig(latents=out, id=[q], k=5, nprobe=second["lists"]), say=said.append)
+    assert said == [] and got.equals(run_query(QueryConfig(latents=out, id=[q], k=5, exact=True)))
+    assert run_nightly(cfg)["encoded"] == [] and ann.read_pointer(resolve(out)) == second   # nothing new: kept
+
+
+def test_encode_with_an_index_builds_it_under_its_lease_and_the_next_encode_replaces_it(
+        trained_digits, digits_parquet, workdir, tmp_path):
+    from pipeline.search import ann
+
+    out = str(tmp_path / "out")
+    cfg = EncodeConfig(model=MODEL, input=digits_parquet, output=out, workdir=workdir, index="ivf-flat")
+    run_encode(cfg)
+    p1 = ann.read_pointer(resolve(out))
+    assert p1["rows"] == 1797 and p1["recall"]["at_nprobe"] >= 0.95
+    run_encode(cfg)
+    p2 = ann.read_pointer(resolve(out))
+    assert p2["build"] != p1["build"] and p2["extended"] is None          # all files new: a full build
+    assert sorted(os.listdir(os.path.join(tmp_path, "_out.vaepipe", "index"))) == sorted([p2["build"], "current.json"])
+
+
 def _with_nan(digits_parquet, folder):
     os.makedirs(folder)
     t = pq.read_table(digits_parquet).slice(0, 100)

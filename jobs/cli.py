@@ -17,7 +17,7 @@ from pipeline.runtime.config import from_mapping, load_yaml
 from pipeline.runtime.errors import VaepipeError
 from pipeline.runtime.redact import RedactFilter, RedactingStream, redact_text, secrets_in_args, secrets_in_env
 
-JOBS = ("train", "encode", "decode", "nightly", "query", "index", "neighbours", "evaluate", "demo", "bench", "protocol")
+JOBS = ("train", "encode", "decode", "nightly", "query", "index", "serve", "neighbours", "evaluate", "demo", "bench", "protocol")
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -113,8 +113,8 @@ def run_job(name: str, argv: list[str]) -> int:
 
 
 def bench_argv(argv: list[str]) -> list[str]:
-    """`bench encode|train|query …`: the positional becomes `--what encode|train|query`."""
-    if argv and argv[0] in ("encode", "train", "query"):
+    """`bench encode|train|query|index …`: the positional becomes `--what …`."""
+    if argv and argv[0] in ("encode", "train", "query", "index"):
         return ["--what", argv[0], *argv[1:]]
     return list(argv)
 
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
               "  nightly   incremental, idempotent encode of partitions not yet encoded\n"
               "  query     nearest neighbours over latent Parquet (through its index when fresh)\n"
               "  index     build the approximate-neighbour index of a latents table (kept with its commit)\n"
+              "  serve     neighbours over HTTP from that index (Ray Serve): of an id, a vector or a new record\n"
               "  neighbours  every record's k nearest neighbours (Ray Data batch job; exact or --index usearch)\n"
               "  evaluate  quality report: ELBO, compression vs PCA, few-label probes\n"
               "  demo      the whole pipeline on bundled data, end to end\n"

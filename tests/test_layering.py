@@ -22,6 +22,7 @@ MAY_IMPORT = {
     "search": {"table", "runtime"},
     "training": {"models", "table", "runtime"},
     "batch": {"search", "models", "table", "runtime"},
+    "serving": {"search", "models", "table", "runtime"},
     "evaluation": {"models", "table", "runtime"},
     "measure": {"evaluation", "batch", "training", "search", "models", "table", "runtime"},
 }

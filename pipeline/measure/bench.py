@@ -295,6 +295,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         from pipeline.measure.bench_whole import bench_query
 
         figures = bench_query(cfg)
+    elif cfg.what == "index":
+        from pipeline.measure.bench_index import bench_index
+
+        figures = bench_index(cfg)
     elif cfg.what == "encode" and cfg.whole_process:
         from pipeline.measure.bench_whole import bench_encode_whole
 
@@ -309,6 +313,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def summary(f: dict[str, Any]) -> str:
+    if f["what"] == "index":
+        from pipeline.measure.bench_index import summary_index
+
+        return summary_index(f)
     if f["what"] == "query":
         return "\n".join([
             f"bench query: {f['records']:,} latents × {f['latent_dim']} in {f['files']} files, k={f['k']}, "

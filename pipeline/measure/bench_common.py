@@ -20,7 +20,7 @@ from pipeline.runtime.errors import ConfigError
 from pipeline.runtime.progress import Progress
 from pipeline.training.train_config import AMPS
 
-WHATS = ("encode", "train", "query")
+WHATS = ("encode", "train", "query", "index")
 DEVICES = ("auto", "cpu", "cuda")
 EXECUTORS = ("ray", "local")   # encode's vaepipe side (in-process bench)
 SCHEMA = pa.schema([("id", pa.int64()), ("label", pa.int64()), ("image", pa.list_(pa.uint8(), 784))])
@@ -54,6 +54,9 @@ class BenchConfig(RuntimeConfig):
     query_ids: int = opt(100, "query: ids in the extra many-ids run of vaepipe query (--ids-file)")
     query_files: int = opt(8, "query: Parquet files the generated latents are written to")
     latent_dim: int = opt(16, "latent size of the benchmark model")
+    seed: int = opt(0, "index: seed of the model, the table's draws and the queries")
+    train_epochs: int = opt(8, "index: epochs of the MNIST model whose posteriors the table is drawn from")
+    lancedb: bool = opt(True, "index: also build and search LanceDB's IVF-PQ on the same vectors")
     hidden: list[int] = opt(help="MLP widths of the benchmark model", factory=lambda: [512, 256])
 
     def __post_init__(self) -> None:
@@ -74,7 +77,7 @@ class BenchConfig(RuntimeConfig):
 
     @property
     def n_repeats(self) -> int:
-        return self.repeats or (3 if self.what == "query" or self.whole_process else 1)
+        return self.repeats or (5 if self.what == "index" else 3 if self.what == "query" or self.whole_process else 1)
 
     @property
     def bs(self) -> int:

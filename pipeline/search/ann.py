@@ -17,6 +17,7 @@ it is checked before anything is opened."""
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 import time
 import uuid
@@ -43,6 +44,8 @@ KINDS = ("ivf-flat",)
 class IndexConfig(WriterConfig):
     latents: str = opt("", "latents folder written by encode/nightly (the index is stored in its control folder)")
     column: str = opt("mu", "latent column")
+    id_column: str = opt("id", "record id column: an integer one is kept in the index (`vaepipe serve` finds "
+                               "neighbours of an id through it)")
     kind: str = opt("ivf-flat", "index kind: ivf-flat (k-means cells, exact distances inside the probed cells)",
                     choices=KINDS)
     lists: int = opt(0, "cells of the index (0: about 4·√rows)")
@@ -122,19 +125,43 @@ def open_index(out: Location, pointer: dict[str, Any]) -> ivf.IVFFlat:
 
 # --- building -------------------------------------------------------------------------------------
 
-def read_vectors(lat: Latents, column: str) -> np.ndarray:
-    """Every row's latent vector, in the table's row order (N, L) float32."""
-    x = None
-    for start, t in lat.blocks([column]):
-        if t.num_rows == 0:
-            continue
-        v = latent_matrix(t.column(column), lat.metadata, lat.loc.uri)
-        if x is None:
-            x = np.empty((lat.rows, v.shape[1]), np.float32)
-        x[start:start + len(v)] = v
-    if x is None:
+def _blocks(lat: Latents, column: str, id_column: str | None = None):
+    """(first row, vectors (n, L) float32, ids or None) of every non-empty block of the table, in row order."""
+    for start, t in lat.blocks([column] + ([id_column] if id_column else [])):
+        if t.num_rows:
+            if id_column and t.column(id_column).null_count:
+                raise InputError(f"latents {lat.loc.uri!r}: id column {id_column!r} has null ids among rows "
+                                 f"{start:,}..{start + t.num_rows - 1:,}; an index keeps integer ids only when all are set")
+            ids = t.column(id_column).to_numpy().astype(np.int64, copy=False) if id_column else None
+            yield start, latent_matrix(t.column(column), lat.metadata, lat.loc.uri), ids
+
+
+def integer_ids(lat: Latents, id_column: str) -> bool:
+    """Whether the table's ids can be kept in the index (an integer column without nulls is assumed;
+    a null found while writing fails the build with a clear error)."""
+    import pyarrow as pa
+
+    return id_column in lat.schema.names and pa.types.is_integer(lat.schema.field(id_column).type)
+
+
+def _gather(lat: Latents, column: str, want: np.ndarray, a: np.ndarray | None = None, c: np.ndarray | None = None,
+            seed: int = 0) -> np.ndarray:
+    """One pass over the table: the vectors of the sorted rows `want`; with `a` and `c`, also the cell
+    of every row still at -1 in `a`, assigned to its nearest centre of `c` on the way."""
+    out, dim = None, None
+    for start, x, _ in _blocks(lat, column):
+        if out is None:
+            dim = x.shape[1]
+            out = np.empty((len(want), dim), np.float32)
+        lo, hi = np.searchsorted(want, [start, start + len(x)])
+        out[lo:hi] = x[want[lo:hi] - start]
+        if a is not None:
+            todo = np.flatnonzero(a[start:start + len(x)] < 0)
+            if len(todo):
+                a[start + todo] = ivf.assign(x[todo], c, seed)
+    if out is None:
         raise InputError(f"latents {lat.loc.uri!r} hold no rows: nothing to index")
-    return x
+    return out
 
 
 def run_ids(lat: Latents) -> list[str]:
@@ -149,54 +176,74 @@ def run_ids(lat: Latents) -> list[str]:
 
 def build_locked(out: Location, lease, cfg: IndexConfig, log=print) -> dict[str, Any]:
     """Build the index of the committed table at `out` while the caller holds its lease; returns
-    the pointer written."""
+    the pointer written. Three streaming passes over the table, so memory holds the cell of each
+    row (4 bytes), the k-means sample and one block, never the table: (1) the k-means sample and the
+    recall queries, (2) every row's cell, (3) rows spilled into cell order (ivf.write_blocks) while
+    the recall queries' exact neighbours are found by the exact scan's search. With `extend`, the
+    current build's cells are kept for the files it covers and pass 1 reads no sample."""
+    from pipeline.search.knn import BlockSearch
     from pipeline.table.parquet_io import list_parquet_files
 
     t0 = time.perf_counter()
     lat = Latents(out, list_parquet_files(out))
     if cfg.column not in lat.schema.names:
         raise InputError(f"latents {out.uri!r} have no column {cfg.column!r}; columns: {lat.schema.names}")
-    x = read_vectors(lat, cfg.column)
-    t_read = time.perf_counter() - t0
-    home = index_home(out)
-    fs = out.fs
+    n = lat.rows
+    if n == 0:
+        raise InputError(f"latents {out.uri!r} hold no rows: nothing to index")
+    home, fs = index_home(out), out.fs
     build = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     folder = posixpath.join(home.path, build)
     files = identity(lat)
+    rng = np.random.default_rng(cfg.seed)
+    own = np.sort(rng.choice(n, min(n, cfg.recall_queries), replace=False))
     kept = previous_cells(out, files, cfg, log) if cfg.extend else None
     if kept is None:
-        c = ivf.train(x, cfg.lists, seed=cfg.seed)
-        a = ivf.assign(x, c, cfg.seed)
+        n_lists = min(n, cfg.lists or max(1, round(4 * math.sqrt(n))))
+        pick = np.sort(rng.choice(n, min(n, ivf.SAMPLE_PER_LIST * n_lists), replace=False))
+        both = np.union1d(pick, own)
+        got = _gather(lat, cfg.column, both)                                             # pass 1
+        c = ivf.kmeans(got[np.searchsorted(both, pick)], n_lists, ivf.KMEANS_ITERS, rng)
+        queries = got[np.searchsorted(both, own)]
+        del got
+        a = np.full(n, -1, np.int32)
         extended = None
     else:
         c, a, extended = kept
-        new = np.flatnonzero(a < 0)
-        a[new] = ivf.assign(x[new], c, cfg.seed)
-        extended["assigned_rows"] = int(len(new))
-    nbytes = ivf.write(fs, folder, x, c, a)
+        extended["assigned_rows"] = int((a < 0).sum())
+    t_train = time.perf_counter() - t0
+    q2 = _gather(lat, cfg.column, own, a, c, cfg.seed)                                   # pass 2
+    queries = q2 if kept is not None else queries
+    t_assign = time.perf_counter() - t0 - t_train
+    k = min(cfg.recall_k, max(1, n - 1))
+    truth = BlockSearch(queries, min(k + 1, n))
+    with_ids = integer_ids(lat, cfg.id_column)
+    nbytes = ivf.write_blocks(fs, folder, _blocks(lat, cfg.column, cfg.id_column if with_ids else None), c, a,
+                              queries.shape[1], on_block=lambda start, x: truth.add(x, start),
+                              with_ids=with_ids)                                        # pass 3
     del a
-    t_build = time.perf_counter() - t0
+    t_write = time.perf_counter() - t0 - t_train - t_assign
     index = ivf.IVFFlat.load(fs, folder)
-    rng = np.random.default_rng(cfg.seed + 1)
-    own = np.sort(rng.choice(len(x), min(len(x), cfg.recall_queries), replace=False))
-    k = min(cfg.recall_k, max(1, len(x) - 1))
-    nprobe, recall, tried = ivf.tune_nprobe(index, x, own, k, cfg.target_recall)
-    pointer = {"format": FORMAT, "kind": cfg.kind, "build": build, "column": cfg.column, "dim": int(x.shape[1]),
-               "rows": int(len(x)), "files": files, "runs": run_ids(lat),
+    nprobe, recall, tried = ivf.tune_nprobe(index, queries, own, truth.result.rows, k, cfg.target_recall)
+    pointer = {"format": FORMAT, "kind": cfg.kind, "build": build, "column": cfg.column, "dim": int(queries.shape[1]),
+               "rows": int(n), "files": files, "runs": run_ids(lat),
+               "id_column": cfg.id_column if with_ids else None,
                "lists": int(index.n_lists), "nprobe": int(nprobe),
                "recall": {"k": k, "queries": int(len(own)), "at_nprobe": round(float(recall), 4),
-                          "tried": {str(n): round(float(r), 4) for n, r in tried.items()}},
+                          "tried": {str(p): round(float(r), 4) for p, r in tried.items()}},
                "extended": extended, "bytes": int(nbytes), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "seconds": {"read": round(t_read, 2), "build": round(t_build - t_read, 2),
-                           "recall": round(time.perf_counter() - t0 - t_build, 2)}}
-    del x, index
+               "seconds": {"sample_and_train": round(t_train, 2), "assign": round(t_assign, 2),
+                           "write": round(t_write, 2),
+                           "recall": round(time.perf_counter() - t0 - t_train - t_assign - t_write, 2)}}
+    del index
     pause_point("index.pointer")
     lease.check()
     write_bytes_atomic(home, posixpath.join(home.path, POINTER), json.dumps(pointer, indent=1).encode())
     sweep(home, keep=build)
-    log(f"index: {pointer['kind']} over {pointer['rows']:,} rows of {out.uri} ({pointer['lists']:,} cells, "
+    log(f"index: {pointer['kind']} over {n:,} rows of {out.uri} ({pointer['lists']:,} cells, "
         f"{nbytes / 2**20:,.1f} MiB) in {time.perf_counter() - t0:.1f} s; recall@{k} {recall:.4f} at nprobe "
-        f"{nprobe} on {len(own)} of its records")
+        f"{nprobe} on {len(own)} of its records" + (f"; kept the cells of {extended['kept_rows']:,} rows"
+                                                      if extended else ""))
     return pointer
 
 

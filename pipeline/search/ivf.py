@@ -13,8 +13,12 @@ Stored as a folder of plain .npy arrays (no pickle), memory-mapped when local. n
 from __future__ import annotations
 
 import math
+import os
 import posixpath
+import shutil
+import tempfile
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -23,7 +27,10 @@ from pipeline.search.knn import BlockSearch, exact_sq
 CHUNK = 65_536        # rows assigned to cells per matrix product
 DIRECT_MAX = 2_048    # above this many cells, rows are assigned through a coarse level first
 SPREAD = 8            # coarse groups whose cells are searched when assigning a row
+SAMPLE_PER_LIST = 64  # k-means trains on up to this many rows per cell
+KMEANS_ITERS = 10
 ARRAYS = ("centroids", "offsets", "rows", "vectors")
+ID_ARRAYS = ("ids", "id_sorted", "id_pos")   # integer record ids: by position, and sorted with their positions
 
 
 @dataclass
@@ -32,6 +39,18 @@ class IVFFlat:
     offsets: np.ndarray     # (C + 1,) int64: cell c holds positions offsets[c]:offsets[c + 1]
     rows: np.ndarray        # (N,) int64 row number in the table of each position
     vectors: np.ndarray     # (N, L) float32 μ in cell order
+    ids: np.ndarray | None = None        # (N,) int64 record id of each position (integer id columns)
+    id_sorted: np.ndarray | None = None  # (N,) the ids sorted …
+    id_pos: np.ndarray | None = None     # (N,) … and the position of each
+
+    def positions_of(self, wanted: np.ndarray) -> np.ndarray:
+        """The position of each wanted id (its first record in id order), -1 where absent."""
+        if self.id_sorted is None:
+            raise ValueError("this index stores no record ids")
+        wanted = np.asarray(wanted, np.int64)
+        i = np.clip(np.searchsorted(self.id_sorted, wanted), 0, max(len(self.id_sorted) - 1, 0))
+        hit = np.asarray(self.id_sorted[i]) == wanted if len(self.id_sorted) else np.zeros(len(wanted), bool)
+        return np.where(hit, np.asarray(self.id_pos[i]), -1)
 
     @property
     def n_lists(self) -> int:
@@ -47,8 +66,10 @@ class IVFFlat:
         from pipeline.table.uris import is_local_fs
 
         arrays = {}
-        for a in ARRAYS:
+        for a in ARRAYS + ID_ARRAYS:
             path = posixpath.join(folder, f"{a}.npy")
+            if a in ID_ARRAYS and not fs.exists(path):
+                continue
             if mmap and is_local_fs(fs):
                 arrays[a] = np.load(path, mmap_mode="r", allow_pickle=False)
             else:
@@ -82,7 +103,8 @@ def kmeans(x: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> np.nd
     return c
 
 
-def train(x: np.ndarray, n_lists: int = 0, iters: int = 10, seed: int = 0, sample_per_list: int = 64) -> np.ndarray:
+def train(x: np.ndarray, n_lists: int = 0, iters: int = KMEANS_ITERS, seed: int = 0,
+          sample_per_list: int = SAMPLE_PER_LIST) -> np.ndarray:
     """Cell centres: k-means on a seeded sample of up to sample_per_list × n_lists rows of x.
     n_lists 0: about 4·√N."""
     n = len(x)
@@ -128,7 +150,8 @@ def layout(a: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]:
     return offsets, order
 
 
-def build(x: np.ndarray, n_lists: int = 0, iters: int = 10, seed: int = 0, sample_per_list: int = 64) -> IVFFlat:
+def build(x: np.ndarray, n_lists: int = 0, iters: int = KMEANS_ITERS, seed: int = 0,
+          sample_per_list: int = SAMPLE_PER_LIST) -> IVFFlat:
     """An index of x (N, L) in memory (train, assign, layout)."""
     x = np.ascontiguousarray(x, np.float32)
     c = train(x, n_lists, iters, seed, sample_per_list)
@@ -136,28 +159,87 @@ def build(x: np.ndarray, n_lists: int = 0, iters: int = 10, seed: int = 0, sampl
     return IVFFlat(c, offsets, order.astype(np.int64), x[order])
 
 
-def write(fs, folder: str, x: np.ndarray, c: np.ndarray, a: np.ndarray, window: int = 1 << 22) -> int:
-    """Store the index of x with centres c and assignment a under `folder` (four .npy files) without
-    a second copy of x in memory: the vectors are gathered into cell order a window at a time.
-    Returns the bytes written."""
-    offsets, order = layout(a, len(c))
-    fs.makedirs(folder, exist_ok=True)
-    total = 0
-    for name, arr in (("centroids", c), ("offsets", offsets)):
+BUCKET_BYTES = 128 << 20   # rows spilled per cell range while a table is streamed into cell order
+
+
+def _header(f, dtype, shape) -> None:
+    np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape})
+
+
+def write_blocks(fs, folder: str, blocks: Iterable[tuple[int, np.ndarray, np.ndarray | None]], c: np.ndarray,
+                 a: np.ndarray, dim: int, on_block: Callable[[int, np.ndarray], None] | None = None,
+                 with_ids: bool = False) -> int:
+    """Store the index of a table streamed as (first row, vectors, integer ids or None) blocks in row
+    order (with_ids: the ids are kept, by position and as a sorted lookup), with centres c
+    and the cell a[row] of every row, in memory that does not grow with the table: each block's
+    rows are spilled to local files by cell range (about BUCKET_BYTES each), then each range is read
+    back, put in cell order (table order inside a cell) and appended to rows.npy / vectors.npy.
+    `on_block` sees every block (the recall's exact search rides the same pass). Returns the bytes written."""
+    n, n_lists = len(a), len(c)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(a, minlength=n_lists))]).astype(np.int64)
+    rec = np.dtype([("cell", "<i4"), ("row", "<i8"), ("v", "<f4", (dim,))] + ([("id", "<i8")] if with_ids else []))
+    nb = int(max(1, min(4096, math.ceil(n * rec.itemsize / BUCKET_BYTES))))
+    # bucket b holds the cells whose first position falls in [b·n/nb, (b+1)·n/nb): whole cells, ~equal rows
+    bucket_of_cell = np.minimum(nb - 1, (offsets[:-1] * nb) // max(n, 1)).astype(np.int32)
+    tmp = tempfile.mkdtemp(prefix="vaepipe-ivf-")
+    try:
+        spill = [open(os.path.join(tmp, f"{b}.bin"), "wb") for b in range(nb)]
+        try:
+            for start, xb, ids in blocks:
+                if on_block is not None:
+                    on_block(start, xb)
+                cells = a[start:start + len(xb)]
+                r = np.empty(len(xb), rec)
+                r["cell"], r["row"], r["v"] = cells, np.arange(start, start + len(xb)), xb
+                if with_ids:
+                    r["id"] = ids
+                bk = bucket_of_cell[cells]
+                order = np.argsort(bk, kind="stable")
+                bounds = np.searchsorted(bk[order], np.arange(nb + 1))
+                for b in np.flatnonzero(np.diff(bounds)):
+                    spill[b].write(r[order[bounds[b]:bounds[b + 1]]].tobytes())
+        finally:
+            for f in spill:
+                f.close()
+        fs.makedirs(folder, exist_ok=True)
+        total = 0
+        for name, arr in (("centroids", c), ("offsets", offsets)):
+            with fs.open(posixpath.join(folder, f"{name}.npy"), "wb") as f:
+                np.save(f, arr)
+            total += arr.nbytes
+        ids_path = os.path.join(tmp, "ids.npy")
+        with fs.open(posixpath.join(folder, "rows.npy"), "wb") as fr, \
+                fs.open(posixpath.join(folder, "vectors.npy"), "wb") as fv, \
+                open(ids_path if with_ids else os.devnull, "wb") as fi:
+            _header(fr, np.int64, (n,))
+            _header(fv, np.float32, (n, dim))
+            if with_ids:
+                _header(fi, np.int64, (n,))
+            for b in range(nb):
+                path = os.path.join(tmp, f"{b}.bin")
+                r = np.fromfile(path, rec)
+                os.remove(path)
+                o = np.argsort(r["cell"], kind="stable")
+                fr.write(np.ascontiguousarray(r["row"][o]).tobytes())
+                fv.write(np.ascontiguousarray(r["v"][o]).tobytes())
+                if with_ids:
+                    fi.write(np.ascontiguousarray(r["id"][o]).tobytes())
+                total += r.nbytes - 4 * len(r)
+        if with_ids:
+            total += _write_id_lookup(fs, folder, ids_path)
+        return total
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_id_lookup(fs, folder: str, ids_path: str) -> int:
+    """ids.npy (by position) into the index, and the sorted lookup (id_sorted, id_pos) beside it."""
+    ids = np.load(ids_path, mmap_mode="r")
+    order = np.argsort(ids, kind="stable")
+    for name, arr in (("ids", ids), ("id_sorted", ids[order]), ("id_pos", order.astype(np.int64))):
         with fs.open(posixpath.join(folder, f"{name}.npy"), "wb") as f:
-            np.save(f, arr)
-        total += arr.nbytes
-    for name, dtype, width, piece in (("rows", np.int64, None, lambda s: order[s].astype(np.int64)),
-                                      ("vectors", np.float32, x.shape[1], lambda s: np.asarray(x[order[s]], np.float32))):
-        shape = (len(order),) if width is None else (len(order), width)
-        with fs.open(posixpath.join(folder, f"{name}.npy"), "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(dtype).str, "fortran_order": False,
-                                                     "shape": shape})
-            for lo in range(0, len(order), window):
-                b = piece(slice(lo, lo + window))
-                f.write(b.tobytes())
-                total += b.nbytes
-    return total
+            np.save(f, np.asarray(arr))
+    return 3 * 8 * len(ids)
 
 
 # --- searching ------------------------------------------------------------------------------------
@@ -177,6 +259,13 @@ def search(index: IVFFlat, queries: np.ndarray, k: int, nprobe: int) -> tuple[np
     """(squared distances (Q, k), table rows (Q, k)) of each query's k nearest among the records of
     its `nprobe` nearest cells, ascending (ties by table row); inf and -1 where fewer than k records
     were looked at."""
+    d, pos = search_positions(index, queries, k, nprobe)
+    return d, np.where(pos >= 0, np.asarray(index.rows)[np.maximum(pos, 0)] if pos.size else pos, -1)
+
+
+def search_positions(index: IVFFlat, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """As `search`, with the index's positions (Q, k) in place of table rows (index.ids[pos] are the
+    records' ids)."""
     q = np.ascontiguousarray(queries, np.float32).reshape(-1, index.centroids.shape[1])
     d_out = np.full((len(q), k), np.inf, np.float32)
     r_out = np.full((len(q), k), -1, np.int64)
@@ -187,11 +276,12 @@ def search(index: IVFFlat, queries: np.ndarray, k: int, nprobe: int) -> tuple[np
         if not spans:
             continue
         vec = np.concatenate([index.vectors[a:b] for a, b in spans])
-        rows = np.concatenate([index.rows[a:b] for a, b in spans])
+        pos = np.concatenate([np.arange(a, b) for a, b in spans])
         d = exact_sq(vec, q[i])
         top = np.argpartition(d, k - 1)[:k] if len(d) > k else np.arange(len(d))
-        top = top[np.lexsort((rows[top], d[top]))]
-        d_out[i, :len(top)], r_out[i, :len(top)] = d[top], rows[top]
+        rows = np.asarray(index.rows[pos[top]])
+        order = np.lexsort((rows, d[top]))
+        d_out[i, :len(top)], r_out[i, :len(top)] = d[top][order], pos[top][order]
     return d_out, r_out
 
 
@@ -222,15 +312,15 @@ def recall_at_k(index: IVFFlat, x: np.ndarray, queries: np.ndarray, k: int, npro
     return hit / (len(queries) * k)
 
 
-def tune_nprobe(index: IVFFlat, x: np.ndarray, own: np.ndarray, k: int, target: float) -> tuple[int, float, dict]:
+def tune_nprobe(index: IVFFlat, queries: np.ndarray, own: np.ndarray, truth: np.ndarray, k: int,
+                target: float) -> tuple[int, float, dict]:
     """The smallest nprobe (1, 2, 4, …) whose recall@k reaches `target`, for queries that are the
-    rows `own` of x: (nprobe, its recall, {nprobe: recall} of every one tried)."""
-    queries = np.asarray(x[own], np.float32)
-    truth = exact_neighbours(x, queries, k + 1)
+    table's rows `own`, against `truth` (their exact k + 1 nearest rows, from exact_neighbours or
+    BlockSearch): (nprobe, its recall, {nprobe: recall} of every one tried)."""
     tried = {}
     nprobe = 1
     while True:
-        tried[nprobe] = recall_at_k(index, x, queries, k, nprobe, truth, own)
+        tried[nprobe] = recall_at_k(index, None, queries, k, nprobe, truth, own)
         if tried[nprobe] >= target or nprobe >= index.n_lists:
             return nprobe, tried[nprobe], tried
         nprobe = min(2 * nprobe, index.n_lists)

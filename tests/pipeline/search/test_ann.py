@@ -163,3 +163,14 @@ def test_the_light_pointer_path_of_a_short_query_is_where_builds_write_it(tmp_pa
     _build(folder, lists=4)
     home = ann.index_home(resolve(folder))
     assert local_index_pointer(folder) == os.path.join(home.path, ann.POINTER) and os.path.exists(local_index_pointer(folder))
+
+
+def test_integer_ids_are_kept_in_the_index_with_a_lookup_by_id(tmp_path, seed):
+    folder, x, ids = _table(tmp_path / "lat", n=5_000)
+    p = _build(folder, lists=30)
+    index = ann.open_index(resolve(folder), p)
+    assert p["id_column"] == "id"
+    pos = index.positions_of(np.array([ids[0], ids[4_999], -5]))
+    assert pos[2] == -1 and [int(index.ids[q]) for q in pos[:2]] == [int(ids[0]), int(ids[4_999])]
+    np.testing.assert_array_equal(index.vectors[pos[0]], x[0])                  # the record's own vector
+    assert sorted(np.asarray(index.ids).tolist()) == sorted(ids.tolist())

@@ -40,13 +40,14 @@ def test_every_row_is_in_exactly_one_cell_and_the_stored_index_maps_back_the_sam
     index = ivf.build(x, seed=seed)
     assert sorted(index.rows.tolist()) == list(range(1_000)) and index.offsets[-1] == 1_000
     fs = fsspec.filesystem("file")
-    c = ivf.train(x, seed=seed)
-    ivf.write(fs, str(tmp_path / "i"), x, c, ivf.assign(x, c), window=100)   # gathered a window at a time
+    c = index.centroids                                  # the same cells: the same arrays expected
+    blocks = lambda: ((lo, x[lo:lo + 64], None) for lo in range(0, len(x), 64))          # a table streamed in blocks
+    ivf.write_blocks(fs, str(tmp_path / "i"), blocks(), c, ivf.assign(x, c), 16)
     back = ivf.IVFFlat.load(fs, str(tmp_path / "i"))
     assert isinstance(back.vectors, np.memmap)                               # local: mapped, not read
     assert all(np.array_equal(getattr(index, f), getattr(back, f)) for f in ivf.ARRAYS)
     mem = fsspec.filesystem("memory")                                        # remote: read into memory
-    ivf.write(mem, "/i", x, c, ivf.assign(x, c))
+    ivf.write_blocks(mem, "/i", blocks(), c, ivf.assign(x, c), 16)
     assert np.array_equal(ivf.IVFFlat.load(mem, "/i").vectors, index.vectors)
 
 
@@ -63,7 +64,8 @@ def test_nprobe_is_the_smallest_power_of_two_reaching_the_target_and_a_query_nev
     x = _mixture(10_000, seed)
     index = ivf.build(x, seed=seed)
     own = np.arange(0, 10_000, 97)
-    nprobe, recall, tried = ivf.tune_nprobe(index, x, own, 10, 0.95)
+    truth = ivf.exact_neighbours(x, x[own], 11)
+    nprobe, recall, tried = ivf.tune_nprobe(index, x[own], own, truth, 10, 0.95)
     assert recall >= 0.95 and tried[nprobe] == recall and all(r < 0.95 for n, r in tried.items() if n < nprobe)
     assert list(tried) == [2 ** i for i in range(len(tried))]
     # with its own row counted, every query would score a free hit: the measured recall is lower

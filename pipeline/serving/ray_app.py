@@ -1,0 +1,92 @@
+"""`vaepipe serve`: the neighbour service (pipeline.serving.service) as a Ray Serve application.
+
+Ray touches it at two points: the deployment class (one NeighbourService per replica, a poller
+thread beside it) and `run_serve` (start Ray and Serve's HTTP proxy, run the app, wait for a
+signal). A replica answers requests on its event loop; a search takes about a millisecond, so
+requests are answered in the order they come, and more replicas (`--replicas`) take more of them at
+once, each holding the index's arrays through the same memory-mapped files."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from dataclasses import dataclass
+
+from pipeline.runtime.config import RuntimeConfig, opt
+from pipeline.runtime.errors import ConfigError
+
+
+@dataclass
+class ServeConfig(RuntimeConfig):
+    latents: str = opt("", "latents folder with an index (`vaepipe index`, or encode/nightly --index)")
+    model: str = opt("", "registered model (models:/NAME@ALIAS) that encodes records sent to /neighbours; "
+                         "empty: ids and vectors only")
+    host: str = opt("127.0.0.1", "address Serve's HTTP proxy listens on (0.0.0.0 in a cluster)")
+    port: int = opt(8000, "HTTP port")
+    replicas: int = opt(1, "service replicas (each a Ray actor holding the index)")
+    poll_s: float = opt(2.0, "seconds between checks for a new index build (and whether the held one is fresh)")
+    storage_options: str = opt("", "fsspec storage options as JSON for the latents' storage")
+
+    def __post_init__(self) -> None:
+        self.require("latents")
+        if not 0 < self.port < 65536 or self.replicas < 1 or self.poll_s <= 0:
+            raise ConfigError(f"port must be in 1..65535, replicas ≥ 1 and poll_s > 0; got {self.port}, "
+                              f"{self.replicas}, {self.poll_s}")
+        try:
+            opts = json.loads(self.storage_options or "{}")
+        except ValueError as e:
+            raise ConfigError(f"storage_options is not JSON: {e}") from None
+        if not isinstance(opts, dict):
+            raise ConfigError("storage_options must be a JSON object")
+
+
+def deployment(replicas: int):
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0})
+    class Neighbours:
+        def __init__(self, latents: str, model: str, tracking_uri: str | None, poll_s: float, storage_options: dict):
+            from pipeline.serving.service import NeighbourService, Poller
+
+            self.service = NeighbourService(latents, model or None, tracking_uri, storage_options)
+            self.poller = Poller(self.service, poll_s)
+
+        async def __call__(self, request):
+            status, payload = self.service.handle(request.method, request.url.path, await request.body())
+            return JSONResponse(payload, status_code=status)
+
+        def check_health(self):   # Serve restarts a replica whose poller died
+            if not self.poller.thread.is_alive():
+                raise RuntimeError("the index poller stopped")
+
+    return Neighbours
+
+
+def run_serve(cfg: ServeConfig, ready=print) -> None:
+    """Start (or join) Ray, start Serve's HTTP proxy on host:port, run the app, and serve until
+    SIGINT or SIGTERM; then shut Serve down."""
+    from ray import serve
+
+    from pipeline.runtime.ray_runtime import init_ray
+
+    init_ray(cfg.ray_address)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    tracking = cfg.resolved_tracking_uri() if cfg.model else None
+    app = deployment(cfg.replicas).bind(os.path.abspath(cfg.latents) if "://" not in cfg.latents else cfg.latents,
+                                        cfg.model, tracking, cfg.poll_s, json.loads(cfg.storage_options or "{}"))
+    from ray.serve.schema import LoggingConfig
+
+    # a line per request in every replica's log (and the driver's terminal) costs more than the search
+    serve.run(app, name="vaepipe-neighbours", route_prefix="/", logging_config=LoggingConfig(enable_access_log=False))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ready(f"serve: neighbours of {cfg.latents} at http://{cfg.host}:{cfg.port}/neighbours "
+          f"({cfg.replicas} replica(s){', records encoded by ' + cfg.model if cfg.model else ''}); "
+          f"GET /healthz; Ctrl-C stops")
+    try:
+        stop.wait()
+    finally:
+        serve.shutdown()

@@ -27,7 +27,7 @@ from pipeline.search.knn import BlockSearch, exact_sq
 CHUNK = 65_536        # rows assigned to cells per matrix product
 DIRECT_MAX = 2_048    # above this many cells, rows are assigned through a coarse level first
 SPREAD = 8            # coarse groups whose cells are searched when assigning a row
-SAMPLE_PER_LIST = 64  # k-means trains on up to this many rows per cell
+SAMPLE_PER_LIST = 32  # k-means trains on up to this many rows per cell
 KMEANS_ITERS = 10
 ARRAYS = ("centroids", "offsets", "rows", "vectors")
 ID_ARRAYS = ("ids", "id_sorted", "id_pos")   # integer record ids: by position, and sorted with their positions
@@ -91,12 +91,12 @@ def _nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:
 
 
 def kmeans(x: np.ndarray, k: int, iters: int, rng: np.random.Generator) -> np.ndarray:
-    """Lloyd's k-means on x, k centres started at distinct rows; an empty cell keeps its centre."""
+    """Lloyd's k-means on x, k centres started at distinct rows; an empty cell keeps its centre.
+    Rows are assigned as `assign` does (two levels above DIRECT_MAX centres)."""
     c = x[rng.choice(len(x), k, replace=False)].astype(np.float32)
     for _ in range(iters):
-        a = _nearest(x, c)
-        sums = np.zeros((k, x.shape[1]), np.float64)
-        np.add.at(sums, a, x)
+        a = assign(x, c, int(rng.integers(1 << 31)))
+        sums = np.stack([np.bincount(a, weights=x[:, j], minlength=k) for j in range(x.shape[1])], 1)
         counts = np.bincount(a, minlength=k)
         full = counts > 0
         c[full] = (sums[full] / counts[full, None]).astype(np.float32)

@@ -64,6 +64,18 @@ def deployment(replicas: int):
     return Neighbours
 
 
+def app(args: dict):
+    """The application builder a Serve config names (`import_path: pipeline.serving.ray_app:app`, as
+    infra/kuberay/rayservice-neighbours.yaml does): `args` holds ServeConfig's fields (latents,
+    model, replicas, poll_s, storage_options, tracking_uri); unknown ones are an error."""
+    args = dict(args or {})
+    tracking = args.pop("tracking_uri", None)
+    cfg = ServeConfig(**args)
+    # no tracking_uri: the replicas' own MLFLOW_TRACKING_URI (every pod of the cluster has it)
+    return deployment(cfg.replicas).bind(cfg.latents, cfg.model, tracking, cfg.poll_s,
+                                         json.loads(cfg.storage_options or "{}"))
+
+
 def run_serve(cfg: ServeConfig, ready=print) -> None:
     """Start (or join) Ray, start Serve's HTTP proxy on host:port, run the app, and serve until
     SIGINT or SIGTERM; then shut Serve down."""

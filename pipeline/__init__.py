@@ -2,5 +2,5 @@
 
 From the ground up (each may import only those listed before it, and `vae`):
 runtime (configs, errors, Ray) → table (locations, Parquet, commits, leases, features) → models (MLflow
-registry) and search (query over latents) → training (Ray Train) and batch (encode, decode, nightly,
-neighbours) → evaluation (quality, bundled data) → measure (benchmarks, protocols) and demo."""
+registry) and search (query and index over latents) → training (Ray Train), batch (encode, decode,
+nightly, neighbours) and serving (neighbours over HTTP) → evaluation (quality, bundled data) → measure (benchmarks, protocols) and demo."""

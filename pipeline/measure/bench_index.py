@@ -19,10 +19,14 @@ Figures
             index check, search, winners' columns read): median of `--repeats`; `vaepipe query --exact`
             and DuckDB's brute-force SQL on the same vector once each (their answers are checked
             against each other).
+  service   `vaepipe serve --latents T` as a process (its own local Ray, one replica): a client on a
+            kept-alive HTTP connection sends 1,000 vector requests one after another (p50 / p99 of
+            each request's round trip), then 4 clients at once send 250 each.
   lancedb   the same vectors in a Lance table; IVF-PQ (√N partitions, 8 sub-vectors of 2 dims),
-            searched with nprobes 8…256 and refine_factor 10 (exact re-ranking of 100 candidates):
-            build wall and, per setting, recall@10 on the same fresh draws and p50 latency. `matched`
-            is the fastest setting whose recall is at least the index's."""
+            searched with nprobes 8, 32, 128 and refine_factor 10, 50 (exact re-ranking of 10·k or
+            50·k candidates): build wall and, per setting, recall@10 on the same fresh draws and p50
+            latency. `matched`: for each of its settings, vaepipe's fastest nprobe with at least its
+            recall, and the ratio of their p50s."""
 from __future__ import annotations
 
 import json
@@ -47,7 +51,7 @@ from pipeline.table.uris import resolve
 DIM = 16
 QUERIES = 200
 LATENCY_QUERIES = 1_000
-LANCE_NPROBES = (8, 16, 32, 64, 128, 256)
+LANCE_SETTINGS = ((8, 10), (32, 10), (128, 10), (8, 50), (32, 50), (128, 50))   # (nprobes, refine_factor)
 
 
 # --- the table: draws from a real model's posteriors ------------------------------------------------
@@ -153,23 +157,35 @@ def percentiles(walls: list[float]) -> dict[str, float]:
 # --- the sides ------------------------------------------------------------------------------------------
 
 def in_process(folder: str, queries: np.ndarray, truth: np.ndarray, k: int) -> dict[str, Any]:
-    """Recall and per-query latency of the stored index, opened as a query opens it."""
+    """Recall and per-query latency of the stored index, opened as a query opens it: at the nprobe
+    the build chose (1,000 timed queries) and at 1, 2, 4, … cells (200 each) for the recall curve."""
     from pipeline.search import ann
 
     loc = resolve(folder)
     pointer = ann.read_pointer(loc)
     index = ann.open_index(loc, pointer)
+
+    def timed(nprobe: int, n: int) -> dict[str, float]:
+        rng = np.random.default_rng(5)
+        walls = []
+        for i in range(50 + n):
+            q = queries[rng.integers(0, len(queries))] + rng.normal(0, 0.01, DIM).astype(np.float32)
+            t0 = time.perf_counter()
+            ivf.search(index, q[None], k, nprobe)
+            if i >= 50:
+                walls.append(time.perf_counter() - t0)
+        return percentiles(walls)
+
+    curve = []
+    nprobe = 1
+    while nprobe <= min(64, pointer["lists"]):
+        _, got = ivf.search(index, queries, k, nprobe)
+        curve.append({"nprobe": nprobe, "recall_at_10": round(recall(got, truth, k), 4), **timed(nprobe, 200)})
+        nprobe *= 2
     _, got = ivf.search(index, queries, k, pointer["nprobe"])
-    rng = np.random.default_rng(5)
-    walls = []
-    for i in range(50 + LATENCY_QUERIES):
-        q = queries[rng.integers(0, len(queries))] + rng.normal(0, 0.01, DIM).astype(np.float32)
-        t0 = time.perf_counter()
-        ivf.search(index, q[None], k, pointer["nprobe"])
-        if i >= 50:
-            walls.append(time.perf_counter() - t0)
     return {"recall_at_10": round(recall(got, truth, k), 4), "nprobe": pointer["nprobe"], "lists": pointer["lists"],
-            "recall_at_build": pointer["recall"]["at_nprobe"], "index_bytes": pointer["bytes"], **percentiles(walls)}
+            "recall_at_build": pointer["recall"]["at_nprobe"], "index_bytes": pointer["bytes"],
+            "build_seconds": pointer["seconds"], **timed(pointer["nprobe"], LATENCY_QUERIES), "curve": curve}
 
 
 DUCKDB_VECTOR = r"""
@@ -206,7 +222,78 @@ def processes(folder: str, queries: np.ndarray, k: int, repeats: int) -> dict[st
             "exact_query_s": round(exact["wall"], 3), "duckdb_s": round(duck["wall"], 3)}
 
 
-def lancedb_side(folder: str, queries: np.ndarray, truth: np.ndarray, k: int, target: float) -> dict[str, Any]:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_side(folder: str, queries: np.ndarray, k: int, clients: int = 4) -> dict[str, Any]:
+    """`vaepipe serve` as a process (its own local Ray): per-request latency over HTTP, one client on
+    a kept-alive connection (1,000 requests after 50 warm-up ones), then `clients` clients at once."""
+    import http.client
+    import signal
+    import subprocess
+    import threading
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([*vaepipe_command(), "serve", "--latents", folder, "--port", str(port),
+                             "--ray-address", "local"], env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.perf_counter()
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.perf_counter() - t0 > 300:
+                raise RuntimeError("bench index: vaepipe serve did not become ready")
+            time.sleep(0.5)
+        ready_s = time.perf_counter() - t0
+
+        def run(n: int, seed: int, walls: list) -> None:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            rng = np.random.default_rng(seed)
+            for i in range(n):
+                body = json.dumps({"vector": queries[rng.integers(0, len(queries))].tolist(), "k": k})
+                t = time.perf_counter()
+                c.request("POST", "/neighbours", body=body, headers={"Content-Type": "application/json"})
+                r = c.getresponse()
+                r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"bench index: the service answered {r.status}")
+                walls.append(time.perf_counter() - t)
+            c.close()
+
+        run(50, 0, [])
+        one: list[float] = []
+        run(LATENCY_QUERIES, 1, one)
+        many: list[list[float]] = [[] for _ in range(clients)]
+        threads = [threading.Thread(target=run, args=(250, 10 + i, many[i])) for i in range(clients)]
+        t1 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t1
+        flat = [w for m in many for w in m]
+        return {"ready_s": round(ready_s, 1), "one_client": percentiles(one),
+                f"{clients}_clients": {**percentiles(flat), "requests_per_s": round(len(flat) / wall, 1)}}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def lancedb_side(folder: str, queries: np.ndarray, truth: np.ndarray, k: int) -> dict[str, Any]:
     """LanceDB IVF-PQ on the same vectors: build wall, then recall@k and p50 per nprobes setting."""
     os.environ.setdefault("LANCE_LOG", "error")   # its per-search deprecation warnings otherwise fill the output
     try:
@@ -236,10 +323,10 @@ def lancedb_side(folder: str, queries: np.ndarray, truth: np.ndarray, k: int, ta
     table.create_index(metric="l2", num_partitions=parts, num_sub_vectors=8, vector_column_name="vector")
     t_index = time.perf_counter() - t0
     settings = []
-    for nprobes in LANCE_NPROBES:
+    for nprobes, refine in LANCE_SETTINGS:
         if nprobes > parts:
-            break
-        search = lambda q: (table.search(q).metric("l2").nprobes(nprobes).refine_factor(10).limit(k)
+            continue
+        search = lambda q: (table.search(q).metric("l2").nprobes(nprobes).refine_factor(refine).limit(k)
                             .select(["id"]).to_arrow().column("id").to_numpy())
         got = np.stack([search(q) for q in queries])
         walls = []
@@ -247,11 +334,21 @@ def lancedb_side(folder: str, queries: np.ndarray, truth: np.ndarray, k: int, ta
             t0 = time.perf_counter()
             search(q)
             walls.append(time.perf_counter() - t0)
-        settings.append({"nprobes": nprobes, "recall_at_10": round(recall(got, truth, k), 4), **percentiles(walls)})
-    ok = [s for s in settings if s["recall_at_10"] >= target]
+        settings.append({"nprobes": nprobes, "refine_factor": refine, "recall_at_10": round(recall(got, truth, k), 4),
+                         **percentiles(walls)})
     return {"version": lancedb.__version__, "load_s": round(t_load, 1), "index_s": round(t_index, 1),
-            "partitions": parts, "sub_vectors": 8, "settings": settings,
-            "matched": min(ok, key=lambda s: s["p50_ms"]) if ok else None}
+            "partitions": parts, "sub_vectors": 8, "settings": settings}
+
+
+def matched(curve: list[dict], settings: list[dict]) -> list[dict]:
+    """For each LanceDB setting, vaepipe's fastest nprobe whose recall is at least as high."""
+    out = []
+    for s in settings:
+        ours = [c for c in curve if c["recall_at_10"] >= s["recall_at_10"]]
+        if ours:
+            best = min(ours, key=lambda c: c["p50_ms"])
+            out.append({"lancedb": s, "vaepipe": best, "lancedb_over_vaepipe_p50": round(s["p50_ms"] / best["p50_ms"], 1)})
+    return out
 
 
 # --- the run ----------------------------------------------------------------------------------------------
@@ -264,16 +361,19 @@ def bench_index(cfg) -> dict[str, Any]:
     k = cfg.k
     queries = fresh_queries(folder, cfg.seed)
     truth, exact_wall = exact_rows(folder, queries, k)
-    build = timed_run([*vaepipe_command(), "index", "--latents", folder], child_env())
+    build = timed_run([*vaepipe_command(), "index", "--latents", folder, "--no-extend"], child_env())   # from scratch
     load_before = load_avg()
     proc = in_process(folder, queries, truth, k)
     whole = processes(folder, queries, k, cfg.n_repeats)
-    lance = lancedb_side(folder, queries, truth, k, proc["recall_at_10"]) if cfg.lancedb else {"skipped": "--no-lancedb"}
+    service = service_side(folder, queries, k)
+    lance = lancedb_side(folder, queries, truth, k) if cfg.lancedb else {"skipped": "--no-lancedb"}
+    if "settings" in lance:
+        lance["matched"] = matched(proc["curve"], lance["settings"])
     return {"what": "index", "records": cfg.records, "dim": DIM, "k": k, "table": made,
             "exact_scan_in_process_s_for_200": round(exact_wall, 2),
             "build": {"wall_s": round(build["wall"], 1), "peak_mb": build["own_peak_mb"],
                       "stdout": build["stdout"].strip().splitlines()[-1:]},
-            "index": proc, "processes": whole, "lancedb": lance,
+            "index": proc, "processes": whole, "service": service, "lancedb": lance,
             "load_avg_before": load_before, "load_avg_after": load_avg()}
 
 
@@ -284,20 +384,29 @@ def summary_index(f: dict[str, Any]) -> str:
              f"index {i['index_bytes'] / 2**20:,.0f} MiB, {i['lists']:,} cells",
              f"  recall@{f['k']} on 200 fresh draws: {i['recall_at_10']:.4f} at nprobe {i['nprobe']} "
              f"(measured at build on its own records: {i['recall_at_build']:.4f})",
-             f"  in-process latency per query: p50 {i['p50_ms']:.2f} ms, p99 {i['p99_ms']:.2f} ms",
+             f"  in-process latency per query: p50 {i['p50_ms']:.2f} ms, p99 {i['p99_ms']:.2f} ms; build phases (s): "
+             f"{i['build_seconds']}",
+             "  recall / p50 by nprobe: " + ", ".join(f"{c['nprobe']}: {c['recall_at_10']:.4f} / {c['p50_ms']:.2f} ms"
+                                                      for c in i["curve"]),
              f"  whole `vaepipe query` process: {p['index_query_s']:.3f} s through the index "
              f"(peak {p['index_query_peak_mb']:,.0f} MiB); --exact {p['exact_query_s']:.2f} s; "
              f"DuckDB SQL {p['duckdb_s']:.2f} s"]
+    sv = f["service"]
+    many = next(v for key, v in sv.items() if key.endswith("_clients"))
+    lines.append(f"  service (vaepipe serve over HTTP, one client): p50 {sv['one_client']['p50_ms']:.2f} ms, "
+                 f"p99 {sv['one_client']['p99_ms']:.2f} ms; 4 clients: p50 {many['p50_ms']:.2f} ms, p99 "
+                 f"{many['p99_ms']:.2f} ms, {many['requests_per_s']:,.0f} requests/s (ready in {sv['ready_s']:.0f} s)")
     if "skipped" in lance:
         lines.append(f"  lancedb: skipped ({lance['skipped']})")
     else:
         lines.append(f"  lancedb {lance['version']} IVF-PQ ({lance['partitions']:,} partitions, {lance['sub_vectors']} "
                      f"sub-vectors): load {lance['load_s']:.1f} s + index {lance['index_s']:.1f} s")
         for s in lance["settings"]:
-            lines.append(f"    nprobes {s['nprobes']:>4}: recall@10 {s['recall_at_10']:.4f}, p50 {s['p50_ms']:.2f} ms, "
-                         f"p99 {s['p99_ms']:.2f} ms")
-        m = lance["matched"]
-        lines.append(f"  at equal recall (≥ {i['recall_at_10']:.4f}): vaepipe p50 {i['p50_ms']:.2f} ms, LanceDB "
-                     + (f"p50 {m['p50_ms']:.2f} ms (nprobes {m['nprobes']}): {m['p50_ms'] / i['p50_ms']:.1f}× slower"
-                        if m else "never reached that recall in the settings tried"))
+            lines.append(f"    nprobes {s['nprobes']:>4}, refine {s['refine_factor']:>2}: recall@10 {s['recall_at_10']:.4f}, "
+                         f"p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms")
+        for m in lance["matched"]:
+            lines.append(f"  at recall ≥ {m['lancedb']['recall_at_10']:.4f}: vaepipe nprobe {m['vaepipe']['nprobe']} p50 "
+                         f"{m['vaepipe']['p50_ms']:.2f} ms, LanceDB (nprobes {m['lancedb']['nprobes']}, refine "
+                         f"{m['lancedb']['refine_factor']}) {m['lancedb']['p50_ms']:.2f} ms: "
+                         f"{m['lancedb_over_vaepipe_p50']:.1f}× vaepipe's")
     return "\n".join(lines)

@@ -5,10 +5,10 @@ Kubernetes objects (Deployment, Service, CronJob, NetworkPolicy…): the JSON sc
 misspelt field is an error, where `kubectl apply` may drop it), for every version in K8S_VERSIONS:
 the oldest Kubernetes that infra/README.md supports and the newest the package ships.
 
-KubeRay objects (ray.io/v1 RayCluster, RayJob): no PyPI package ships KubeRay's CRD schemas, and
-we commit no content copied from public repositories, so this file holds a minimal hand-written
-schema of the ray.io/v1 fields our manifests use, each checked by hand against the CRDs of
-KUBERAY_VERSION (the release infra/README.md names) for existence and type. Everything Kubernetes
+KubeRay objects (ray.io/v1 RayCluster, RayJob, RayService): no PyPI package ships KubeRay's CRD
+schemas, and we commit no content copied from public repositories, so this file holds a minimal
+hand-written schema of the ray.io/v1 fields our manifests use, each checked by hand against the CRDs
+of KUBERAY_VERSION (the release infra/README.md names) for existence and type. Everything Kubernetes
 inside them (the pod templates, the autoscaler's securityContext, env and volume mounts, object
 metadata) is validated against the real Kubernetes definitions from kubernetes-validate. Like the
 CRDs' structural schemas, which prune unknown fields silently, it allows no other fields.
@@ -80,6 +80,11 @@ RAY_JOB_SPEC = obj(entrypoint=STR, runtimeEnvYAML=STR, rayClusterSpec=RAY_CLUSTE
                    shutdownAfterJobFinishes=BOOL, ttlSecondsAfterFinished=NONNEG, activeDeadlineSeconds=NONNEG,
                    suspend=BOOL, submissionMode={"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
                    submitterPodTemplate=k8s("core.v1.PodTemplateSpec"))
+# serveConfigV2 is Ray Serve's config as a YAML string (test_manifests.py parses and checks it);
+# upgradeStrategy.type is a free string in the CRD, these three the operator's validation accepts.
+RAY_SERVICE_SPEC = obj(("rayClusterConfig",), serveConfigV2=STR, rayClusterConfig=RAY_CLUSTER_SPEC,
+                       upgradeStrategy=obj(type={"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]}),
+                       excludeHeadPodFromServeSvc=BOOL, rayClusterDeletionDelaySeconds=NONNEG, suspend=BOOL)
 
 
 def _custom_resource(kind: str, spec: Schema) -> Schema:
@@ -90,6 +95,7 @@ def _custom_resource(kind: str, spec: Schema) -> Schema:
 KUBERAY: dict[tuple[str, str], Schema] = {
     ("ray.io/v1", "RayCluster"): _custom_resource("RayCluster", RAY_CLUSTER_SPEC),
     ("ray.io/v1", "RayJob"): _custom_resource("RayJob", RAY_JOB_SPEC),
+    ("ray.io/v1", "RayService"): _custom_resource("RayService", RAY_SERVICE_SPEC),
 }
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import configparser
 import copy
+import dataclasses
 import importlib
+import json
 import re
 import shlex
 import tomllib
@@ -52,10 +54,11 @@ def one(kind: str, name: str) -> dict:
 
 
 def ray_cluster_specs() -> list[tuple[str, dict]]:
-    """The RayCluster's spec and every RayJob's rayClusterSpec."""
+    """The RayCluster's spec, every RayJob's rayClusterSpec and every RayService's rayClusterConfig."""
     specs = [(f"RayCluster {d['metadata']['name']}", d["spec"]) for d in of_kind("RayCluster")]
     specs += [(f"RayJob {d['metadata'].get('name') or d['metadata']['generateName']}", d["spec"]["rayClusterSpec"])
               for d in of_kind("RayJob") if "rayClusterSpec" in d["spec"]]
+    specs += [(f"RayService {d['metadata']['name']}", d["spec"]["rayClusterConfig"]) for d in of_kind("RayService")]
     return specs
 
 
@@ -74,6 +77,8 @@ def pod_templates(doc: dict) -> list[dict]:
     if kind == "RayJob":
         cluster = ray_pod_templates(spec["rayClusterSpec"]) if "rayClusterSpec" in spec else []
         return cluster + ([spec["submitterPodTemplate"]] if "submitterPodTemplate" in spec else [])
+    if kind == "RayService":
+        return ray_pod_templates(spec["rayClusterConfig"])
     return []
 
 
@@ -139,8 +144,9 @@ CONFIG_REF = re.compile(r"configs/[\w.-]+\.ya?ml")
 def test_infra_has_the_expected_manifests():
     names = {str(p.relative_to(INFRA)) for p in MANIFEST_FILES}
     assert {"kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml", "kuberay/nightly-cronjob.yaml",
-            "kuberay/network-policies.yaml", "mlflow/mlflow.yaml"} <= names
-    assert {d["kind"] for _, _, d in DOCS} >= {"RayCluster", "RayJob", "CronJob", "Deployment", "Service", "NetworkPolicy"}
+            "kuberay/rayservice-neighbours.yaml", "kuberay/network-policies.yaml", "mlflow/mlflow.yaml"} <= names
+    assert {d["kind"] for _, _, d in DOCS} >= {"RayCluster", "RayJob", "RayService", "CronJob", "Deployment", "Service",
+                                               "NetworkPolicy"}
 
 
 @pytest.mark.parametrize("kind", sorted(k for _, k in schemas.KUBERAY))
@@ -164,7 +170,8 @@ def test_manifest_matches_its_schema(item, version):
 @pytest.mark.parametrize("version", schemas.K8S_VERSIONS)
 def test_every_pod_template_is_a_kubernetes_podtemplatespec(version):
     templates = all_pod_templates()
-    assert len(templates) >= 9          # mlflow, cronjob, 3 in the RayCluster, 3 + submitter in the RayJob
+    assert len(templates) >= 11         # mlflow, cronjob, 3 in the RayCluster, 3 + submitter in the RayJob,
+                                        # 2 in the RayService
     for t in templates:
         assert schemas.pod_template_errors(t, version) == [], t["metadata"]
 
@@ -191,6 +198,14 @@ BREAKAGES = {
                                                  .pop("mountPath"), "mountPath"),
     "submitter env valueFrom typo": ("RayJob", lambda s: _rename(s["submitterPodTemplate"]["spec"]["containers"][0]["env"][1],
                                                                  "valueFrom", "valueFom"), "valueFom"),
+    "upgradeStrategy type Newcluster": ("RayService", lambda s: s["upgradeStrategy"].update({"type": "Newcluster"}),
+                                        "Newcluster"),
+    "rayClusterSpec in a RayService (the RayJob's name)": ("RayService", lambda s: _rename(s, "rayClusterConfig", "rayClusterSpec"),
+                                                           "rayClusterSpec"),
+    "serveConfigV2 as a mapping": ("RayService", lambda s: s.update({"serveConfigV2": yaml.safe_load(s["serveConfigV2"])}),
+                                   "serveConfigV2"),
+    "serve port as a string": ("RayService", lambda s: s["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+                               ["containers"][0]["ports"].append({"name": "serve2", "containerPort": "8001"}), "8001"),
     "env value int": ("Deployment", lambda s: s["template"]["spec"]["containers"][0]["env"].append({"name": "PORT", "value": 5000}), "5000"),
     "imagePulPolicy (typo)": ("Deployment", lambda s: _rename(s["template"]["spec"]["containers"][0], "imagePullPolicy", "imagePulPolicy"),
                               "imagePulPolicy"),
@@ -215,7 +230,7 @@ def test_schema_rejects_a_broken_manifest(kind, breakage, expected, version):
 API_ENUMS = {
     "imagePullPolicy": {"Always", "IfNotPresent", "Never"}, "restartPolicy": {"Always", "OnFailure", "Never"},
     "concurrencyPolicy": {"Allow", "Forbid", "Replace"}, "protocol": {"TCP", "UDP", "SCTP"},
-    "serviceType": {"ClusterIP"}, "type": {"ClusterIP", "Recreate", "RollingUpdate", "RuntimeDefault"},
+    "serviceType": {"ClusterIP"}, "type": {"ClusterIP", "Recreate", "RollingUpdate", "RuntimeDefault", "NewCluster"},
 }
 RESOURCE_NAMES = {"cpu", "memory", "ephemeral-storage", "nvidia.com/gpu"}
 
@@ -274,6 +289,10 @@ def gpu_limit(template: dict) -> int:
 def test_gpu_group_requests_gpus_and_cpu_groups_do_not():
     for where, spec in ray_cluster_specs():
         by_name = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+        if where.startswith("RayService"):   # the neighbour service searches on CPUs: no GPU anywhere
+            assert set(by_name) == {"cpu"}, f"{where}: {sorted(by_name)}"
+            assert all(gpu_limit(t) == 0 for t in ray_pod_templates(spec)), where
+            continue
         assert "gpu" in by_name and "cpu" in by_name, f"{where}: {sorted(by_name)}"
         gpu = by_name["gpu"]["template"]
         assert gpu_limit(gpu) >= 1, f"{where}: the gpu group must set limits nvidia.com/gpu"
@@ -431,7 +450,7 @@ def test_ray_pods_reach_mlflow_through_its_service_with_the_same_env():
     svc = one("Service", "mlflow")
     uri = f"http://{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:{svc['spec']['ports'][0]['port']}"
     envs = [c.get("env") for _, spec in ray_cluster_specs() for t in ray_pod_templates(spec) for c in containers(t)]
-    assert len(envs) >= 6 and all(e == envs[0] for e in envs), "every Ray container gets the same env"
+    assert len(envs) >= 8 and all(e == envs[0] for e in envs), "every Ray container gets the same env"
     e = {v["name"]: v for v in envs[0]}
     assert e["MLFLOW_TRACKING_URI"]["value"] == uri
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -518,6 +537,144 @@ def test_every_pod_has_an_egress_policy_with_dns_and_listed_ports():
          "ports": [{"protocol": "TCP", "port": 8265}]}]
 
 
+# --- the neighbour service (RayService) -----------------------------------------------------------
+
+SERVE_PORT = 8000
+NEIGHBOURS_CLIENT = {"app.kubernetes.io/component": "neighbours-client"}
+
+
+def rayservice() -> dict:
+    return one("RayService", "vaepipe-neighbours")
+
+
+def serve_config() -> dict:
+    return yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+
+
+def serve_app() -> dict:
+    [app] = serve_config()["applications"]
+    return app
+
+
+def cpus(quantity: str | int) -> float:
+    q = str(quantity)
+    return int(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def nightly_config():
+    """The nightly CronJob's `python -m jobs.nightly …`, parsed with the job's own flags."""
+    from jobs.cli import parse_config
+    from jobs.nightly import Config
+
+    [(_, _, argv)] = [(w, j, a) for w, j, a in job_command_lines() if w.startswith("nightly-cronjob.yaml")]
+    return parse_config(Config, argv, prog="vaepipe nightly")
+
+
+def test_serve_config_is_yaml_that_ray_serve_accepts():
+    from ray.serve.schema import (DeploymentSchema, HTTPOptionsSchema, LoggingConfig, RayActorOptionsSchema,
+                                  ServeApplicationSchema, ServeDeploySchema)
+
+    config = serve_config()
+    assert isinstance(config, dict)
+    ServeDeploySchema.model_validate(config)       # Ray Serve's own schema: types, import_path's form
+    # It ignores unknown fields, as Serve does (a misspelt one would be dropped silently): none allowed
+    assert set(config) <= set(ServeDeploySchema.model_fields)
+    assert set(config["http_options"]) <= set(HTTPOptionsSchema.model_fields)
+    for app in config["applications"]:
+        assert set(app) <= set(ServeApplicationSchema.model_fields), app["name"]
+        assert set(app.get("logging_config", {})) <= set(LoggingConfig.model_fields)
+        for d in app.get("deployments", []):
+            assert set(d) <= set(DeploymentSchema.model_fields), d["name"]
+            assert set(d.get("ray_actor_options", {})) <= set(RayActorOptionsSchema.model_fields), d["name"]
+    assert config["http_options"] == {"host": "0.0.0.0", "port": SERVE_PORT}
+    app = serve_app()
+    assert (app["name"], app["route_prefix"]) == ("vaepipe-neighbours", "/")
+    assert rayservice()["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
+
+
+def test_serve_app_is_built_by_the_repos_builder_from_its_args():
+    """The import_path names a module and attribute of the image (the repo), and the builder takes
+    the args: ServeConfig checks them and the Serve application is built, without starting Ray."""
+    import ray
+    from ray.serve import Application
+
+    from pipeline.serving.ray_app import ServeConfig
+
+    app = serve_app()
+    module, _, attr = app["import_path"].partition(":")
+    assert module and attr, app["import_path"]
+    builder = getattr(importlib.import_module(module), attr)
+    assert builder.__module__ == "pipeline.serving.ray_app"
+    args = app["args"]
+    # ServeConfig's fields, less those the cluster decides: the proxy's host and port (http_options),
+    # the tracking URI (MLFLOW_TRACKING_URI on every pod), the Ray address and work folder
+    assert set(args) <= {f.name for f in dataclasses.fields(ServeConfig)} - {
+        "host", "port", "tracking_uri", "ray_address", "workdir"}, sorted(args)
+    built = builder(args)
+    assert isinstance(built, Application) and not ray.is_initialized()
+    # the deployments the config tunes are the application's (Serve refuses a name it doesn't have),
+    # and their replica count is the one the args give
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert set(deployments) == {built._bound_deployment.name}
+    assert deployments[built._bound_deployment.name]["num_replicas"] == args["replicas"]
+
+
+def test_serve_app_reads_what_the_nightly_writes(monkeypatch):
+    monkeypatch.chdir(REPO)                        # the image's WORKDIR /app is the repo root
+    nightly, args = nightly_config(), serve_app()["args"]
+    assert args["latents"] == nightly.output == "s3://vaepipe-data/latents/"
+    assert nightly.index == "ivf-flat"             # each night's commits get the index the replicas poll
+    assert args["model"] == nightly.model          # the model that encoded the table encodes the queries
+    assert json.loads(args.get("storage_options") or "{}") == json.loads(nightly.storage_options or "{}")
+    assert args["poll_s"] > 0
+
+
+def test_serve_port_is_the_heads_and_replicas_run_on_workers():
+    spec = rayservice()["spec"]
+    cluster = spec["rayClusterConfig"]
+    [head] = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    # KubeRay's serve Service and its probes use the head container's port named "serve"
+    assert {"name": "serve", "containerPort": SERVE_PORT} in head["ports"]
+    assert serve_config()["http_options"]["port"] == SERVE_PORT
+    # The head serves no traffic and KubeRay doesn't probe its proxy (which would take an ingress
+    # rule for the operator on 8000); so every replica must run on a worker, behind that worker's
+    # proxy: it asks for CPUs, and the head has none.
+    assert spec["excludeHeadPodFromServeSvc"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    deployments = serve_app()["deployments"]
+    assert all(d["ray_actor_options"]["num_cpus"] > 0 for d in deployments)
+    needed = sum(d["num_replicas"] * d["ray_actor_options"]["num_cpus"] for d in deployments)
+    groups = cluster["workerGroupSpecs"]
+
+    def worker_cpus(g: dict) -> float:
+        [c] = g["template"]["spec"]["containers"]
+        return cpus(c["resources"]["limits"]["cpu"])
+
+    assert sum(g["minReplicas"] * worker_cpus(g) for g in groups) >= needed, "the smallest cluster holds every replica"
+
+
+def test_serve_port_is_reachable_only_from_neighbours_clients_of_this_namespace():
+    np = one("NetworkPolicy", "neighbours-ingress")
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+    service_pods = ray_pod_templates(rayservice()["spec"]["rayClusterConfig"])
+    assert all(_selects(np, t) for t in service_pods)
+    # the service's pods only: not the RayCluster's, a RayJob's or MLflow's
+    assert not [t for t in all_pod_templates() if _selects(np, t) and not any(t is s for s in service_pods)]
+    client_rule = {"from": [{"podSelector": {"matchLabels": NEIGHBOURS_CLIENT}}],
+                   "ports": [{"protocol": "TCP", "port": SERVE_PORT}]}
+    assert np["spec"]["ingress"] == [client_rule]    # a podSelector alone: this namespace only
+    # nothing else opens 8000 on the service's pods, but Ray nodes among themselves (every port)
+    node_rule = {"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/component": "ray-node"}}}]}
+    for other in of_kind("NetworkPolicy"):
+        if any(_selects(other, t) for t in service_pods):
+            for rule in other["spec"].get("ingress", []):
+                if "ports" not in rule or any(p["port"] == SERVE_PORT for p in rule["ports"]):
+                    assert rule in (node_rule, client_rule), (other["metadata"]["name"], rule)
+    # and no pod of ours is a client: whoever deploys one labels it
+    assert all(component(t) != NEIGHBOURS_CLIENT["app.kubernetes.io/component"] for t in all_pod_templates())
+    assert "app.kubernetes.io/component: neighbours-client" in README
+
+
 # --- lock-down: pods --------------------------------------------------------------------------------
 
 # Containers allowed a writable root filesystem, with the reason. None today: every image write goes
@@ -541,7 +698,7 @@ def security_contexts() -> list[tuple[str, dict, dict]]:
 
 def test_every_container_is_non_root_unprivileged_with_a_read_only_root():
     checked = security_contexts()
-    assert len(checked) >= 11
+    assert len(checked) >= 14           # a container per pod template (11) and the 3 clusters' autoscalers
     for where, pod, ctr in checked:
         assert ctr.get("runAsNonRoot", pod.get("runAsNonRoot")) is True, where
         assert ctr.get("runAsUser", pod.get("runAsUser")) == 10001, where     # the image's USER
@@ -593,7 +750,7 @@ def test_ray_token_auth_on_every_ray_pod_and_submitter():
         assert spec["authOptions"] == {"mode": "token", "secretName": name}, where
     ray_containers = [c for t in ray_node_templates() for c in t["spec"]["containers"]]
     submitters = [c for t in job_pod_templates() for c in t["spec"]["containers"]]
-    assert len(ray_containers) >= 6 and len(submitters) >= 2
+    assert len(ray_containers) >= 8 and len(submitters) >= 2    # RayCluster 3, RayJob 3, RayService 2
     for c in ray_containers + submitters:
         e = env(c)
         assert e["RAY_AUTH_MODE"] == {"name": "RAY_AUTH_MODE", "value": "token"}, c["name"]
@@ -608,6 +765,7 @@ def test_no_credentials_on_a_command_line():
     """The Ray dashboard shows every job's entrypoint to whoever can read it: credentials go through
     the pods' environment (Secrets), never into an entrypoint, a `ray job submit` or a runtime env."""
     lines = [d["spec"]["entrypoint"] for d in of_kind("RayJob")] + [d["spec"].get("runtimeEnvYAML", "") for d in of_kind("RayJob")]
+    lines += [d["spec"]["serveConfigV2"] for d in of_kind("RayService")]    # the dashboard's Serve page shows it
     lines += [a for t in all_pod_templates() for c in containers(t) for a in c.get("command", []) + c.get("args", [])]
     lines += [w for _, _, argv in job_command_lines() for w in argv]
     for text in lines:
@@ -774,8 +932,9 @@ def test_readme_covers_deploy_order_local_server_and_every_file():
             assert str(path.relative_to(INFRA)) in README, f"infra/README.md does not mention {path.relative_to(INFRA)}"
     order = [README.index(f"-f infra/{f}") for f in
              ("mlflow/mlflow.yaml", "kuberay/network-policies.yaml", "kuberay/raycluster.yaml",
-              "kuberay/rayjob-train.yaml", "kuberay/nightly-cronjob.yaml")]
-    assert order == sorted(order), "deploy MLflow, the Ray policies, the RayCluster, then the RayJob and the CronJob"
+              "kuberay/rayjob-train.yaml", "kuberay/nightly-cronjob.yaml", "kuberay/rayservice-neighbours.yaml")]
+    assert order == sorted(order), ("deploy MLflow, the Ray policies, the RayCluster, then the RayJob and the CronJob, "
+                                    "then the neighbour service (it needs the nightly's index)")
     assert ("mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db "
             "--artifacts-destination ./mlartifacts") in README
     assert "RayCronJob" in README

@@ -21,7 +21,8 @@ Figures
             against each other).
   service   `vaepipe serve --latents T` as a process (its own local Ray, one replica): a client on a
             kept-alive HTTP connection sends 1,000 vector requests one after another (p50 / p99 of
-            each request's round trip), then 4 clients at once send 250 each.
+            each request's round trip), then 4 clients at once send 250 each; with --serve-proxy also
+            through Serve's Python proxy instead of its HAProxy ingress.
   lancedb   the same vectors in a Lance table; IVF-PQ (√N partitions, 8 sub-vectors of 2 dims),
             searched with nprobes 8, 32, 128 and refine_factor 10, 50 (exact re-ranking of 10·k or
             50·k candidates): build wall and, per setting, recall@10 on the same fresh draws and p50
@@ -230,9 +231,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def service_side(folder: str, queries: np.ndarray, k: int, clients: int = 4) -> dict[str, Any]:
-    """`vaepipe serve` as a process (its own local Ray): per-request latency over HTTP, one client on
-    a kept-alive connection (1,000 requests after 50 warm-up ones), then `clients` clients at once."""
+def service_side(folder: str, queries: np.ndarray, k: int, clients: int = 4, ingress: str = "haproxy") -> dict[str, Any]:
+    """`vaepipe serve --ingress INGRESS` as a process (its own local Ray): per-request latency over
+    HTTP, one client on a kept-alive connection (1,000 requests after 50 warm-up ones), then
+    `clients` clients at once."""
     import http.client
     import signal
     import subprocess
@@ -241,7 +243,7 @@ def service_side(folder: str, queries: np.ndarray, k: int, clients: int = 4) -> 
 
     port = _free_port()
     proc = subprocess.Popen([*vaepipe_command(), "serve", "--latents", folder, "--port", str(port),
-                             "--ray-address", "local"], env=child_env(), stdout=subprocess.DEVNULL,
+                             "--ray-address", "local", "--ingress", ingress], env=child_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     t0 = time.perf_counter()
     try:
@@ -283,7 +285,7 @@ def service_side(folder: str, queries: np.ndarray, k: int, clients: int = 4) -> 
             t.join()
         wall = time.perf_counter() - t1
         flat = [w for m in many for w in m]
-        return {"ready_s": round(ready_s, 1), "one_client": percentiles(one),
+        return {"ingress": ingress, "ready_s": round(ready_s, 1), "one_client": percentiles(one),
                 f"{clients}_clients": {**percentiles(flat), "requests_per_s": round(len(flat) / wall, 1)}}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -366,6 +368,8 @@ def bench_index(cfg) -> dict[str, Any]:
     proc = in_process(folder, queries, truth, k)
     whole = processes(folder, queries, k, cfg.n_repeats)
     service = service_side(folder, queries, k)
+    if cfg.serve_proxy:
+        service["python_proxy"] = service_side(folder, queries, k, ingress="proxy")
     lance = lancedb_side(folder, queries, truth, k) if cfg.lancedb else {"skipped": "--no-lancedb"}
     if "settings" in lance:
         lance["matched"] = matched(proc["curve"], lance["settings"])
@@ -392,10 +396,12 @@ def summary_index(f: dict[str, Any]) -> str:
              f"(peak {p['index_query_peak_mb']:,.0f} MiB); --exact {p['exact_query_s']:.2f} s; "
              f"DuckDB SQL {p['duckdb_s']:.2f} s"]
     sv = f["service"]
-    many = next(v for key, v in sv.items() if key.endswith("_clients"))
-    lines.append(f"  service (vaepipe serve over HTTP, one client): p50 {sv['one_client']['p50_ms']:.2f} ms, "
-                 f"p99 {sv['one_client']['p99_ms']:.2f} ms; 4 clients: p50 {many['p50_ms']:.2f} ms, p99 "
-                 f"{many['p99_ms']:.2f} ms, {many['requests_per_s']:,.0f} requests/s (ready in {sv['ready_s']:.0f} s)")
+    for v in [sv] + ([sv["python_proxy"]] if "python_proxy" in sv else []):
+        many = next(x for key, x in v.items() if key.endswith("_clients"))
+        lines.append(f"  service (vaepipe serve over HTTP, --ingress {v.get('ingress', 'haproxy')}, one client): p50 "
+                     f"{v['one_client']['p50_ms']:.2f} ms, p99 {v['one_client']['p99_ms']:.2f} ms; 4 clients: p50 "
+                     f"{many['p50_ms']:.2f} ms, p99 {many['p99_ms']:.2f} ms, {many['requests_per_s']:,.0f} requests/s "
+                     f"(ready in {v['ready_s']:.0f} s)")
     if "skipped" in lance:
         lines.append(f"  lancedb: skipped ({lance['skipped']})")
     else:

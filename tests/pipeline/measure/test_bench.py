@@ -176,3 +176,27 @@ def test_bench_bound_scales_its_measured_rates_to_the_floors_it_prints(capsys):
     text = capsys.readouterr().out
     assert "upper bound on the whole-process ratio" in text and "one-thread workers at once" in text
     assert torch.get_num_threads() == threads                 # the timing left this process's threads alone
+
+
+def test_bench_index_prints_every_side_and_the_exact_sides_agree(tmp_path, capsys):
+    """The whole `vaepipe bench index` on a small table: the model's posteriors drawn from, the index
+    built by its own process, recall against the exact scan, the query processes (the exact one
+    checked against DuckDB inside the bench), the service over HTTP and LanceDB."""
+    pytest.importorskip("duckdb")
+    pytest.importorskip("lancedb")
+    out = tmp_path / "i.json"
+    assert main(["bench", "index", "--records", "30000", "--train-epochs", "1", "--query-files", "2", "--repeats", "1",
+                 "--serve-proxy", "--workdir", str(tmp_path), "--json", str(out)]) == 0
+    f = json.loads(out.read_text())
+    assert f["what"] == "index" and f["records"] == 30_000
+    assert f["table"]["epochs"] == 1 and "MNIST" in f["table"]["how"]
+    i = f["index"]
+    assert 0 < i["recall_at_10"] <= 1 and i["p50_ms"] > 0 and i["curve"][0]["nprobe"] == 1
+    assert [c["nprobe"] for c in i["curve"]] == sorted(c["nprobe"] for c in i["curve"])
+    assert f["build"]["wall_s"] > 0 and f["build"]["peak_mb"] > 0 and "recall@10" in f["build"]["stdout"][0]
+    assert f["processes"]["index_query_s"] > 0 and f["processes"]["duckdb_s"] > 0
+    assert f["service"]["one_client"]["p50_ms"] > 0 and f["service"]["4_clients"]["requests_per_s"] > 0
+    assert f["service"]["ingress"] == "haproxy" and f["service"]["python_proxy"]["ingress"] == "proxy"
+    assert f["lancedb"]["settings"] and all(0 <= s["recall_at_10"] <= 1 for s in f["lancedb"]["settings"])
+    printed = capsys.readouterr().out
+    assert "bench index: 30,000 latents" in printed and "service (vaepipe serve over HTTP" in printed

@@ -32,6 +32,7 @@ def test_a_short_panel_run_reports_every_figure_against_its_baseline(seed, capsy
     assert 0.3 < row["mse_vs_pca"] < 1.5 and row["active_units"] >= 1
     assert 0.8 < row["knn5_mu"] <= 1 and 0.8 < row["knn5_pca"] <= 1
     assert 0 <= row["m2_error"] < 0.5 and 0 <= row["spreading_error_raw"] < 0.5 and row["labels"] == 20
+    assert 0 <= row["spreading_error_mu"] < 0.5
     out = capsys.readouterr().out
     assert "breast-cancer" in out and "× PCA" in out
     assert "breast-cancer | 1 | mlp | 20 |" in panel.summary(r)

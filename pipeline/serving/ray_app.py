@@ -92,7 +92,16 @@ def run_serve(cfg: ServeConfig, ready=print) -> None:
 
     # read by Serve's controller when it starts, in this process's Ray (a local one inherits it)
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if cfg.ingress == "haproxy" else "0"
+    if cfg.ingress == "haproxy":
+        # HAProxy's stats and metrics listeners have fixed default ports (8404, 9101): a second service
+        # on the machine could not start. Free ones, unless set.
+        for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            os.environ.setdefault(name, str(_free_port()))
     init_ray(cfg.ray_address)
+    # ours from here on (Ray's driver handler exits at once): a signal while the app deploys stops it cleanly
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     tracking = cfg.resolved_tracking_uri() if cfg.model else None
     app = deployment(cfg.replicas).bind(os.path.abspath(cfg.latents) if "://" not in cfg.latents else cfg.latents,
@@ -101,13 +110,71 @@ def run_serve(cfg: ServeConfig, ready=print) -> None:
 
     # a line per request in every replica's log (and the driver's terminal) costs more than the search
     serve.run(app, name="vaepipe-neighbours", route_prefix="/", logging_config=LoggingConfig(enable_access_log=False))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     ready(f"serve: neighbours of {cfg.latents} at http://{cfg.host}:{cfg.port}/neighbours "
           f"({cfg.replicas} replica(s){', records encoded by ' + cfg.model if cfg.model else ''}); "
           f"GET /healthz; Ctrl-C stops")
     try:
         stop.wait()
     finally:
+        ingress = _haproxy_descendants()   # while the tree is whole: Ray's shutdown orphans them
         serve.shutdown()
+        _stop(ingress)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _haproxy_descendants() -> list[tuple[int, str]]:
+    """(pid, start time) of the HAProxy processes under this one (the ingress a local Ray's proxy
+    actor started), from /proc."""
+    children: dict[int, list[int]] = {}
+    info: dict[int, tuple[str, str]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            children.setdefault(int(rest[1]), []).append(int(d))
+            info[int(d)] = (comm, rest[19])   # name, start time in clock ticks
+    out, todo = [], list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        if info[pid][0].startswith("haproxy"):
+            out.append((pid, info[pid][1]))
+    return out
+
+
+def _stop(procs: list[tuple[int, str]]) -> None:
+    """SIGTERM, then SIGKILL after 10 s, each process that is still the one seen (same start time)."""
+    import time
+
+    def alive(pid: int, start: str) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            return stat[stat.rindex(")") + 2:].split()[19] == start
+        except OSError:
+            return False
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = [(p, t) for p, t in procs if alive(p, t)]
+        for pid, _ in left:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = [(p, t) for p, t in left if alive(p, t)]
+        if not left:
+            return

@@ -106,3 +106,41 @@ def test_serve_answers_concurrent_clients_while_a_nightly_commits_and_picks_up_t
             os.killpg(proc.pid, signal.SIGKILL)
             rc = "killed"
     assert rc == 0, log.read_text()[-3000:]
+
+
+def test_two_services_run_side_by_side_and_leave_no_ingress_process_behind(tmp_path):
+    """HAProxy's stats and metrics ports are chosen per service (two on one machine both start), and
+    stopping a service stops its HAProxy too (Ray's shutdown alone would orphan it)."""
+    from tests.pipeline.search.test_ann import _build, _table
+
+    folder, _, _ = _table(tmp_path / "lat", n=2_000)
+    _build(folder, lists=10)
+    ports = free_ports(2)
+    procs = [subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--latents", folder, "--port", str(p),
+                               "--ray-address", "local"], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                              stdout=open(tmp_path / f"serve-{p}.log", "wb"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+             for p in ports]
+    try:
+        for p, proc in zip(ports, procs):
+            wait_http(f"http://127.0.0.1:{p}/healthz", timeout_s=240, proc=proc)
+            assert _request(p, "POST", "/neighbours", {"vector": [0.0] * 16, "k": 2})[0] == 200
+    finally:
+        codes = []
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            codes.append(proc.wait(timeout=90))
+    assert codes == [0, 0], [(tmp_path / f"serve-{p}.log").read_text()[-2000:] for p in ports]
+    assert [p for p in ports if any(f"127.0.0.1:{p}" in cfg for cfg in _haproxy_configs())] == []
+
+
+def _haproxy_configs() -> list[str]:
+    """The config text of every HAProxy process alive on this machine (its `-f FILE`)."""
+    out = []
+    for pid in subprocess.run(["pgrep", "-x", "haproxy"], capture_output=True, text=True).stdout.split():
+        try:
+            argv = open(f"/proc/{pid}/cmdline").read().split("\0")
+            out.append(open(argv[argv.index("-f") + 1]).read())
+        except (OSError, ValueError, IndexError):   # exited meanwhile
+            pass
+    return out

@@ -36,13 +36,15 @@ def spread(mu: torch.Tensor, y: torch.Tensor, n_classes: int, k: int = 10, alpha
     k = min(k, r - 1)
     nbr = knn_indices(mu, mu, k, exclude_self=True)                           # (R, k)
     rows = torch.arange(r).repeat_interleave(k)
-    w = torch.sparse_coo_tensor(torch.stack([rows, nbr.reshape(-1)]), torch.ones(r * k), (r, r)).coalesce()
+    w = torch.sparse_coo_tensor(torch.stack([rows, nbr.reshape(-1)]), torch.ones(r * k), (r, r),
+                                check_invariants=False).coalesce()
     w = (w + w.transpose(0, 1)).coalesce()                                    # symmetric: an edge either way
-    w = torch.sparse_coo_tensor(w.indices(), torch.ones_like(w.values()), (r, r)).coalesce()
+    w = torch.sparse_coo_tensor(w.indices(), torch.ones_like(w.values()), (r, r), check_invariants=False).coalesce()
     deg = torch.sparse.sum(w, 1).to_dense().clamp_min(1e-12)
     inv = deg.rsqrt()
     i, j = w.indices()
-    s = torch.sparse_coo_tensor(w.indices(), inv[i] * inv[j], (r, r)).coalesce()   # D^-1/2 W D^-1/2
+    s = torch.sparse_coo_tensor(w.indices(), inv[i] * inv[j], (r, r),
+                                check_invariants=False).coalesce()   # D^-1/2 W D^-1/2
     seed = torch.zeros(r, n_classes)
     lab = y >= 0
     seed[lab, y[lab]] = 1.0

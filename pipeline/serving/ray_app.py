@@ -27,7 +27,7 @@ class ServeConfig(RuntimeConfig):
     port: int = opt(8000, "HTTP port")
     replicas: int = opt(1, "service replicas (each a Ray actor holding the index)")
     ingress: str = opt("haproxy", "what takes HTTP in front of the replicas: haproxy (Ray Serve's HAProxy "
-                                  "ingress: measured 1.6 ms p50 against 8 ms for the Python proxy, "
+                                  "ingress: measured 1.6 ms p50 against 7.6 ms for the Python proxy, "
                                   "docs/performance.md) or proxy (Serve's Python proxy). On a cluster this "
                                   "process joins, the cluster's own RAY_SERVE_ENABLE_HA_PROXY decides",
                         choices=("haproxy", "proxy"))

@@ -64,6 +64,16 @@ def test_nightly_encodes_only_new_partitions_and_reruns_safely(trained_digits, d
     assert pq.read_table(os.path.join(out, "date=2026-11-03")).num_rows == state["partitions"]["date=2026-11-03"]["rows"]
 
 
+def daily_partitions(digits_parquet, src, days: int, first: int = 1) -> list[str]:
+    """The digits' Parquet files first..days copied into hive partitions src/date=2026-11-0D/ (as a
+    nightly's input grows a day at a time); returns the digits' file names."""
+    files = sorted(p for p in os.listdir(digits_parquet) if p.endswith(".parquet"))
+    for d in range(first, days + 1):
+        (src / f"date=2026-11-0{d}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(digits_parquet, files[d - 1]), src / f"date=2026-11-0{d}" / files[d - 1])
+    return files
+
+
 def test_nightly_with_an_index_keeps_it_fresh_and_extends_it_for_the_partitions_it_encoded(
         trained_digits, digits_parquet, workdir, tmp_path):
     """--index ivf-flat: after each run's commits the index covers the output as committed (a query
@@ -72,17 +82,13 @@ def test_nightly_with_an_index_keeps_it_fresh_and_extends_it_for_the_partitions_
     from pipeline.search.query import QueryConfig, run_query
 
     src, out = tmp_path / "in", str(tmp_path / "out")
-    files = sorted(p for p in os.listdir(digits_parquet) if p.endswith(".parquet"))
-    for i, f in enumerate(files[:2]):
-        (src / f"date=2026-11-0{i + 1}").mkdir(parents=True)
-        shutil.copy(os.path.join(digits_parquet, f), src / f"date=2026-11-0{i + 1}" / f)
+    files = daily_partitions(digits_parquet, src, 2)
     cfg = NightlyConfig(model=MODEL, input=str(src), output=out, workdir=workdir, index="ivf-flat")
     run_nightly(cfg)
     first = ann.read_pointer(resolve(out))
     assert first["extended"] is None and first["rows"] == sum(pq.read_metadata(os.path.join(
         digits_parquet, f)).num_rows for f in files[:2])
-    (src / "date=2026-11-03").mkdir()
-    shutil.copy(os.path.join(digits_parquet, files[2]), src / "date=2026-11-03" / files[2])
+    daily_partitions(digits_parquet, src, 3, first=3)
     run_nightly(cfg)
     second = ann.read_pointer(resolve(out))
     new_rows = pq.read_metadata(os.path.join(digits_parquet, files[2])).num_rows

@@ -8,7 +8,6 @@ import http.client
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pipeline.batch.nightly import NightlyConfig, run_nightly
 from pipeline.search import ann
 from pipeline.table.uris import resolve
 from tests.jobs.conftest import free_ports, wait_http
+from tests.pipeline.batch.test_batch_jobs import daily_partitions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 MODEL = "models:/digits@production"
@@ -40,10 +40,7 @@ def _request(port: int, method: str, path: str, body=None) -> tuple[int, dict]:
 def test_serve_answers_concurrent_clients_while_a_nightly_commits_and_picks_up_the_new_index(
         trained_digits, digits_parquet, workdir, tmp_path):
     src, out = tmp_path / "in", str(tmp_path / "out")
-    files = sorted(p for p in os.listdir(digits_parquet) if p.endswith(".parquet"))
-    for i, f in enumerate(files[:2]):
-        (src / f"date=2026-11-0{i + 1}").mkdir(parents=True)
-        shutil.copy(os.path.join(digits_parquet, f), src / f"date=2026-11-0{i + 1}" / f)
+    files = daily_partitions(digits_parquet, src, 2)
     cfg = NightlyConfig(model=MODEL, input=str(src), output=out, workdir=workdir, index="ivf-flat")
     run_nightly(cfg)
     first = ann.read_pointer(resolve(out))
@@ -70,8 +67,7 @@ def test_serve_answers_concurrent_clients_while_a_nightly_commits_and_picks_up_t
         for t in clients:
             t.start()
         time.sleep(1.0)
-        (src / "date=2026-11-03").mkdir()
-        shutil.copy(os.path.join(digits_parquet, files[2]), src / "date=2026-11-03" / files[2])
+        daily_partitions(digits_parquet, src, 3, first=3)
         run_nightly(cfg)                                      # commits a partition, then the index, under its lease
         second = ann.read_pointer(resolve(out))
         deadline = time.monotonic() + 60

@@ -6,8 +6,7 @@ which records are looked at is approximate, and `recall_at_k` measures that agai
 Why IVF-flat: on 16-dim μ the vectors themselves are small (64 bytes), so storing them whole costs
 little more than a PQ code plus the re-ranking data, and every distance it returns is exact. A cell's
 vectors are contiguous on disk, so a query memory-maps the index and reads only its probed cells: a
-short query process touches a few MB however large the table (docs/query.md has the measurements
-against HNSW and LanceDB's IVF-PQ).
+short query process touches a few MB however large the table (docs/performance.md: against DuckDB's exact SQL and LanceDB's IVF-PQ, by `vaepipe bench index`).
 
 Stored as a folder of plain .npy arrays (no pickle), memory-mapped when local. numpy only."""
 from __future__ import annotations

@@ -21,21 +21,40 @@ class PPCA:
     sigma2: float               # the noise variance: the mean of the discarded eigenvalues
 
 
+EXACT_MAX_DIM = 4096
+"""Up to this many features the principal subspace comes from the exact eigendecomposition of the
+covariance (D = 3,072 takes seconds); beyond it, from a randomised SVD (LOWRANK_ITERS power
+iterations, LOWRANK_OVERSAMPLE extra columns). A randomised SVD with few power iterations mixes
+nearly equal components: on 32×32 colour patches (λ_14..λ_18 within 10 % of each other) 4 iterations
+and 10 extra columns gave a subspace whose round trip on another photo was 1.26× the exact PCA's."""
+LOWRANK_ITERS = 12
+LOWRANK_OVERSAMPLE = 32
+
+
+def principal_components(xc: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k eigenvalues (k,) and eigenvectors (D, k) of the covariance of centred records xc
+    (N, D), largest first: exact up to EXACT_MAX_DIM features, randomised beyond."""
+    n, d = xc.shape
+    if d <= EXACT_MAX_DIM:
+        lam, v = torch.linalg.eigh(xc.T @ xc / max(n - 1, 1))                  # ascending
+        return lam.flip(0)[:k], v.flip(1)[:, :k]
+    torch.manual_seed(seed)
+    _, s, v = torch.svd_lowrank(xc, q=min(k + LOWRANK_OVERSAMPLE, n, d), niter=LOWRANK_ITERS)
+    return s[:k] ** 2 / max(n - 1, 1), v[:, :k]
+
+
 @torch.no_grad()
 def fit_ppca(x: torch.Tensor, latent_dim: int, seed: int = 0) -> PPCA:
-    """pPCA of records x (N, D) in model space, via a randomised SVD of the top latent_dim components
-    (torch.svd_lowrank, 4 power iterations: exact enough for a starting point, seconds for D = 3,072)."""
+    """pPCA of records x (N, D) in model space (float64 arithmetic; vae.linear.principal_components)."""
     x = x.double()
     n, d = x.shape
     mean = x.mean(0)
     xc = x - mean
-    torch.manual_seed(seed)
-    _, s, v = torch.svd_lowrank(xc, q=min(latent_dim + 10, n, d), niter=4)      # v: (D, q)
-    lam = (s[:latent_dim] ** 2 / max(n - 1, 1)).clamp_min(1e-12)                # (L,)
+    lam, u = principal_components(xc, latent_dim, seed)                        # (L,), (D, L)
+    lam = lam.clamp_min(1e-12)
     total = float(xc.pow(2).sum()) / max(n - 1, 1)
     sigma2 = max((total - float(lam.sum())) / max(d - latent_dim, 1), 1e-8)
     lam = torch.maximum(lam, torch.full_like(lam, 2 * sigma2))                  # components above the noise
-    u = v[:, :latent_dim]                                                       # (D, L)
     scale = (lam - sigma2).sqrt()                                               # (L,)
     return PPCA(mean=mean.float(), weight=(u * scale).float(), encoder=((scale / lam)[:, None] * u.T).float(),
                 logvar=torch.log(sigma2 / lam).float(), sigma2=sigma2)

@@ -55,3 +55,27 @@ def test_a_model_without_calibration_keeps_its_state_dict_keys():
     # models trained before calibration existed load unchanged
     cfg = VAEConfig(input_shape=(8,), hidden=(16,), latent_dim=2, likelihood="gaussian")
     assert not any(k.startswith(("log_sigma", "linear_")) for k in VAE(cfg).state_dict())
+
+
+def _projector(v: torch.Tensor) -> torch.Tensor:
+    q, _ = torch.linalg.qr(v.double())
+    return q @ q.T
+
+
+def test_ppca_separates_nearly_equal_components_exactly_and_beyond_the_exact_size(seed, monkeypatch):
+    # a slowly decaying spectrum (component i has variance 1/(1 + i/8)): neighbours around the 16th
+    # differ by < 1 %, where a randomised SVD with few power iterations mixes them
+    import vae.linear as linear
+
+    rng = np.random.default_rng(seed)
+    d, n = 200, 3000
+    basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    x = torch.from_numpy((rng.normal(size=(n, d)) / np.sqrt(1 + np.arange(d) / 8)) @ basis.T)
+    xc = (x - x.mean(0)).numpy()
+    _, v = np.linalg.eigh(xc.T @ xc)
+    want = _projector(torch.from_numpy(v[:, ::-1][:, :16].copy()))
+    got = _projector(fit_ppca(x, 16, seed).weight)
+    assert float((got - want).norm()) < 1e-6
+    monkeypatch.setattr(linear, "EXACT_MAX_DIM", 100)                # the randomised path
+    got = _projector(fit_ppca(x, 16, seed).weight)
+    assert float((got - want).norm()) < 0.05

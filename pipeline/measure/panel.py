@@ -30,6 +30,7 @@ from vae.train_step import active_units
 BATCH_SIZE = 128        # `vaepipe train`'s default --batch-size
 VAL_FRACTION = 0.1      # `vaepipe train`'s default --val-fraction
 HEAD_EPOCHS = 800       # `vaepipe train`'s default --head-epochs
+WEIGHT_DECAY = 0.0      # `vaepipe train`'s default --weight-decay
 
 
 @dataclass
@@ -82,7 +83,8 @@ PANEL = ("mnist", "digits-0-16", "digits-0-255", "breast-cancer", "patches16-chi
          "patches32-china", "patches32-flower")
 
 
-def train_default(s: PanelSet, seed: int, epochs: int = 0, beta: float = 1.0, **overrides: Any) -> tuple[VAE, int]:
+def train_default(s: PanelSet, seed: int, epochs: int = 0, beta: float = 1.0, weight_decay: float = WEIGHT_DECAY,
+                  **overrides: Any) -> tuple[VAE, int]:
     """The default recipe on s.x_train: (trained model, epochs). `beta` and `overrides` (passed to
     vae.recipe.model_config: likelihood_choice, hidden, arch, linear_path) are for sweeps and ablations."""
     pre = Preprocessing.fit(s.x_train, ["x"] if s.layout == "list" else [f"c{i}" for i in range(s.x_train.shape[1])],
@@ -95,7 +97,7 @@ def train_default(s: PanelSet, seed: int, epochs: int = 0, beta: float = 1.0, **
     model = VAE(cfg)
     start(model, s.x_train[:10_000].astype(np.float32), seed)      # train's --sample-rows
     model = fit_vae(model, s.x_train.astype(np.float32), epochs, BATCH_SIZE, seed=seed, val_fraction=VAL_FRACTION,
-                    beta=beta)
+                    beta=beta, weight_decay=weight_decay)
     return model, epochs
 
 

@@ -134,10 +134,12 @@ def image_config(arch: str = "conv", semi: SemiConfig | None = None) -> VAEConfi
 
 
 def fit_vae(model: VAE, raw: np.ndarray, epochs: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-            val_fraction: float = 0.0, beta: float = 1.0) -> VAE:
+            val_fraction: float = 0.0, beta: float = 1.0, weight_decay: float = 0.01) -> VAE:
     """The default recipe's loop (AdamW, cosine decay, a seeded permutation per epoch), unsupervised.
     With val_fraction > 0 a seeded part of `raw` is held out and the epoch with the best validation
-    -ELBO (vae.train_step.evaluate, per-record noise) is kept, as `train --patience` keeps its best."""
+    -ELBO (vae.train_step.evaluate, per-record noise) is kept, as `train --patience` keeps its best.
+    `weight_decay` 0.01 (AdamW's own default) is what the protocols measured with; the any-data panel
+    passes `vaepipe train`'s."""
     import copy
 
     from vae.train_step import evaluate
@@ -149,7 +151,7 @@ def fit_vae(model: VAE, raw: np.ndarray, epochs: int, batch_size: int = 128, lr:
         n_val = max(1, int(len(x) * val_fraction))
         x, val = x[p[n_val:]], x[p[:n_val]]
     best, best_state = float("inf"), None
-    opt_ = torch.optim.AdamW(model.param_groups(), lr=lr)
+    opt_ = torch.optim.AdamW(model.param_groups(), lr=lr, weight_decay=weight_decay)
     for epoch in range(epochs):
         for g in opt_.param_groups:
             g["lr"] = cosine_lr(lr, epoch, epochs) * g["lr_scale"]

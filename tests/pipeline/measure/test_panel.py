@@ -36,3 +36,14 @@ def test_a_short_panel_run_reports_every_figure_against_its_baseline(seed, capsy
     out = capsys.readouterr().out
     assert "breast-cancer" in out and "× PCA" in out
     assert "breast-cancer | 1 | mlp | 20 |" in panel.summary(r)
+
+
+def test_the_panel_trains_with_vaepipe_trains_defaults():
+    # the panel claims to measure what a user gets: its settings are train's defaults
+    import dataclasses
+
+    from pipeline.training.train_config import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    assert (panel.BATCH_SIZE, panel.VAL_FRACTION, panel.HEAD_EPOCHS, panel.WEIGHT_DECAY) == (
+        defaults["batch_size"], defaults["val_fraction"], defaults["head_epochs"], defaults["weight_decay"])

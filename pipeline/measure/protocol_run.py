@@ -19,7 +19,8 @@ def _any_data(cfg: ProtocolConfig) -> dict[str, Any]:
         raise ConfigError(f"--sets: unknown any-data set(s) {unknown}; known: {list(panel.PANEL)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    return panel.any_data(tuple(cfg.sets) or panel.PANEL, seed=cfg.seed, epochs=cfg.epochs, betas=tuple(cfg.betas))
+    return panel.any_data(tuple(cfg.sets) or panel.PANEL, seed=cfg.seed, epochs=cfg.epochs, betas=tuple(cfg.betas),
+                          label_draws=cfg.draws)
 
 
 def run_protocol(cfg: ProtocolConfig) -> dict[str, Any]:

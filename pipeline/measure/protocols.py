@@ -64,7 +64,7 @@ class ProtocolConfig(RuntimeConfig):
                          "breast-cancer chosen among --epoch-grid)")
     head_epochs: int = opt(50, "semi-mnist: epochs of the M2 head per label draw")
     labels: list[int] = opt(help="semi-mnist: label counts", factory=lambda: [100, 600, 1000])
-    draws: int = opt(5, "semi-mnist, breast-cancer: seeded draws (labels / anomaly subsample) averaged over")
+    draws: int = opt(5, "semi-mnist, breast-cancer, any-data: seeded draws (labels / anomaly subsample) averaged over")
     digits: list[int] = opt(help="one-class-mnist: the normal digits to run (default all ten)",
                             factory=lambda: list(range(10)))
     arch: str = opt("conv", "image model: conv (what `vaepipe train` picks for images: channels 32, 64) or mlp "

@@ -25,7 +25,7 @@ def test_an_unknown_set_is_named():
 
 
 def test_a_short_panel_run_reports_every_figure_against_its_baseline(seed, capsys):
-    r = panel.any_data(("breast-cancer",), seed=0, epochs=20)
+    r = panel.any_data(("breast-cancer",), seed=0, epochs=20, label_draws=2)
     (row,) = r["sets"]
     assert row["arch"] == "mlp" and row["likelihood"] == "gaussian" and row["scaling"] == "standardize"
     # the VAE is started at pPCA, so even 20 epochs keep about what PCA keeps, in standardised units
@@ -33,6 +33,10 @@ def test_a_short_panel_run_reports_every_figure_against_its_baseline(seed, capsy
     assert 0.8 < row["knn5_mu"] <= 1 and 0.8 < row["knn5_pca"] <= 1
     assert 0 <= row["m2_error"] < 0.5 and 0 <= row["spreading_error_raw"] < 0.5 and row["labels"] == 20
     assert 0 <= row["spreading_error_mu"] < 0.5
+    # two label draws, each compared on the same labels: the means are of the draws, the difference paired
+    assert row["label_draws"] == 2 and len(row["m2_error_draws"]) == 2
+    assert row["m2_error"] == pytest.approx(np.mean(row["m2_error_draws"]))
+    assert row["m2_minus_raw"] == pytest.approx(np.mean(row["m2_error_draws"]) - np.mean(row["spreading_error_raw_draws"]))
     out = capsys.readouterr().out
     assert "breast-cancer" in out and "× PCA" in out
     assert "breast-cancer | 1 | mlp | 20 |" in panel.summary(r)

@@ -15,7 +15,12 @@ def run(cfg: Config):
         m["report"] = r
         print(f"round trip over {r['records']:,} records ({r['latent_type']} latents, {r['latent_dim']} dims): "
               f"MSE {r['vae_mse']:.6f} vs PCA-{r['latent_dim']} {r['pca_mse']:.6f} "
-              f"(ratio {r['vae_over_pca']:.2f}; model input units), {r['active_units']}/{r['latent_dim']} active units")
+              f"(ratio {r['vae_over_pca']:.2f}; model input units), {r['active_units']}/{r['latent_dim']} active units"
+              + (f"; the model's linear part alone {r['linear_path_mse']:.6f}" if "linear_path_mse" in r else ""))
+        if "linear_path_mse" in r and r["vae_mse"] > r["linear_path_mse"]:
+            print(f"warning: the model's nonlinear nets make these records' round trip worse than its linear (pPCA) "
+                  f"part alone (MSE {r['vae_mse']:.6f} vs {r['linear_path_mse']:.6f}): the records differ from what "
+                  f"it trained on; retrain on records like these", file=sys.stderr)
         if r["active_units"] == 0:
             print("warning: posterior collapse: no latent unit is active on these records (μ is the same for all); "
                   "retrain with a lower --beta, --free-bits or --warmup-epochs", file=sys.stderr)

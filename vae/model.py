@@ -138,6 +138,18 @@ class VAE(nn.Module):
         return self.scaler.inverse(x.clamp(0.0, 1.0) if self.scaler.clip else x)
 
     @torch.no_grad()
+    def linear_round_trip(self, x: torch.Tensor) -> torch.Tensor | None:
+        """E[x|z] of the linear path alone (the pPCA part, nets left out) at its own posterior mean, full
+        precision, in model space: x (B, D) preprocessed -> (B, D); None for a model without a linear path. Beside the
+        whole model's round trip it says what the nets add on these records: on records unlike the
+        training data they can make it worse (docs/quality.md, colour patches of another photo)."""
+        if self.linear_encoder is None:
+            return None
+        mu = self.linear_encoder(x)[:, :self.config.latent_dim]                  # (B, L)
+        x_hat = self.mean_of(self.linear_decoder(mu))                            # (B, D)
+        return x_hat.clamp(0.0, 1.0) if self.scaler.clip else x_hat
+
+    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n new records in raw units from the prior: z ~ N(0, I), x = E[x|z]."""
         p = next(self.parameters())

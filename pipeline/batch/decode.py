@@ -185,7 +185,9 @@ def roundtrip_report(model_uri: str, reference: str, decoded: str, tracking_uri:
     (`reference`) and the decoded ones, joined on `id_column`, in the model's input units (x/255 for
     8-bit images, i.e. [0,1] pixels), next to PCA with k = latent size fit on the same records (the
     linear baseline at the same number of floats per record). Also reports the latent type and the
-    model's active units on these records (0: μ carries nothing, the decoded records are all alike)."""
+    model's active units on these records (0: μ carries nothing, the decoded records are all alike), and
+    for a model with a linear path the round trip of that path alone (`linear_path_mse`, jobs/decode
+    warns when the whole model does worse: its nets do not carry over to these records)."""
     from sklearn.decomposition import PCA
 
     so = storage_options or {}
@@ -207,12 +209,15 @@ def roundtrip_report(model_uri: str, reference: str, decoded: str, tracking_uri:
         xs = model.preprocess(xt).numpy()
         ys = model.preprocess(torch.from_numpy(np.array(y, copy=True))).numpy()
         kl_dims = torch.cat([model.embed(xt[i:i + 4096]).kl_per_dim() for i in range(0, len(xt), 4096)]).mean(0)
+        lin = [model.linear_round_trip(torch.from_numpy(xs[i:i + 4096])) for i in range(0, len(xs), 4096)]
     pca = PCA(n_components=k, random_state=0).fit(xs)
     pca_mse = float(((pca.inverse_transform(pca.transform(xs)) - xs) ** 2).mean())
     vae_mse = float(((ys - xs) ** 2).mean())
     out = {"records": int(len(xs)), "latent_dim": k, "vae_mse": vae_mse, "pca_mse": pca_mse,
            "vae_over_pca": vae_mse / pca_mse if pca_mse else float("inf"),
            "active_units": active_units(kl_dims)}
+    if lin and lin[0] is not None:
+        out["linear_path_mse"] = float(((torch.cat(lin).numpy() - xs) ** 2).mean())
     if latents:
         loc = resolve(latents, **so)
         first = list_parquet_files(loc)[0]

@@ -279,3 +279,23 @@ def test_vae_config_round_trips_through_a_plain_dict():
     d = cfg.to_dict()
     assert isinstance(d["preprocessing"], dict) and d["input_shape"] == [1, 8, 8]
     assert VAEConfig.from_dict(d) == cfg
+
+
+def test_the_linear_round_trip_is_the_whole_model_at_its_ppca_start_and_none_without_a_linear_path(seed):
+    from vae.linear import fit_ppca
+
+    cfg = VAEConfig(input_shape=(12,), hidden=(16,), latent_dim=3, likelihood="gaussian", calibrated=True,
+                    linear_path=True)
+    model = VAE(cfg).eval()
+    x = torch.randn(200, 12) * torch.linspace(0.2, 3, 12)
+    model.start_at(fit_ppca(x, 3, seed))                       # nets' last layers at zero: the model is its linear part
+    whole = model.mean_of(model.decode(model.encode(x).mean))
+    assert torch.allclose(model.linear_round_trip(x), whole, atol=1e-5)
+    with torch.no_grad():                                       # the nets now add something; the linear part does not move
+        next(m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)).bias.add_(1.0)
+        for m in model.decoder.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_()
+    assert not torch.allclose(model.mean_of(model.decode(model.encode(x).mean)), whole, atol=1e-3)
+    assert torch.allclose(model.linear_round_trip(x), whole, atol=1e-5)
+    assert VAE(VAEConfig(input_shape=(12,), hidden=(16,), latent_dim=3)).linear_round_trip(x) is None

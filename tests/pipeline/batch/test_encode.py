@@ -141,6 +141,13 @@ def test_decode_reference_reports_round_trip_mse_next_to_pca_through_the_cli(tra
     z = mu(committed(lat).sort_by("id")) * scale
     y = model.reconstruct(torch.from_numpy(z)).numpy() / 255.0
     assert vae_mse == pytest.approx(float(((y - xs) ** 2).mean()), rel=1e-3)
+    # the linear (pPCA) part alone, from its weights: μ = A·x + a, x̂ = clip(W·μ + b) in [0, 1] pixels
+    lin_mse = float(line.split("linear part alone ")[1].split()[0])
+    lat_dim = model.config.latent_dim
+    a, a0 = (t.detach().double().numpy() for t in (model.linear_encoder.weight[:lat_dim], model.linear_encoder.bias[:lat_dim]))
+    w, b = (t.detach().double().numpy() for t in (model.linear_decoder.weight, model.linear_decoder.bias))
+    xm = model.preprocess(torch.from_numpy(x.reshape(len(x), -1).astype(np.float32))).double().numpy()
+    assert lin_mse == pytest.approx(float(((np.clip((xm @ a.T + a0) @ w.T + b, 0, 1) - xm) ** 2).mean()), rel=1e-3)
     # the int8 error the run reports (result and manifest) is the error on every record it wrote,
     # checked against μ in float32 from an fp32 encode of the same records
     f32 = mu(committed(run_encode(EncodeConfig(model=MODEL, input=digits_parquet, output=str(tmp_path / "f32"),

@@ -20,7 +20,7 @@ def _any_data(cfg: ProtocolConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return panel.any_data(tuple(cfg.sets) or panel.PANEL, seed=cfg.seed, epochs=cfg.epochs, betas=tuple(cfg.betas),
-                          label_draws=cfg.draws)
+                          label_draws=cfg.label_draws)
 
 
 def run_protocol(cfg: ProtocolConfig) -> dict[str, Any]:

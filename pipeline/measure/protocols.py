@@ -64,7 +64,9 @@ class ProtocolConfig(RuntimeConfig):
                          "breast-cancer chosen among --epoch-grid)")
     head_epochs: int = opt(50, "semi-mnist: epochs of the M2 head per label draw")
     labels: list[int] = opt(help="semi-mnist: label counts", factory=lambda: [100, 600, 1000])
-    draws: int = opt(5, "semi-mnist, breast-cancer, any-data: seeded draws (labels / anomaly subsample) averaged over")
+    draws: int = opt(5, "semi-mnist, breast-cancer: seeded draws (labels / anomaly subsample) averaged over")
+    label_draws: int = opt(0, "any-data: balanced label draws the few-label comparison averages over (0: each "
+                              "set's own: 5, MNIST 1)")
     digits: list[int] = opt(help="one-class-mnist: the normal digits to run (default all ten)",
                             factory=lambda: list(range(10)))
     arch: str = opt("conv", "image model: conv (what `vaepipe train` picks for images: channels 32, 64) or mlp "
@@ -94,6 +96,8 @@ class ProtocolConfig(RuntimeConfig):
     def __post_init__(self) -> None:
         self.choice("what", PROTOCOLS)
         self.choice("arch", ("conv", "mlp"))
+        if self.label_draws < 0:
+            raise ConfigError(f"label_draws must be ≥ 0, got {self.label_draws}")
         if self.epochs < 0 or self.head_epochs < 1 or self.draws < 1 or self.iw_samples < 1 or self.ensemble < 1:
             raise ConfigError("epochs must be ≥ 0; head_epochs, draws, iw_samples and ensemble ≥ 1")
         if not 0 < self.select_fraction < 1 or self.select_anomalies < 2:

@@ -17,6 +17,7 @@ def test_the_panel_sets_hold_what_the_issue_names(seed):
     p = sets["patches16-china"]
     assert p.x_train.shape == (4000, 768) and p.x_test.shape == (1000, 768) and p.image_shape == (3, 16, 16)
     assert p.y_train is None
+    assert d16.label_draws == bc.label_draws == 5        # small label sets: a draw moves the error by points
 
 
 def test_an_unknown_set_is_named():

@@ -17,9 +17,8 @@ from vae.preprocess import Scaler
 
 LINEAR_LR_SCALE = 0.0
 """The linear path's learning rate relative to the nets': 0, it stays at pPCA (the linear optimum) and
-the nets learn what it leaves. Measured on the any-data panel (docs/quality.md), colour patches of one
-photo tested on the other: 1.018× / 2.16× PCA's round-trip MSE (16×16 / 32×32) frozen, 1.023× / 2.23×
-at the full rate, 1.24× (16×16) at 0.1×; MNIST 0.473× frozen."""
+the nets learn what it leaves. On the any-data panel's colour patches, training it too (at the full
+rate or 0.1×) kept no more than freezing it; the ablations are in docs/quality.md."""
 SIGMA_MOMENTUM = 0.05
 """How far each training batch moves a calibrated decoder's stored log σ towards its own optimum."""
 

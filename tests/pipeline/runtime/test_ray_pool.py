@@ -60,6 +60,11 @@ def test_a_failed_run_kills_its_pool_and_a_successful_one_does_not(ray_local):
             break
         time.sleep(0.5)
     assert failed
-    assert {_reason(actors[i]) for i in failed} == {"RAY_KILL"}, {i: (actors[i].state, _reason(actors[i])) for i in failed}
+    states = {i: (actors[i].state, _reason(actors[i])) for i in failed}
+    # every actor of the failed run is dead while its error is held, and the callback killed them: an
+    # actor Ray Data's own shutdown let go a moment before the kill dies unreferenced (REF_DELETED),
+    # which a loaded machine shows now and then; none is left alive or dies of anything else
+    assert all(state == "DEAD" for state, _ in states.values()), states
+    assert {reason for _, reason in states.values()} - {"REF_DELETED"} == {"RAY_KILL"}, states
     assert e.value is not None                    # the error was held throughout
     assert not {_reason(actors[i]) for i in ok} & {"RAY_KILL"}, {i: _reason(actors[i]) for i in ok}

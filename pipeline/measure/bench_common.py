@@ -57,7 +57,8 @@ class BenchConfig(RuntimeConfig):
     seed: int = opt(0, "index: seed of the model, the table's draws and the queries")
     train_epochs: int = opt(8, "index: epochs of the MNIST model whose posteriors the table is drawn from")
     lancedb: bool = opt(True, "index: also build and search LanceDB's IVF-PQ on the same vectors")
-    keep_index: bool = opt(False, "index: use the table's fresh index (timings from its pointer) instead of building one")
+    keep_index: bool = opt(False, "index: use the table's fresh index (timings from its pointer) and the Lance index an earlier "
+                                     "run kept for the same table (timings from its marker) instead of building them")
     serve_proxy: bool = opt(False, "index: also time the service behind Serve's Python proxy (--ingress proxy)")
     hidden: list[int] = opt(help="MLP widths of the benchmark model", factory=lambda: [512, 256])
 

@@ -295,8 +295,11 @@ def service_side(folder: str, queries: np.ndarray, k: int, clients: int = 4, ing
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def lancedb_side(folder: str, queries: np.ndarray, truth: np.ndarray, k: int) -> dict[str, Any]:
-    """LanceDB IVF-PQ on the same vectors: build wall, then recall@k and p50 per nprobes setting."""
+def lancedb_side(folder: str, queries: np.ndarray, truth: np.ndarray, k: int, keep: bool = False) -> dict[str, Any]:
+    """LanceDB IVF-PQ on the same vectors: build wall, then recall@k and p50 per nprobes setting. With
+    `keep` a Lance table and index an earlier run built from this same benchmark table (its marker names
+    the table's own marker, the row count and the index settings) is searched again, its build timings
+    taken from that marker: at 100 M rows the build takes the better part of an hour on 2 cores."""
     os.environ.setdefault("LANCE_LOG", "error")   # its per-search deprecation warnings otherwise fill the output
     try:
         import lancedb
@@ -307,23 +310,39 @@ def lancedb_side(folder: str, queries: np.ndarray, truth: np.ndarray, k: int) ->
     from pipeline.table.parquet_io import list_parquet_files
 
     n = sum(pq.read_metadata(f).num_rows for f in list_parquet_files(resolve(folder)))
-    home = os.path.join(os.path.dirname(folder), f"lance-{os.path.basename(folder)}")
-    shutil.rmtree(home, ignore_errors=True)
-    db = lancedb.connect(home)
-    src = pads.dataset(list_parquet_files(resolve(folder)), format="parquet")
-    schema = pa.schema([("id", pa.int64()), ("vector", pa.list_(pa.float32(), DIM))])
-
-    def batches():
-        for b in src.to_batches(columns=["id", "mu"], batch_size=1 << 20):
-            yield pa.RecordBatch.from_arrays([b.column(0), b.column(1)], schema=schema)
-
-    t0 = time.perf_counter()
-    table = db.create_table("mu", data=pa.RecordBatchReader.from_batches(schema, batches()))
-    t_load = time.perf_counter() - t0
     parts = max(1, round(np.sqrt(n)))
-    t0 = time.perf_counter()
-    table.create_index(metric="l2", num_partitions=parts, num_sub_vectors=8, vector_column_name="vector")
-    t_index = time.perf_counter() - t0
+    home = os.path.join(os.path.dirname(folder), f"lance-{os.path.basename(folder)}")
+    marker = os.path.join(home, "_bench_lance.json")
+    with open(os.path.join(folder, "_bench_index.json")) as f:
+        want = {"source": json.load(f)["want"], "rows": n, "partitions": parts, "sub_vectors": 8,
+                "version": lancedb.__version__}
+    kept = None
+    if keep and os.path.exists(marker):
+        with open(marker) as f:
+            kept = json.load(f)
+        kept = kept if kept.get("want") == want else None
+    if kept is not None:
+        table = lancedb.connect(home).open_table("mu")
+        t_load, t_index = kept["load_s"], kept["index_s"]
+    else:
+        shutil.rmtree(home, ignore_errors=True)
+        db = lancedb.connect(home)
+        src = pads.dataset(list_parquet_files(resolve(folder)), format="parquet")
+        schema = pa.schema([("id", pa.int64()), ("vector", pa.list_(pa.float32(), DIM))])
+
+        def batches():
+            for b in src.to_batches(columns=["id", "mu"], batch_size=1 << 20):
+                yield pa.RecordBatch.from_arrays([b.column(0), b.column(1)], schema=schema)
+
+        t0 = time.perf_counter()
+        table = db.create_table("mu", data=pa.RecordBatchReader.from_batches(schema, batches()))
+        t_load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        table.create_index(metric="l2", num_partitions=parts, num_sub_vectors=8, vector_column_name="vector")
+        t_index = time.perf_counter() - t0
+        with open(marker + ".tmp", "w") as f:                  # written last: a marker means a whole index
+            json.dump({"want": want, "load_s": t_load, "index_s": t_index, "built_at": time.time()}, f)
+        os.replace(marker + ".tmp", marker)
     settings = []
     for nprobes, refine in LANCE_SETTINGS:
         if nprobes > parts:
@@ -339,7 +358,7 @@ def lancedb_side(folder: str, queries: np.ndarray, truth: np.ndarray, k: int) ->
         settings.append({"nprobes": nprobes, "refine_factor": refine, "recall_at_10": round(recall(got, truth, k), 4),
                          **percentiles(walls)})
     return {"version": lancedb.__version__, "load_s": round(t_load, 1), "index_s": round(t_index, 1),
-            "partitions": parts, "sub_vectors": 8, "settings": settings}
+            "kept": kept is not None, "partitions": parts, "sub_vectors": 8, "settings": settings}
 
 
 def matched(curve: list[dict], settings: list[dict]) -> list[dict]:
@@ -386,7 +405,7 @@ def bench_index(cfg) -> dict[str, Any]:
     service = service_side(folder, queries, k)
     if cfg.serve_proxy:
         service["python_proxy"] = service_side(folder, queries, k, ingress="proxy")
-    lance = lancedb_side(folder, queries, truth, k) if cfg.lancedb else {"skipped": "--no-lancedb"}
+    lance = lancedb_side(folder, queries, truth, k, cfg.keep_index) if cfg.lancedb else {"skipped": "--no-lancedb"}
     if "settings" in lance:
         lance["matched"] = matched(proc["curve"], lance["settings"])
     return {"what": "index", "records": cfg.records, "dim": DIM, "k": k, "table": made,
@@ -423,7 +442,8 @@ def summary_index(f: dict[str, Any]) -> str:
         lines.append(f"  lancedb: skipped ({lance['skipped']})")
     else:
         lines.append(f"  lancedb {lance['version']} IVF-PQ ({lance['partitions']:,} partitions, {lance['sub_vectors']} "
-                     f"sub-vectors): load {lance['load_s']:.1f} s + index {lance['index_s']:.1f} s")
+                     f"sub-vectors): load {lance['load_s']:.1f} s + index {lance['index_s']:.1f} s"
+                     f"{' (kept from an earlier run: its timings)' if lance.get('kept') else ''}")
         for s in lance["settings"]:
             lines.append(f"    nprobes {s['nprobes']:>4}, refine {s['refine_factor']:>2}: recall@10 {s['recall_at_10']:.4f}, "
                          f"p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms")

@@ -200,3 +200,30 @@ def test_bench_index_prints_every_side_and_the_exact_sides_agree(tmp_path, capsy
     assert f["lancedb"]["settings"] and all(0 <= s["recall_at_10"] <= 1 for s in f["lancedb"]["settings"])
     printed = capsys.readouterr().out
     assert "bench index: 30,000 latents" in printed and "service (vaepipe serve over HTTP" in printed
+
+
+def test_lancedb_side_searches_a_kept_index_again_only_for_the_same_table(tmp_path, monkeypatch):
+    """`--keep-index` reuses the Lance table an earlier run built (its build timings from the marker) when
+    the benchmark table is the same, and rebuilds when the table under it was remade."""
+    pytest.importorskip("lancedb")
+    import numpy as np
+
+    from pipeline.measure import bench_index as b
+
+    rng = np.random.default_rng(0)        # the posteriors the table is drawn from (the MNIST model is not what is tested)
+    post = (rng.standard_normal((200, b.DIM)).astype(np.float32), np.full((200, b.DIM), 0.1, np.float32),
+            rng.integers(0, 10, 200))
+    monkeypatch.setattr(b, "mnist_posteriors", lambda seed, epochs: (*post, {"epochs": epochs, "train_s": 0.0}))
+    folder = str(tmp_path / "bench" / "index-3000")
+    b.make_table(folder, 3000, 0, 1, 2, row_group_rows=1000)
+    queries = b.fresh_queries(folder, 0)
+    truth, _ = b.exact_rows(folder, queries, 10)
+    first = b.lancedb_side(folder, queries, truth, 10, keep=True)            # nothing kept yet: built
+    again = b.lancedb_side(folder, queries, truth, 10, keep=True)
+    assert not first["kept"] and again["kept"]
+    assert (again["load_s"], again["index_s"]) == (first["load_s"], first["index_s"])
+    assert again["settings"][0]["recall_at_10"] == first["settings"][0]["recall_at_10"] > 0.5
+    b.make_table(folder, 3000, 1, 1, 2, row_group_rows=1000)                 # another seed: the table is remade
+    truth, _ = b.exact_rows(folder, queries, 10)
+    assert not b.lancedb_side(folder, queries, truth, 10, keep=True)["kept"]
+    assert not b.lancedb_side(folder, queries, truth, 10, keep=False)["kept"]

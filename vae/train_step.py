@@ -93,6 +93,24 @@ def evaluate(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: to
     return stats, (kl_dims / max(stats.records, 1)).float().cpu()
 
 
+@torch.no_grad()
+def round_trip(model: torch.nn.Module, batches: Iterable[torch.Tensor],
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """Over raw held-out records, the sums vae.recipe.keep_nets decides on, (4,) float64 on `device`
+    (sums, so workers can add theirs): the whole model's squared round-trip errors, its linear part's,
+    the squares of each record's difference of the two, and the record count. A model without a
+    linear path gets the whole model's errors twice."""
+    device = torch.device(device)
+    core: VAE = getattr(model, "module", model)
+    core.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for raw in batches:
+        full, lin = core.round_trip_errors(core.preprocess(raw.to(device)))
+        full, lin = full.double(), (full if lin is None else lin).double()
+        sums += torch.stack([full.sum(), lin.sum(), (lin - full).pow(2).sum(), full.new_tensor(float(len(full)))])
+    return sums
+
+
 def active_units(kl_per_dim: torch.Tensor, threshold: float = 0.01) -> int:
     """Latent dimensions whose mean KL exceeds `threshold` nats (they carry information)."""
     return int((kl_per_dim > threshold).sum())

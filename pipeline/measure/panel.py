@@ -24,7 +24,7 @@ from pipeline.evaluation.probes import m2_error, posterior
 from pipeline.measure.protocols import fit_vae
 from vae.model import VAE
 from vae.preprocess import Preprocessing
-from vae.recipe import auto_epochs, model_config, start
+from vae.recipe import auto_epochs, model_config, ppca_start
 from vae.train_step import active_units
 
 BATCH_SIZE = 128        # `vaepipe train`'s default --batch-size
@@ -89,9 +89,10 @@ PANEL = ("mnist", "digits-0-16", "digits-0-255", "breast-cancer", "patches16-chi
 
 
 def train_default(s: PanelSet, seed: int, epochs: int = 0, beta: float = 1.0, weight_decay: float = WEIGHT_DECAY,
-                  **overrides: Any) -> tuple[VAE, int]:
+                  nets: dict | None = None, **overrides: Any) -> tuple[VAE, int]:
     """The default recipe on s.x_train: (trained model, epochs). `beta` and `overrides` (passed to
-    vae.recipe.model_config: likelihood_choice, hidden, arch, linear_path) are for sweeps and ablations."""
+    vae.recipe.model_config: likelihood_choice, hidden, arch, linear_path) are for sweeps and ablations;
+    `nets` (a dict) receives the figures of the nets' check (vae.recipe.keep_nets)."""
     pre = Preprocessing.fit(s.x_train, ["x"] if s.layout == "list" else [f"c{i}" for i in range(s.x_train.shape[1])],
                             s.layout, "auto")
     in_unit = bool(s.x_train.min() >= 0 and s.x_train.max() <= 1)
@@ -100,9 +101,13 @@ def train_default(s: PanelSet, seed: int, epochs: int = 0, beta: float = 1.0, we
     epochs = epochs or auto_epochs(int(len(s.x_train) * (1 - VAL_FRACTION)), BATCH_SIZE)
     torch.manual_seed(seed)
     model = VAE(cfg)
-    start(model, s.x_train[:10_000].astype(np.float32), seed)      # train's --sample-rows
+    sample = s.x_train[:10_000].astype(np.float32)                        # train's --sample-rows
+    p = ppca_start(model, sample, seed)
+    if p is not None:
+        model.start_at(p)
     model = fit_vae(model, s.x_train.astype(np.float32), epochs, BATCH_SIZE, seed=seed, val_fraction=VAL_FRACTION,
-                    beta=beta, weight_decay=weight_decay)
+                    beta=beta, weight_decay=weight_decay, start=p, nets=nets)
+    model.fit_round_trip(torch.from_numpy(sample))                         # as train does before registering
     return model, epochs
 
 
@@ -191,6 +196,8 @@ def spreading_mu_error(mu_tr: np.ndarray, ytr: np.ndarray, mu_te: np.ndarray, yt
 def row(r: dict[str, Any]) -> str:
     line = (f"{r['set']:<17} β {r['beta']:<4g} {r['arch']:<4} {r['epochs']:>3} ep  MSE {r['mse']:10.4g} = "
             f"{r['mse_vs_pca']:.3f}× PCA  KL {r['kl_nats']:.1f} nats  active {r['active_units']}/{r['latent_dim']}")
+    if "nets_kept" in r:
+        line += f"  nets {'kept' if r['nets_kept'] else 'dropped'} (val gain {r['nets_gain']:.1%}, lower {r['nets_gain_lower']:.1%})"
     if "knn5_mu" in r:
         line += f"  5-NN μ {r['knn5_mu']:.3f} PCA {r['knn5_pca']:.3f}"
     if "m2_error" in r:
@@ -209,8 +216,11 @@ def any_data(names: tuple[str, ...] = PANEL, seed: int = 0, epochs: int = 0, bet
     for s in panel_sets(names, seed):
         for beta in betas:
             t = time.perf_counter()
-            model, ep = train_default(s, seed, epochs, beta, **overrides)
+            nets: dict[str, Any] = {}
+            model, ep = train_default(s, seed, epochs, beta, nets=nets, **overrides)
             r = {**measure(s, model, seed, label_draws), "epochs": ep, "beta": beta}
+            if nets:
+                r.update(nets_kept=nets["kept"], nets_gain=nets["gain"], nets_gain_lower=nets["gain_lower"])
             r["wall_s"] = time.perf_counter() - t
             rows.append(r)
             print(row(r), flush=True)
@@ -220,14 +230,16 @@ def any_data(names: tuple[str, ...] = PANEL, seed: int = 0, epochs: int = 0, bet
 def summary(r: dict[str, Any]) -> str:
     """The panel as a table (what `vaepipe protocol --what any-data` prints at the end)."""
     lines = [f"any-data panel (default recipe, seed {r['seed']}): wall {r['wall_s']:.0f} s",
-             "set | β | arch | epochs | MSE / PCA | KL nats | active | 5-NN μ / PCA | labels × draws: M2 / spreading on "
+             "set | β | arch | epochs | MSE / PCA | nets (val gain over the linear part, lower bound) | KL nats | active | 5-NN μ / PCA | labels × draws: M2 / spreading on "
              "μ / spreading on raw, means (paired M2 − raw ± sd) | wall s"]
     for x in r["sets"]:
         knn = f"{x['knn5_mu']:.3f} / {x['knn5_pca']:.3f}" if "knn5_mu" in x else "–"
         lab = (f"{x['labels']} × {x['label_draws']}: {x['m2_error']:.1%} / {x['spreading_error_mu']:.1%} / "
                f"{x['spreading_error_raw']:.1%} (M2 − raw {x['m2_minus_raw']:+.1%} ± {x['m2_minus_raw_sd']:.1%})"
                if "m2_error" in x else "–")
-        lines.append(f"{x['set']} | {x['beta']:g} | {x['arch']} | {x['epochs']} | {x['mse_vs_pca']:.3f} | "
+        nets = (f"{'kept' if x['nets_kept'] else 'dropped'} ({x['nets_gain']:.1%}, {x['nets_gain_lower']:.1%})"
+                if "nets_kept" in x else "–")
+        lines.append(f"{x['set']} | {x['beta']:g} | {x['arch']} | {x['epochs']} | {x['mse_vs_pca']:.3f} | {nets} | "
                      f"{x['kl_nats']:.1f} | {x['active_units']}/"
                      f"{x['latent_dim']} | {knn} | {lab} | {x['wall_s']:.0f}")
     return "\n".join(lines)

@@ -138,15 +138,20 @@ def image_config(arch: str = "conv", semi: SemiConfig | None = None) -> VAEConfi
 
 
 def fit_vae(model: VAE, raw: np.ndarray, epochs: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-            val_fraction: float = 0.0, beta: float = 1.0, weight_decay: float = 0.01) -> VAE:
+            val_fraction: float = 0.0, beta: float = 1.0, weight_decay: float = 0.01, start=None,
+            nets: dict | None = None) -> VAE:
     """The default recipe's loop (AdamW, cosine decay, a seeded permutation per epoch), unsupervised.
     With val_fraction > 0 a seeded part of `raw` is held out and the epoch with the best validation
     -ELBO (vae.train_step.evaluate, per-record noise) is kept, as `train --patience` keeps its best.
     `weight_decay` 0.01 (AdamW's own default) is what the protocols measured with; the any-data panel
-    passes `vaepipe train`'s."""
+    passes `vaepipe train`'s. `start`: the pPCA (vae.linear.PPCA) the model was started at; with
+    validation records the kept epoch's nets are then checked as `vaepipe train` checks them
+    (vae.recipe.keep_nets) and dropped for that start when they do not earn their place; `nets` (a dict)
+    receives the figures of that check."""
     import copy
 
-    from vae.train_step import evaluate
+    from vae.recipe import keep_nets, nets_gain
+    from vae.train_step import evaluate, round_trip
 
     x = torch.from_numpy(np.ascontiguousarray(raw))
     val = None
@@ -168,6 +173,15 @@ def fit_vae(model: VAE, raw: np.ndarray, epochs: int, batch_size: int = 128, lr:
                 best, best_state = score, copy.deepcopy(model.state_dict())
     if best_state is not None:
         model.load_state_dict(best_state)
+    if val is not None and start is not None:
+        full, linear, sq_diff, n = round_trip(model, [val]).tolist()
+        kept = keep_nets(full, linear, sq_diff, n)
+        if not kept:
+            model.start_at(start)
+        if nets is not None:
+            gain, lower = nets_gain(full, linear, sq_diff, n)
+            nets.update(kept=kept, val_round_trip_mse=full / n, val_linear_round_trip_mse=linear / n, gain=gain,
+                        gain_lower=lower)
     return model.eval()
 
 

@@ -30,7 +30,7 @@ from pipeline.table.parquet_io import check_inputs, list_parquet_files, read_tab
 from pipeline.runtime.redact import redact_uri
 from pipeline.training.run_store import CHECKPOINT_FILE, RunStore
 from pipeline.training.train_config import ModelOptions, TrainConfig
-from pipeline.training.train_loop import RunRef, WorkerConfig, journal_metrics, train_loop_per_worker
+from pipeline.training.train_loop import RunRef, WorkerConfig, journal_metrics, nets_figures, train_loop_per_worker
 from pipeline.table.uris import Location, arrow_filesystem, resolve
 from vae.anomaly import LatentReference
 from vae.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, with_reference
@@ -38,7 +38,7 @@ from vae.config import SemiConfig, VAEConfig
 from vae.model import VAE
 from vae.preprocess import Preprocessing
 from vae import recipe
-from vae.train_step import evaluate
+from vae.train_step import active_units, evaluate, round_trip
 
 __all__ = ["TrainConfig", "TrainResult", "run_train", "prepare_data", "build_datasets", "promote"]
 
@@ -321,7 +321,7 @@ def worker_config(cfg: TrainConfig, data: PreparedData, plan: RunPlan, has_val: 
         faults=FaultPlan(cfg.fail_at_epoch, cfg.fail_rank, plan.run_dir, so),
         resume_from=plan.resume_from, labels=cfg.labels, labelled_per_batch=cfg.labelled_per_batch,
         threads=None if not use_gpu else 4,   # None: from the CPUs of the node each worker lands on
-        blocks=blocks, start=_ppca_start(data, cfg))
+        blocks=blocks, start=_ppca_start(data, cfg), nets_min_gain=cfg.nets_min_gain)
 
 
 def _ppca_start(data: PreparedData, cfg: TrainConfig):
@@ -523,6 +523,13 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             fit(cfg, plan, wcfg, train_ds, val_ds, use_gpu)
         _, state, epochs_run = pick_checkpoint(plan)
         model = model_from_checkpoint(state)
+        nets = check_nets(cfg, model, state, data, val_ds, wcfg.start)
+        model.fit_round_trip(torch.from_numpy(np.ascontiguousarray(data.sample)))   # vae.model: E[x|μ] for decode
+        state = {**state, "model": model.state_dict(),
+                 "extra": {**state["extra"], "metrics": {**state["extra"]["metrics"], **nets}}}
+        for k in NETS_METRICS:   # after the epochs' curves, at the next step
+            if k in nets:
+                client.log_metric(run_id, k, nets[k], step=epochs_run)
         model_uri, ckpt_file = log_model_and_figures(cfg, run_id, state, model, data, tracking)
         client.log_metric(run_id, "wall_time_s", time.perf_counter() - t_start)
         # Registry: register, then move the alias only when the new version wins on the same val data.
@@ -546,6 +553,34 @@ def _val_batches(val_ds, data: PreparedData, batch_size=1024):
     spec, dim = data.spec, data.model.input_dim
     for b in val_ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
         yield torch.from_numpy(to_matrix(b, spec, dim, source="validation"))
+
+
+NETS_METRICS = ("nets_kept", "val_round_trip_mse", "val_linear_round_trip_mse", "nets_gain_lower")
+
+
+def check_nets(cfg: TrainConfig, model: VAE, state: dict, data: PreparedData, val_ds, start) -> dict[str, float]:
+    """The picked model's nets earn their place or go (vae.recipe.keep_nets): its validation round trip
+    against its linear part's alone; a model whose nets fail goes back to its pPCA start `start` (in
+    place). A run with --labels checked before its head trained (train_loop.TrainWorker._check_nets):
+    its figures are read from the checkpoint. Returns the figures (train_loop.nets_figures), {} when
+    there is nothing to check (no validation records, no linear path); prints the outcome."""
+    m = state["extra"]["metrics"]
+    if "nets_kept" in m:
+        nets = {k: m[k] for k in NETS_METRICS}
+    elif val_ds is None or start is None:
+        return {}
+    else:
+        full, linear, sq_diff, n = round_trip(model, _val_batches(val_ds, data)).tolist()
+        kept = recipe.keep_nets(full, linear, sq_diff, n, cfg.nets_min_gain)
+        nets = nets_figures(full, linear, sq_diff, n, kept)
+        if not kept:   # the pPCA model's own validation figures replace the picked epoch's
+            model.start_at(start)
+            stats, kl_dims = evaluate(model, _val_batches(val_ds, data), seed=cfg.seed)
+            nets.update(stats.means("val_"), active_units=active_units(kl_dims))
+    print(f"nets: {'kept' if nets['nets_kept'] else 'dropped, the model is its pPCA start'} (validation round trip "
+          f"{nets['val_round_trip_mse']:.4g} against the linear part's {nets['val_linear_round_trip_mse']:.4g} per "
+          f"record; the gain's lower bound {nets['nets_gain_lower']:.1%}, --nets-min-gain {cfg.nets_min_gain:g})")
+    return nets
 
 
 def _collapse(cfg: TrainConfig, state: dict) -> str | None:

@@ -32,6 +32,7 @@ class ModelOptions:
     hidden: tuple[int, ...]
     likelihood: str
     scaling: str
+    nets_min_gain: float
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,10 @@ class TrainConfig(RuntimeConfig):
     scaling: str = opt("auto", "range (the data's own range to [0, 1]), uint8, minmax, standardize, none, or "
                                "auto (none for data in [0, 1], range for a list column of integers, "
                                "standardize otherwise)", choices=SCALINGS, group="model")
+    nets_min_gain: float = opt(0.10, "the share of the linear (pPCA) part's validation round-trip error the "
+                                     "trained nets must remove (less two standard errors) to be kept; otherwise "
+                                     "the model is its pPCA start (vae.recipe.keep_nets). Negative: keep them "
+                                     "whatever they do", group="model")
     min_active_units: int = opt(1, "a model with fewer active latent units (mean KL > 0.01 nats on validation) is "
                                    "registered but never promoted, and train exits 4 (0 = no check)", group="registry")
     # optimisation
@@ -205,6 +210,8 @@ class TrainConfig(RuntimeConfig):
         for name in ("batch_size", "workers", "latent_dim", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not self.nets_min_gain < 1:
+            raise ConfigError(f"nets_min_gain must be below 1 (a share of the linear part's error), got {self.nets_min_gain}")
         if self.min_active_units < 0 or self.min_active_units > self.latent_dim:
             raise ConfigError(f"min_active_units must be in [0, latent_dim={self.latent_dim}], got {self.min_active_units}")
         if self.head_epochs < 0:

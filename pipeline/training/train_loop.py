@@ -30,8 +30,9 @@ from vae.checkpoint import checkpoint_bytes, load_checkpoint
 from vae.config import VAEConfig
 from vae.loss import kl_weight
 from vae.model import VAE
+from vae.recipe import NETS_MIN_GAIN, keep_nets, nets_gain
 from vae.semi import M2_LR, build_model, m2_epoch
-from vae.train_step import EpochStats, active_units, evaluate, labelled_batches, train_epoch
+from vae.train_step import EpochStats, active_units, evaluate, labelled_batches, round_trip, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class WorkerConfig:
     # A model with a linear path starts it here (vae.linear.PPCA, fit by the driver on the sample the
     # preprocessing was fit on); None: no linear path, or a run that continues from a checkpoint.
     start: Any = None
+    nets_min_gain: float = NETS_MIN_GAIN   # --nets-min-gain (vae.recipe.keep_nets)
 
     @property
     def cache(self) -> bool:
@@ -194,6 +196,16 @@ def _average_grads(params, world: int) -> None:
     for p in params:
         if p.grad is not None:
             _sum_over_workers(p.grad, world).div_(world)
+
+
+def nets_figures(full: float, linear: float, sq_diff: float, n: float, kept: bool) -> dict[str, float]:
+    """The nets' check as metrics (MLflow, the checkpoint): kept (1/0), the validation round-trip MSE
+    per record of the whole model and of its linear part, and the gain's lower bound as a share of the
+    linear part's error (vae.recipe.nets_gain; NaN with fewer than 2 records)."""
+    lower = nets_gain(full, linear, sq_diff, n)[1]
+    return {"nets_kept": float(kept), "val_round_trip_mse": full / max(n, 1),
+            "val_linear_round_trip_mse": linear / max(n, 1),
+            "nets_gain_lower": lower if lower > float("-inf") else float("nan")}
 
 
 # --- the recipe --------------------------------------------------------------------------------------
@@ -354,6 +366,8 @@ class TrainWorker:
         (one encoder pass, then no VAE work at all), numbered on from the VAE's epochs."""
         o = self.cfg.optim
         self._restore_best_vae()
+        if self.progress.head_done == 0:
+            self._check_nets()
         stats, y = self._shard_posterior(), self.cached["train"][1]
         for h in range(self.progress.head_done, o.head_epochs):
             epoch = self.progress.start_epoch
@@ -363,6 +377,27 @@ class TrainWorker:
                          f"head epoch {h + 1}/{o.head_epochs}: M2 loss {head['head_loss']:.3f}, labelled training "
                          f"records right {head['head_train_acc']:.1%} {head['head_epoch_time_s']:.1f}s",
                          phase="head")
+
+    def _check_nets(self) -> None:
+        """Before the head trains on it, the kept VAE's nets are checked as the driver checks a run
+        without labels (pipeline.training.train.check_nets; vae.recipe.keep_nets): the sums are
+        added over the workers' validation shards, so every worker decides alike, and a model whose
+        nets do not earn their place goes back to its pPCA start. The figures ride in the head
+        checkpoints' metrics, where the driver reads them."""
+        if not self.cfg.has_val or self.cfg.start is None:
+            return
+        epoch = self.progress.start_epoch
+        sums = _sum_over_workers(round_trip(self.model, self.epoch_batches("val", epoch, shuffle=False), self.device),
+                                 self.world)
+        full, linear, sq_diff, n = (float(v) for v in sums)
+        kept = keep_nets(full, linear, sq_diff, n, self.cfg.nets_min_gain)
+        self.vae_metrics = {**self.vae_metrics, **nets_figures(full, linear, sq_diff, n, kept)}
+        if not kept:   # the head checkpoints carry the pPCA model's own validation figures
+            self.core.start_at(self.cfg.start)
+            vstats, kl_dims = evaluate(self.model, self.epoch_batches("val", epoch, shuffle=False), self.device,
+                                       seed=self.cfg.optim.seed)
+            self.vae_metrics.update(_allreduce(vstats, self.world, self.device).means("val_"),
+                                    active_units=active_units(kl_dims))
 
     def _restore_best_vae(self) -> None:
         """The head trains on the VAE the run keeps: when early stopping ended after the best epoch,

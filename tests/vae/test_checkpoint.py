@@ -62,9 +62,20 @@ def test_checkpoint_bytes_load_from_bytes_and_file_objects():
 
 def test_model_from_checkpoint_is_strict_about_weights():
     state = load_checkpoint(checkpoint_bytes(small_model()))
-    state["model"].pop(next(iter(state["model"])))
+    state["model"].pop(next(k for k in state["model"] if k.startswith("encoder.")))
     with pytest.raises(RuntimeError, match="Missing key"):
         model_from_checkpoint(state)
+
+
+def test_a_checkpoint_from_before_the_round_trip_map_loads_with_none():
+    model = small_model()
+    with torch.no_grad():
+        model.round_trip_weight.fill_(0.5)
+    state = load_checkpoint(checkpoint_bytes(model))
+    for k in ("round_trip_weight", "round_trip_bias"):
+        state["model"].pop(k)
+    loaded = model_from_checkpoint(state)
+    assert not loaded.round_trip_weight.any() and not loaded.round_trip_bias.any()
 
 
 class Payload:

@@ -299,3 +299,46 @@ def test_the_linear_round_trip_is_the_whole_model_at_its_ppca_start_and_none_wit
     assert not torch.allclose(model.mean_of(model.decode(model.encode(x).mean)), whole, atol=1e-3)
     assert torch.allclose(model.linear_round_trip(x), whole, atol=1e-5)
     assert VAE(VAEConfig(input_shape=(12,), hidden=(16,), latent_dim=3)).linear_round_trip(x) is None
+
+
+def test_round_trip_errors_are_each_paths_squared_error_and_equal_at_the_ppca_start(seed):
+    from vae.linear import fit_ppca
+
+    cfg = VAEConfig(input_shape=(12,), hidden=(16,), latent_dim=3, likelihood="gaussian", calibrated=True,
+                    linear_path=True)
+    model = VAE(cfg).eval()
+    x = torch.randn(100, 12) * torch.linspace(0.2, 3, 12)
+    model.start_at(fit_ppca(x, 3, seed))
+    full, lin = model.round_trip_errors(x)
+    assert full.shape == lin.shape == (100,) and torch.allclose(full, lin, atol=1e-4)
+    with torch.no_grad():
+        model.decoder.net[-1].bias.add_(0.5)                     # the nets now shift every output by 0.5
+    full, lin = model.round_trip_errors(x)
+    expect = (model.mean_of(model.decode(model.encode(x).mean)) - x).pow(2).sum(-1)
+    assert torch.allclose(full, expect) and full.mean() > lin.mean()
+    assert VAE(VAEConfig(input_shape=(12,), hidden=(16,), latent_dim=3)).round_trip_errors(x)[1] is None
+
+
+def test_the_round_trip_map_turns_ppcas_shrunk_round_trip_into_pcas_projection(seed):
+    """pPCA's posterior mean shrinks each direction by (λ−σ²)/λ; the map fitted on the same records
+    undoes it, so the round trip becomes PCA's projection. sample() stays E[x|z]."""
+    from vae.linear import fit_ppca
+    from vae.preprocess import Preprocessing
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2000, 6, generator=g) * torch.tensor([3.0, 2.0, 1.0, 0.9, 0.8, 0.7])
+    cfg = VAEConfig(input_shape=(6,), hidden=(16,), latent_dim=2, likelihood="gaussian", calibrated=True,
+                    linear_path=True, preprocessing=Preprocessing(["x"], "list", "none"))
+    model = VAE(cfg).eval()
+    model.start_at(fit_ppca(x, 2, seed))
+    xc = x - x.mean(0)
+    v = torch.linalg.eigh(xc.T @ xc)[1][:, -2:]                            # the top two principal directions
+    pca = x.mean(0) + xc @ v @ v.T
+    mu = model.embed(x).mean
+    shrunk = ((model.reconstruct(mu) - x) ** 2).mean()
+    assert shrunk > 1.02 * ((pca - x) ** 2).mean()                         # the posterior-mean round trip is worse
+    torch.manual_seed(seed)
+    before = model.sample(5, torch.Generator().manual_seed(1))
+    model.fit_round_trip(x, batch=700)                                     # in batches: the same normal equations
+    assert torch.allclose(model.reconstruct(mu), pca, atol=1e-3)
+    assert torch.equal(model.sample(5, torch.Generator().manual_seed(1)), before)

@@ -58,3 +58,21 @@ def test_a_started_model_reconstructs_like_pca_before_any_training(seed):
     model.eval()
     recon = model.reconstruct(model.embed(torch.from_numpy(x)).mean).numpy()
     assert float(np.mean((recon - x) ** 2)) < 1e-3 * float(np.var(x))
+
+
+def test_the_nets_are_kept_only_when_their_gain_less_two_standard_errors_clears_the_margin():
+    from vae.recipe import NETS_MIN_GAIN, keep_nets
+
+    def sums(lin, full):
+        lin, full = np.asarray(lin, float), np.asarray(full, float)
+        return full.sum(), lin.sum(), ((lin - full) ** 2).sum(), float(len(lin))
+
+    lin = np.full(400, 10.0)
+    assert keep_nets(*sums(lin, lin * 0.5))                                   # a steady large gain
+    assert not keep_nets(*sums(lin, lin * (1 - NETS_MIN_GAIN / 2)))           # steady, below the margin
+    assert not keep_nets(*sums(lin, lin * 1.01)) and not keep_nets(*sums(lin, lin))
+    noisy = np.where(np.arange(400) % 2 == 0, 0.0, 1.4) * lin                 # half the records much better, half worse
+    assert (noisy.sum() < 0.75 * lin.sum()) and keep_nets(*sums(lin, noisy))  # 400 records: the gain is clear
+    few = np.array([10.0] * 10)
+    assert not keep_nets(*sums(few, np.where(np.arange(10) == 0, 0.0, 9.5)))    # 10 records, one carries the gain
+    assert keep_nets(*sums(lin, lin * 1.5), min_gain=-1)                      # negative: always kept

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.measure import panel
 
@@ -38,8 +39,12 @@ def test_a_short_panel_run_reports_every_figure_against_its_baseline(seed, capsy
     assert row["label_draws"] == 2 and len(row["m2_error_draws"]) == 2
     assert row["m2_error"] == pytest.approx(np.mean(row["m2_error_draws"]))
     assert row["m2_minus_raw"] == pytest.approx(np.mean(row["m2_error_draws"]) - np.mean(row["spreading_error_raw_draws"]))
+    # the nets' check: reported, and a dropped model round-trips like PCA (the map makes pPCA PCA's projection)
+    assert isinstance(row["nets_kept"], bool) and row["nets_gain_lower"] <= row["nets_gain"]
+    if not row["nets_kept"]:
+        assert row["mse_vs_pca"] == pytest.approx(1.0, abs=0.02)
     out = capsys.readouterr().out
-    assert "breast-cancer" in out and "× PCA" in out
+    assert "breast-cancer" in out and "× PCA" in out and "nets " in out
     assert "breast-cancer | 1 | mlp | 20 |" in panel.summary(r)
 
 
@@ -52,3 +57,41 @@ def test_the_panel_trains_with_vaepipe_trains_defaults():
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     assert (panel.BATCH_SIZE, panel.VAL_FRACTION, panel.HEAD_EPOCHS, panel.WEIGHT_DECAY) == (
         defaults["batch_size"], defaults["val_fraction"], defaults["head_epochs"], defaults["weight_decay"])
+    from vae.recipe import NETS_MIN_GAIN                 # the nets' check: fit_vae uses keep_nets's default
+
+    assert NETS_MIN_GAIN == defaults["nets_min_gain"]
+
+
+def _started(x: np.ndarray, latent_dim: int, hidden: tuple[int, ...]):
+    from vae.model import VAE
+    from vae.preprocess import Preprocessing
+    from vae.recipe import model_config, ppca_start
+
+    pre = Preprocessing.fit(x, [f"c{i}" for i in range(x.shape[1])], "scalars", "auto")
+    model = VAE(model_config(pre, x.shape[1], "scalars", latent_dim, hidden=hidden))
+    p = ppca_start(model, x, 0)
+    model.start_at(p)
+    return model, p
+
+
+def test_trained_nets_that_do_not_beat_ppca_on_validation_are_dropped_for_the_start(seed):
+    """Data that is pPCA exactly (a linear map of Gaussian latents plus noise): the nets have nothing to
+    add, so training ends at the start; a curve that no linear map holds keeps them."""
+    from pipeline.measure.protocols import fit_vae
+
+    g = np.random.default_rng(seed)
+    linear = (g.standard_normal((800, 2)) @ g.standard_normal((2, 10)) + 0.3 * g.standard_normal((800, 10)))
+    model, p = _started(linear.astype(np.float32), 2, (32, 32))
+    nets: dict = {}
+    model = fit_vae(model, linear.astype(np.float32), 20, 64, seed=seed, val_fraction=0.2, start=p, nets=nets)
+    x = model.preprocess(torch.from_numpy(linear.astype(np.float32)))
+    full, lin = model.round_trip_errors(x)
+    assert not nets["kept"] and nets["val_round_trip_mse"] > 0.9 * nets["val_linear_round_trip_mse"]
+    assert torch.allclose(full, lin, atol=1e-4)                       # the model is its pPCA start again
+
+    t = g.standard_normal(800)
+    curve = np.stack([t, t ** 2, np.sin(2 * t), np.cos(2 * t)], 1) + 0.02 * g.standard_normal((800, 4))
+    model, p = _started(curve.astype(np.float32), 1, (32, 32))
+    nets = {}
+    fit_vae(model, curve.astype(np.float32), 60, 64, seed=seed, val_fraction=0.2, start=p, nets=nets)
+    assert nets["kept"] and nets["val_round_trip_mse"] < 0.5 * nets["val_linear_round_trip_mse"], nets

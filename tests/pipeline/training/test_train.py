@@ -22,8 +22,9 @@ def test_bf16_run_logs_everything_and_promotion_needs_a_better_val_elbo(ray_loca
     tr = _tracking(workdir)
     c = client(tr)
     # 1. a good model, trained with CPU bf16 autocast: the first version takes `production`
+    # --nets-min-gain -1: both models keep their nets (the check would send both back to the same pPCA start)
     good = run_train(TrainConfig(input=digits_parquet, epochs=4, lr=5e-3, amp="bf16", model_name="t3",
-                                 workdir=workdir, **TINY))
+                                 nets_min_gain=-1, workdir=workdir, **TINY))
     assert good.promoted and current_alias_version("t3", "production", tr) == good.version
     run = c.get_run(good.run_id)
     for key in ("train_neg_elbo", "val_neg_elbo", "train_recon", "val_recon", "train_kl", "val_kl",
@@ -45,7 +46,7 @@ def test_bf16_run_logs_everything_and_promotion_needs_a_better_val_elbo(ray_loca
     assert sig is not None and sig.inputs.to_dict()[0]["tensor-spec"]["shape"][-1] == 64
 
     # 2. a deliberately worse model (1 epoch, tiny lr) is registered but does not take the alias
-    weak = dict(input=digits_parquet, epochs=1, lr=1e-5, model_name="t3", workdir=workdir, **TINY)
+    weak = dict(input=digits_parquet, epochs=1, lr=1e-5, model_name="t3", nets_min_gain=-1, workdir=workdir, **TINY)
     worse = run_train(TrainConfig(**weak))
     assert not worse.promoted and current_alias_version("t3", "production", tr) == good.version
     tags = c.get_model_version("t3", worse.version).tags
@@ -227,3 +228,43 @@ def test_a_collapsed_model_is_registered_never_promoted_and_train_says_why(ray_l
     assert current_alias_version("flat", "production", tr) is None
     v = client(tr).get_model_version("flat", "1")
     assert v.tags["vaepipe.promotion"] == "kept" and "posterior collapse" in v.tags["vaepipe.promotion_reason"]
+
+
+def test_nets_that_do_not_beat_ppca_are_dropped_and_the_registered_model_round_trips_like_pca(ray_local, workdir,
+                                                                                                tmp_path):
+    """A table that is pPCA exactly (a linear map of 2 Gaussian latents plus noise): the nets have nothing
+    to add. The run checks them after its epochs (MLflow figures at the step after the last epoch),
+    registers its pPCA start, and the registered model's round trip, with the map fitted after
+    training, is PCA's projection."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from sklearn.decomposition import PCA
+
+    from pipeline.training.run_store import RunStore
+    from vae.checkpoint import load_checkpoint, model_from_checkpoint
+
+    g = np.random.default_rng(0)
+    x = (g.standard_normal((1200, 2)) @ g.standard_normal((2, 8)) + 0.5 * g.standard_normal((1200, 8))).astype(np.float32)
+    folder = tmp_path / "linear"
+    folder.mkdir()
+    cols = [f"c{i}" for i in range(8)]
+    pq.write_table(pa.table({"id": np.arange(1200), **{c: x[:, i] for i, c in enumerate(cols)}}),
+                   folder / "part-0.parquet")
+    r = run_train(TrainConfig(input=str(folder), features=cols, latent_dim=2, hidden=[16], epochs=5, batch_size=128,
+                              workers=1, seed=0, model_name="linear", workdir=workdir))
+    assert [e["phase"] for e in RunStore(r.run_dir).journal()] == ["vae"] * 5 and r.epochs_run == 5
+    assert r.metrics["nets_kept"] == 0.0
+    assert r.metrics["val_round_trip_mse"] > 0.95 * r.metrics["val_linear_round_trip_mse"]   # the trained nets' figure
+    history = client(_tracking(workdir)).get_metric_history(r.run_id, "nets_kept")
+    assert [(m.step, m.value) for m in history] == [(5, 0.0)]
+    model = model_from_checkpoint(load_checkpoint(r.checkpoint))
+    xt = torch.from_numpy(x)
+    full, lin = model.round_trip_errors(model.preprocess(xt))
+    assert torch.allclose(full, lin, atol=1e-4)                          # the nets add nothing: the pPCA start
+    z = model.preprocess(xt).numpy()                                      # standardised, as the model sees it
+    pca = PCA(2).fit(z)
+    ours = model.preprocess(model.reconstruct(model.embed(xt).mean)).numpy()
+    assert np.mean((ours - z) ** 2) == pytest.approx(np.mean((pca.inverse_transform(pca.transform(z)) - z) ** 2),
+                                                     rel=1e-3)

@@ -95,7 +95,7 @@ NETS_MIN_GAIN = 0.10
 """The share of the linear (pPCA) part's validation round-trip error the nonlinear nets must remove,
 at the lower end of its confidence interval, for the model to keep them (vae.recipe.keep_nets). Set
 on the any-data panel's colour patches, whose nets' lower bounds reached 7.9 % over three seeds while
-they did worse than pPCA on the other photo; where nets carry over (MNIST, the digits: 49–51 %) it
+they did worse than pPCA on the other photo; where nets carry over (MNIST, the digits: 49–52 %) it
 changes nothing (docs/quality.md)."""
 
 

@@ -166,7 +166,8 @@ def labelled(s: PanelSet, mu_tr: np.ndarray, lv_tr: np.ndarray, mu_te: np.ndarra
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+        # fork, as DataLoader's workers: spawn would re-run a calling script that has no __main__ guard
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                  initializer=torch.set_num_threads, initargs=(1,)) as ex:
             results = list(ex.map(_one_draw, jobs))
     else:

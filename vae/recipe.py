@@ -120,3 +120,18 @@ def nets_gain(full: float, linear: float, sq_diff: float, n: float) -> tuple[flo
     gain = (linear - full) / n                                   # mean per-record gain
     se = max(sq_diff / n - gain ** 2, 0.0) ** 0.5 / (n - 1) ** 0.5
     return gain * n / linear, (gain - 2 * se) * n / linear
+
+
+def settle_nets(model, sums, start, min_gain: float = NETS_MIN_GAIN) -> dict[str, float]:
+    """The nets' check on a trained model, from vae.train_step.round_trip's sums (added over workers
+    where there are several): decide (keep_nets), send a model whose nets fail back to its pPCA start
+    `start` (in place), and return the figures (MLflow, the checkpoint, the panel): nets_kept (1/0),
+    the validation round-trip MSE per record of the whole model and of its linear part, and the gain
+    and its lower bound as shares of the linear part's error (NaN with fewer than 2 records)."""
+    full, linear, sq_diff, n = (float(v) for v in sums)
+    kept = keep_nets(full, linear, sq_diff, n, min_gain)
+    if not kept:
+        model.start_at(start)
+    gain, lower = nets_gain(full, linear, sq_diff, n)
+    return {"nets_kept": float(kept), "val_round_trip_mse": full / max(n, 1), "val_linear_round_trip_mse": linear / max(n, 1),
+            "nets_gain": gain, "nets_gain_lower": lower if lower > float("-inf") else float("nan")}

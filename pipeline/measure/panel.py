@@ -238,7 +238,7 @@ def any_data(names: tuple[str, ...] = PANEL, seed: int = 0, epochs: int = 0, bet
             model, ep = train_default(s, seed, epochs, beta, nets=nets, **overrides)
             r = {**measure(s, model, seed, label_draws), "epochs": ep, "beta": beta}
             if nets:
-                r.update(nets_kept=nets["kept"], nets_gain=nets["gain"], nets_gain_lower=nets["gain_lower"])
+                r.update(nets_kept=bool(nets["nets_kept"]), nets_gain=nets["nets_gain"], nets_gain_lower=nets["nets_gain_lower"])
             r["wall_s"] = time.perf_counter() - t
             rows.append(r)
             print(row(r), flush=True)

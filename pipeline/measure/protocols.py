@@ -147,10 +147,10 @@ def fit_vae(model: VAE, raw: np.ndarray, epochs: int, batch_size: int = 128, lr:
     passes `vaepipe train`'s. `start`: the pPCA (vae.linear.PPCA) the model was started at; with
     validation records the kept epoch's nets are then checked as `vaepipe train` checks them
     (vae.recipe.keep_nets) and dropped for that start when they do not earn their place; `nets` (a dict)
-    receives the figures of that check."""
+    receives the figures of that check (vae.recipe.settle_nets)."""
     import copy
 
-    from vae.recipe import keep_nets, nets_gain
+    from vae.recipe import settle_nets
     from vae.train_step import evaluate, round_trip
 
     x = torch.from_numpy(np.ascontiguousarray(raw))
@@ -174,14 +174,9 @@ def fit_vae(model: VAE, raw: np.ndarray, epochs: int, batch_size: int = 128, lr:
     if best_state is not None:
         model.load_state_dict(best_state)
     if val is not None and start is not None:
-        full, linear, sq_diff, n = round_trip(model, [val]).tolist()
-        kept = keep_nets(full, linear, sq_diff, n)
-        if not kept:
-            model.start_at(start)
+        figures = settle_nets(model, round_trip(model, [val]), start)
         if nets is not None:
-            gain, lower = nets_gain(full, linear, sq_diff, n)
-            nets.update(kept=kept, val_round_trip_mse=full / n, val_linear_round_trip_mse=linear / n, gain=gain,
-                        gain_lower=lower)
+            nets.update(figures)
     return model.eval()
 
 

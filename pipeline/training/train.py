@@ -30,7 +30,7 @@ from pipeline.table.parquet_io import check_inputs, list_parquet_files, read_tab
 from pipeline.runtime.redact import redact_uri
 from pipeline.training.run_store import CHECKPOINT_FILE, RunStore
 from pipeline.training.train_config import ModelOptions, TrainConfig
-from pipeline.training.train_loop import RunRef, WorkerConfig, journal_metrics, nets_figures, train_loop_per_worker
+from pipeline.training.train_loop import RunRef, WorkerConfig, journal_metrics, train_loop_per_worker
 from pipeline.table.uris import Location, arrow_filesystem, resolve
 from vae.anomaly import LatentReference
 from vae.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, with_reference
@@ -555,14 +555,14 @@ def _val_batches(val_ds, data: PreparedData, batch_size=1024):
         yield torch.from_numpy(to_matrix(b, spec, dim, source="validation"))
 
 
-NETS_METRICS = ("nets_kept", "val_round_trip_mse", "val_linear_round_trip_mse", "nets_gain_lower")
+NETS_METRICS = ("nets_kept", "val_round_trip_mse", "val_linear_round_trip_mse", "nets_gain", "nets_gain_lower")
 
 
 def check_nets(cfg: TrainConfig, model: VAE, state: dict, data: PreparedData, val_ds, start) -> dict[str, float]:
     """The picked model's nets earn their place or go (vae.recipe.keep_nets): its validation round trip
     against its linear part's alone; a model whose nets fail goes back to its pPCA start `start` (in
     place). A run with --labels checked before its head trained (train_loop.TrainWorker._check_nets):
-    its figures are read from the checkpoint. Returns the figures (train_loop.nets_figures), {} when
+    its figures are read from the checkpoint. Returns the figures (vae.recipe.settle_nets), {} when
     there is nothing to check (no validation records, no linear path); prints the outcome."""
     m = state["extra"]["metrics"]
     if "nets_kept" in m:
@@ -570,11 +570,8 @@ def check_nets(cfg: TrainConfig, model: VAE, state: dict, data: PreparedData, va
     elif val_ds is None or start is None:
         return {}
     else:
-        full, linear, sq_diff, n = round_trip(model, _val_batches(val_ds, data)).tolist()
-        kept = recipe.keep_nets(full, linear, sq_diff, n, cfg.nets_min_gain)
-        nets = nets_figures(full, linear, sq_diff, n, kept)
-        if not kept:   # the pPCA model's own validation figures replace the picked epoch's
-            model.start_at(start)
+        nets = recipe.settle_nets(model, round_trip(model, _val_batches(val_ds, data)), start, cfg.nets_min_gain)
+        if not nets["nets_kept"]:   # the pPCA model's own validation figures replace the picked epoch's
             stats, kl_dims = evaluate(model, _val_batches(val_ds, data), seed=cfg.seed)
             nets.update(stats.means("val_"), active_units=active_units(kl_dims))
     print(f"nets: {'kept' if nets['nets_kept'] else 'dropped, the model is its pPCA start'} (validation round trip "

@@ -30,7 +30,7 @@ from vae.checkpoint import checkpoint_bytes, load_checkpoint
 from vae.config import VAEConfig
 from vae.loss import kl_weight
 from vae.model import VAE
-from vae.recipe import NETS_MIN_GAIN, keep_nets, nets_gain
+from vae.recipe import NETS_MIN_GAIN, settle_nets
 from vae.semi import M2_LR, build_model, m2_epoch
 from vae.train_step import EpochStats, active_units, evaluate, labelled_batches, round_trip, train_epoch
 
@@ -196,16 +196,6 @@ def _average_grads(params, world: int) -> None:
     for p in params:
         if p.grad is not None:
             _sum_over_workers(p.grad, world).div_(world)
-
-
-def nets_figures(full: float, linear: float, sq_diff: float, n: float, kept: bool) -> dict[str, float]:
-    """The nets' check as metrics (MLflow, the checkpoint): kept (1/0), the validation round-trip MSE
-    per record of the whole model and of its linear part, and the gain's lower bound as a share of the
-    linear part's error (vae.recipe.nets_gain; NaN with fewer than 2 records)."""
-    lower = nets_gain(full, linear, sq_diff, n)[1]
-    return {"nets_kept": float(kept), "val_round_trip_mse": full / max(n, 1),
-            "val_linear_round_trip_mse": linear / max(n, 1),
-            "nets_gain_lower": lower if lower > float("-inf") else float("nan")}
 
 
 # --- the recipe --------------------------------------------------------------------------------------
@@ -389,11 +379,9 @@ class TrainWorker:
         epoch = self.progress.start_epoch
         sums = _sum_over_workers(round_trip(self.model, self.epoch_batches("val", epoch, shuffle=False), self.device),
                                  self.world)
-        full, linear, sq_diff, n = (float(v) for v in sums)
-        kept = keep_nets(full, linear, sq_diff, n, self.cfg.nets_min_gain)
-        self.vae_metrics = {**self.vae_metrics, **nets_figures(full, linear, sq_diff, n, kept)}
-        if not kept:   # the head checkpoints carry the pPCA model's own validation figures
-            self.core.start_at(self.cfg.start)
+        nets = settle_nets(self.core, sums, self.cfg.start, self.cfg.nets_min_gain)
+        self.vae_metrics = {**self.vae_metrics, **nets}
+        if not nets["nets_kept"]:   # the head checkpoints carry the pPCA model's own validation figures
             vstats, kl_dims = evaluate(self.model, self.epoch_batches("val", epoch, shuffle=False), self.device,
                                        seed=self.cfg.optim.seed)
             self.vae_metrics.update(_allreduce(vstats, self.world, self.device).means("val_"),

@@ -86,7 +86,7 @@ def test_trained_nets_that_do_not_beat_ppca_on_validation_are_dropped_for_the_st
     model = fit_vae(model, linear.astype(np.float32), 20, 64, seed=seed, val_fraction=0.2, start=p, nets=nets)
     x = model.preprocess(torch.from_numpy(linear.astype(np.float32)))
     full, lin = model.round_trip_errors(x)
-    assert not nets["kept"] and nets["val_round_trip_mse"] > 0.9 * nets["val_linear_round_trip_mse"]
+    assert not nets["nets_kept"] and nets["val_round_trip_mse"] > 0.9 * nets["val_linear_round_trip_mse"]
     assert torch.allclose(full, lin, atol=1e-4)                       # the model is its pPCA start again
 
     t = g.standard_normal(800)
@@ -94,4 +94,4 @@ def test_trained_nets_that_do_not_beat_ppca_on_validation_are_dropped_for_the_st
     model, p = _started(curve.astype(np.float32), 1, (32, 32))
     nets = {}
     fit_vae(model, curve.astype(np.float32), 60, 64, seed=seed, val_fraction=0.2, start=p, nets=nets)
-    assert nets["kept"] and nets["val_round_trip_mse"] < 0.5 * nets["val_linear_round_trip_mse"], nets
+    assert nets["nets_kept"] and nets["val_round_trip_mse"] < 0.5 * nets["val_linear_round_trip_mse"], nets

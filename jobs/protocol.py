@@ -1,5 +1,5 @@
 """Standard quality protocols, each one command that prints every figure of the same run:
-`vaepipe protocol --what semi-mnist|one-class-mnist|breast-cancer|breast-cancer-jobs [--json FILE]` (docs/quality.md)."""
+`vaepipe protocol --what semi-mnist|one-class-mnist|breast-cancer|breast-cancer-jobs|any-data|any-data-one-class [--json FILE]` (docs/quality.md)."""
 import sys
 
 from pipeline.measure.protocol_run import ProtocolConfig as Config, run_protocol, summary

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from pipeline.measure import panel
+from pipeline.measure import panel, panel_one_class
 from pipeline.measure.protocol_jobs import breast_cancer_jobs, jobs_summary
 from pipeline.measure.protocols import (BASELINES, CANDIDATES, ProtocolConfig, breast_cancer, one_class_mnist,
                                         semi_mnist)
@@ -23,9 +23,23 @@ def _any_data(cfg: ProtocolConfig) -> dict[str, Any]:
                           label_draws=cfg.label_draws)
 
 
+def _any_data_one_class(cfg: ProtocolConfig) -> dict[str, Any]:
+    unknown = [s for s in cfg.sets if s not in panel.PANEL]
+    if unknown:
+        raise ConfigError(f"--sets: unknown any-data set(s) {unknown}; known: {list(panel.PANEL)}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return panel_one_class.any_data_one_class(tuple(cfg.sets) or ONE_CLASS_SETS, tuple(cfg.digits), seed=cfg.seed,
+                                                epochs=cfg.epochs)
+
+
+ONE_CLASS_SETS = ("mnist", "digits-0-16")
+
+
 def run_protocol(cfg: ProtocolConfig) -> dict[str, Any]:
     r = {"semi-mnist": semi_mnist, "one-class-mnist": one_class_mnist, "breast-cancer": breast_cancer,
-         "breast-cancer-jobs": breast_cancer_jobs, "any-data": _any_data}[cfg.what](cfg)
+         "breast-cancer-jobs": breast_cancer_jobs, "any-data": _any_data,
+         "any-data-one-class": _any_data_one_class}[cfg.what](cfg)
     r["threads"] = torch.get_num_threads()
     if cfg.json:
         write_json(cfg.json, r)
@@ -38,6 +52,8 @@ def summary(r: dict[str, Any]) -> str:
         return jobs_summary(r)
     if r["protocol"] == "any-data":
         return panel.summary(r)
+    if r["protocol"] == "any-data-one-class":
+        return panel_one_class.summary(r)
     lines = [f"{r['protocol']} ({r.get('arch', 'mlp')}, {r['epochs']} epochs"
              + (f", best of them by the ELBO of {r['val_fraction']:.0%} held out" if r.get("val_fraction") else "")
              + (f", scores averaged over {r['ensemble']} VAEs" if r.get("ensemble", 1) > 1 else "")

@@ -45,7 +45,7 @@ from vae.preprocess import Preprocessing
 from vae.semi import SemiVAE
 from vae.train_step import cosine_lr, train_epoch
 
-PROTOCOLS = ("semi-mnist", "one-class-mnist", "breast-cancer", "breast-cancer-jobs", "any-data")
+PROTOCOLS = ("semi-mnist", "one-class-mnist", "breast-cancer", "breast-cancer-jobs", "any-data", "any-data-one-class")
 SCORES = ("iwae", "neg_elbo", "recon")            # the likelihood-type scores
 MODEL_SCORES = (*SCORES, "sq_err")                  # functions of the record and the VAE alone
 LATENT_SCORES = ("knn_z", "mahal_z")                # densities of μ against the fitting records' μ
@@ -58,7 +58,9 @@ BASELINES = ("isolation_forest", "ocsvm", "pca_recon", "knn_mu")
 class ProtocolConfig(RuntimeConfig):
     what: str = opt("one-class-mnist", "the protocol: semi-mnist, one-class-mnist, breast-cancer, breast-cancer-jobs "
                                        "(the chosen breast-cancer score through `train` and `encode --score-kind`), any-data "
-                                       "(the default recipe on the panel of real data sets: pipeline.measure.panel)",
+                                       "(the default recipe on the panel of real data sets: pipeline.measure.panel), any-data-one-class "
+                                       "(the default recipe trained on one class, `encode --score`'s AUC: "
+                                       "pipeline.measure.panel_one_class)",
                     choices=PROTOCOLS)
     epochs: int = opt(0, "VAE training epochs (0: the protocol's own: 20 semi-mnist, 100 one-class-mnist, any-data auto, "
                          "breast-cancer chosen among --epoch-grid)")
@@ -67,7 +69,7 @@ class ProtocolConfig(RuntimeConfig):
     draws: int = opt(5, "semi-mnist, breast-cancer: seeded draws (labels / anomaly subsample) averaged over")
     label_draws: int = opt(0, "any-data: balanced label draws the few-label comparison averages over (0: each "
                               "set's own: 5, MNIST 1)")
-    digits: list[int] = opt(help="one-class-mnist: the normal digits to run (default all ten)",
+    digits: list[int] = opt(help="one-class-mnist, any-data-one-class: the normal digits (classes) to run (default all ten)",
                             factory=lambda: list(range(10)))
     arch: str = opt("conv", "image model: conv (what `vaepipe train` picks for images: channels 32, 64) or mlp "
                             "(512, 256, Kingma et al.'s M1 shape)", choices=("conv", "mlp"))
@@ -85,7 +87,8 @@ class ProtocolConfig(RuntimeConfig):
                            "each candidate score averaged over them")
     sets: list[str] = opt(help="any-data: the panel's data sets (default all: mnist, digits-0-16, digits-0-255, "
                                "breast-cancer, patches16-china, patches16-flower, patches32-china, patches32-flower; "
-                               "patchesN-PHOTO trains on PHOTO's patches and tests on the other photo's)",
+                               "patchesN-PHOTO trains on PHOTO's patches and tests on the other photo's); "
+                               "any-data-one-class: its labelled sets (default mnist, digits-0-16)",
                           factory=list)
     betas: list[float] = opt(help="any-data: β values to train each set with (default 1, the recipe's; several "
                                   "give the rate-distortion frontier)", factory=lambda: [1.0])

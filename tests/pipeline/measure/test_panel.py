@@ -34,7 +34,7 @@ def test_a_short_panel_run_reports_every_figure_against_its_baseline(seed, capsy
     assert 0.3 < row["mse_vs_pca"] < 1.5 and row["active_units"] >= 1
     assert 0.8 < row["knn5_mu"] <= 1 and 0.8 < row["knn5_pca"] <= 1
     assert 0 <= row["m2_error"] < 0.5 and 0 <= row["spreading_error_raw"] < 0.5 and row["labels"] == 20
-    assert 0 <= row["spreading_error_mu"] < 0.5
+    assert 0 <= row["spreading_error_mu"] < 0.5 and 0 <= row["spreading_error_pca"] < 0.5
     # two label draws, each compared on the same labels: the means are of the draws, the difference paired
     assert row["label_draws"] == 2 and len(row["m2_error_draws"]) == 2
     assert row["m2_error"] == pytest.approx(np.mean(row["m2_error_draws"]))

@@ -231,34 +231,63 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop(proc) -> None:
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except ProcessLookupError:                       # the group is gone already
+        proc.wait()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _start_serve(folder: str, ingress: str, attempts: int = 3, ready_within: float = 300.0):
+    """`vaepipe serve` on a free port, once its /healthz answers 200: (process, port, seconds to ready).
+    The port is free when picked but not reserved: a process started meanwhile (a Ray worker's gRPC
+    server, say) can take it before serve binds it. A non-HTTP answer there, or a serve that exits
+    first, means exactly that (serve cannot bind it), and the next attempt takes another port."""
+    import http.client
+    import subprocess
+    import urllib.request
+
+    for _ in range(attempts):
+        port = _free_port()
+        proc = subprocess.Popen([*vaepipe_command(), "serve", "--latents", folder, "--port", str(port),
+                                 "--ray-address", "local", "--ingress", ingress], env=child_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        t0 = time.perf_counter()
+        taken = False
+        while not taken and proc.poll() is None and time.perf_counter() - t0 < ready_within:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    if r.status == 200:
+                        return proc, port, time.perf_counter() - t0
+            except http.client.RemoteDisconnected:   # accepted and closed while it starts
+                pass
+            except http.client.HTTPException:       # something that is not an HTTP server holds the port
+                taken = True
+            except OSError:                          # nothing listening yet (or a 5xx while it starts)
+                pass
+            time.sleep(0.5)
+        exited = proc.poll() is not None
+        _stop(proc)
+        if not (taken or exited):                    # alive but not ready in time: not a port clash
+            break
+    raise RuntimeError(f"bench index: vaepipe serve --ingress {ingress} did not become ready (last port {port})")
+
+
 def service_side(folder: str, queries: np.ndarray, k: int, clients: int = 4, ingress: str = "haproxy") -> dict[str, Any]:
     """`vaepipe serve --ingress INGRESS` as a process (its own local Ray): per-request latency over
     HTTP, one client on a kept-alive connection (1,000 requests after 50 warm-up ones), then
     `clients` clients at once."""
     import http.client
-    import signal
-    import subprocess
     import threading
-    import urllib.request
 
-    port = _free_port()
-    proc = subprocess.Popen([*vaepipe_command(), "serve", "--latents", folder, "--port", str(port),
-                             "--ray-address", "local", "--ingress", ingress], env=child_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    t0 = time.perf_counter()
+    proc, port, ready_s = _start_serve(folder, ingress)
     try:
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.perf_counter() - t0 > 300:
-                raise RuntimeError("bench index: vaepipe serve did not become ready")
-            time.sleep(0.5)
-        ready_s = time.perf_counter() - t0
-
         def run(n: int, seed: int, walls: list) -> None:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             rng = np.random.default_rng(seed)
@@ -288,11 +317,7 @@ def service_side(folder: str, queries: np.ndarray, k: int, clients: int = 4, ing
         return {"ingress": ingress, "ready_s": round(ready_s, 1), "one_client": percentiles(one),
                 f"{clients}_clients": {**percentiles(flat), "requests_per_s": round(len(flat) / wall, 1)}}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _stop(proc)
 
 
 def lancedb_side(folder: str, queries: np.ndarray, truth: np.ndarray, k: int, keep: bool = False) -> dict[str, Any]:

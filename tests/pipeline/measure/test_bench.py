@@ -227,3 +227,43 @@ def test_lancedb_side_searches_a_kept_index_again_only_for_the_same_table(tmp_pa
     truth, _ = b.exact_rows(folder, queries, 10)
     assert not b.lancedb_side(folder, queries, truth, 10, keep=True)["kept"]
     assert not b.lancedb_side(folder, queries, truth, 10, keep=False)["kept"]
+
+
+def test_the_service_side_moves_to_another_port_when_a_non_http_server_took_the_picked_one(tmp_path, monkeypatch):
+    """The picked port is free, not reserved: here a gRPC-like server (bytes, no HTTP) holds the first
+    one, so the health check must not take its answer for an error of serve's and must try a new port.
+    The latents folder is missing, so each real `vaepipe serve` exits and every attempt fails; what is
+    checked is which ports were tried."""
+    import socket
+    import threading
+
+    from pipeline.measure import bench_index
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+
+    def answer_in_bytes():
+        while True:
+            try:
+                conn, _ = squatter.accept()
+            except OSError:
+                return
+            conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x05\x00\x00@\x00")   # an HTTP/2 SETTINGS frame
+            conn.close()
+
+    threading.Thread(target=answer_in_bytes, daemon=True).start()
+    real, tried = bench_index._free_port, []
+
+    def port():
+        tried.append(taken if not tried else real())
+        return tried[-1]
+
+    monkeypatch.setattr(bench_index, "_free_port", port)
+    try:
+        with pytest.raises(RuntimeError, match="did not become ready"):
+            bench_index._start_serve(str(tmp_path / "missing"), "haproxy", attempts=3, ready_within=60)
+    finally:
+        squatter.close()
+    assert tried[0] == taken and len(tried) == 3 and taken not in tried[1:]

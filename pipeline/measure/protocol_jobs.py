@@ -4,8 +4,9 @@ by the batch jobs a user runs instead of the protocol's in-process loop.
 Per draw (the same seeded draws as `--what breast-cancer`): the fit half and the scored half are
 written as Parquet (30 float columns `c0`…`c29` and `id`; the malignant flag never reaches a job),
 `run_train` (what `vaepipe train` runs: Ray Train, MLflow registry) fits `--ensemble` models with
-the protocol's tabular recipe, seeds draw + 10,000·m, and one `run_encode` (what `vaepipe encode`
-runs) writes `score` for the scored half with `--score-kind` over all of them (`--score-models`).
+the protocol's tabular recipe (protocols.tabular_vae: `--no-linear-path`), seeds draw + 10,000·m,
+and one `run_encode` (what `vaepipe encode` runs) writes `score` for the scored half with
+`--score-kind` over all of them (`--score-models`).
 The AUC is read from the committed Parquet output. IsolationForest is fit on the same fit half (in
 the standardised space the protocol uses), so the comparison is paired draw by draw.
 
@@ -65,7 +66,7 @@ def breast_cancer_jobs(cfg: ProtocolConfig) -> dict[str, Any]:
             r = run_train(TrainConfig(
                 input=fit_dir, features=COLUMNS, id_column="id", arch="mlp", hidden=[64, 32], latent_dim=4,
                 likelihood="gaussian", scaling="standardize", epochs=epochs, batch_size=32, lr=2e-3,
-                weight_decay=0.01, val_fraction=cfg.val_fraction, seed=s + 10_000 * m, workers=1,
+                weight_decay=0.01, linear_path=False, val_fraction=cfg.val_fraction, seed=s + 10_000 * m, workers=1,
                 model_name=f"bc-draw{s}-m{m}", workdir=cfg.workdir, tracking_uri=cfg.tracking_uri,
                 ray_address=cfg.ray_address))
             uris.append(r.model_uri)

@@ -114,7 +114,8 @@ def _model_config(cfg: ModelOptions, pre: Preprocessing, dim: int, layout: str, 
     """The architecture and likelihood for this data: vae.recipe decides what is left "auto"."""
     try:
         return recipe.model_config(pre, dim, layout, cfg.latent_dim, arch=cfg.arch, image_shape=cfg.image_shape,
-                                   hidden=cfg.hidden, likelihood_choice=cfg.likelihood, sample_in_unit=sample_in_unit)
+                                   hidden=cfg.hidden, likelihood_choice=cfg.likelihood, sample_in_unit=sample_in_unit,
+                                   linear_path=None if cfg.linear_path else False)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -33,6 +33,7 @@ class ModelOptions:
     likelihood: str
     scaling: str
     nets_min_gain: float
+    linear_path: bool
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,11 @@ class TrainConfig(RuntimeConfig):
                                      "trained nets must remove (less two standard errors) to be kept; otherwise "
                                      "the model is its pPCA start (vae.recipe.keep_nets). Negative: keep them "
                                      "whatever they do", group="model")
+    linear_path: bool = opt(True, "Gaussian models: a linear encoder and decoder beside the nets, training started at "
+                                  "the pPCA of the sample (vae.linear). --no-linear-path: the nets alone from their "
+                                  "seeded start (no pPCA start, no nets' check), so models of different seeds differ, "
+                                  "as an ensemble of --score-models wants (docs/quality.md, breast cancer)",
+                            group="model")
     min_active_units: int = opt(1, "a model with fewer active latent units (mean KL > 0.01 nats on validation) is "
                                    "registered but never promoted, and train exits 4 (0 = no check)", group="registry")
     # optimisation

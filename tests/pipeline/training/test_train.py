@@ -268,3 +268,30 @@ def test_nets_that_do_not_beat_ppca_are_dropped_and_the_registered_model_round_t
     ours = model.preprocess(model.reconstruct(model.embed(xt).mean)).numpy()
     assert np.mean((ours - z) ** 2) == pytest.approx(np.mean((pca.inverse_transform(pca.transform(z)) - z) ** 2),
                                                      rel=1e-3)
+
+
+def test_no_linear_path_trains_the_nets_alone_from_their_seeded_start(ray_local, workdir, tmp_path):
+    """--no-linear-path: no pPCA start and so no nets' check; the models of two seeds differ (with the
+    pPCA start both begin at the same exact pPCA), which is what an ensemble of --score-models needs."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from vae.checkpoint import load_checkpoint, model_from_checkpoint
+
+    g = np.random.default_rng(0)
+    x = (g.standard_normal((400, 2)) @ g.standard_normal((2, 6)) + 0.5 * g.standard_normal((400, 6))).astype(np.float32)
+    folder = tmp_path / "nets"
+    folder.mkdir()
+    cols = [f"c{i}" for i in range(6)]
+    pq.write_table(pa.table({"id": np.arange(400), **{c: x[:, i] for i, c in enumerate(cols)}}), folder / "part-0.parquet")
+    mus = []
+    for seed in (0, 1):
+        r = run_train(TrainConfig(input=str(folder), features=cols, latent_dim=2, hidden=[16], epochs=2, batch_size=64,
+                                  workers=1, seed=seed, linear_path=False, model_name=f"nets{seed}", workdir=workdir))
+        assert "nets_kept" not in r.metrics
+        model = model_from_checkpoint(load_checkpoint(r.checkpoint))
+        assert not model.config.linear_path and model.config.calibrated
+        mus.append(model.embed(torch.from_numpy(x)).mean)
+    assert not torch.allclose(mus[0], mus[1], atol=1e-2)

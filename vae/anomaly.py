@@ -58,8 +58,13 @@ class LatentReference:
         `leave_one_out`, for the reference's own records) -> (N,)."""
         ref, skip, out = self.mu.to(mu.device, mu.dtype), int(leave_one_out), []
         for i in range(0, len(mu), chunk):
-            d = torch.cdist(mu[i:i + chunk], ref)                                # (c, R)
-            out.append(d.topk(self.k + skip, dim=1, largest=False).values[:, skip:].mean(1))
+            q = mu[i:i + chunk]                                                  # (c, L)
+            # cdist by matrix products (|a|² + |b|² − 2a·b) picks the candidates fast, but loses small
+            # distances to cancellation: a record's distance to itself came out near 1e-2, not 0, and
+            # varied with the chunk's size. The k (+ 1) candidates' distances are taken again exactly.
+            near = torch.cdist(q, ref).topk(self.k + skip, dim=1, largest=False).indices   # (c, k + skip)
+            d = (q[:, None, :] - ref[near]).norm(dim=-1).sort(dim=1).values      # (c, k + skip)
+            out.append(d[:, skip:].mean(1))
         return torch.cat(out) if out else mu.new_zeros(0)
 
     def to_state(self) -> dict[str, Any]:

@@ -65,6 +65,20 @@ def test_a_records_score_does_not_depend_on_its_batch(seed):
     torch.testing.assert_close(parts, whole, rtol=0, atol=1e-4)
 
 
+def test_knn_z_of_the_reference_records_themselves_is_exact_in_any_chunk(seed):
+    # A nightly scores the records the model was fit on, so a scored μ is often in the reference. The
+    # matrix-product distance gave its distance to itself as about 1e-2 (cancellation in |a|² + |b|² −
+    # 2a·b, worse away from the origin) and a score that moved with the batch size.
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(3000, 16, generator=g) * 2 + 3
+    assert float(LatentReference(mu, k=1).knn(mu[:200]).abs().max()) == 0.0
+    ref = LatentReference(mu, k=5)
+    torch.testing.assert_close(ref.knn(mu[:700], chunk=7), ref.knn(mu[:700], chunk=1024), rtol=0, atol=1e-6)
+    exact = torch.cdist(mu[:50].double(), mu.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    torch.testing.assert_close(ref.knn(mu[:50]).double(), exact.topk(5, largest=False).values.mean(1),
+                               rtol=0, atol=1e-5)
+
+
 def test_the_reference_leaves_each_record_out_of_its_own_neighbours(seed):
     model, fit, _ = _tabular(seed)
     ref = LatentReference.fit(model, torch.from_numpy(fit), k=1)

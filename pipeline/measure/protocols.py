@@ -361,9 +361,9 @@ def tabular_vae(raw_fit: np.ndarray, seed: int) -> VAE:
     """The breast-cancer model, as `vaepipe train --arch mlp --hidden 64,32 --latent-dim 4 --likelihood
     gaussian --scaling standardize --no-linear-path` builds it (vae.recipe.model_config): an MLP VAE over
     the columns standardised by the records it is fit on, the calibrated Gaussian, the nets alone from
-    their seeded start. Without the linear path: started at pPCA, the 5 members of an ensemble stay
-    near pPCA and alike, and knn_z is k-NN on whitened PCA scores (cross-fit AUC 0.932 against 0.953
-    for the nets alone; docs/quality.md)."""
+    their seeded start. With the linear path (train's default) every member starts at the same exact
+    pPCA, the 5 members of an ensemble stay near it and alike, and knn_z is k-NN on whitened PCA scores
+    (cross-fit AUC 0.932 against 0.953 for the nets alone; docs/quality.md)."""
     from vae import recipe
 
     pre = Preprocessing.fit(raw_fit, [f"c{i}" for i in range(raw_fit.shape[1])], "scalars", "standardize")

@@ -19,6 +19,8 @@ LINEAR_LR_SCALE = 0.0
 """The linear path's learning rate relative to the nets': 0, it stays at pPCA (the linear optimum) and
 the nets learn what it leaves. On the any-data panel's colour patches, training it too (at the full
 rate or 0.1×) kept no more than freezing it; the ablations are in docs/quality.md."""
+METRIC_ROWS = 2048
+"""Records of the training sample the latent metric (VAE.fit_metric) averages over."""
 SIGMA_MOMENTUM = 0.05
 """How far each training batch moves a calibrated decoder's stored log σ towards its own optimum."""
 
@@ -57,10 +59,14 @@ class VAE(nn.Module):
         # tables 1–18 % more error than PCA's projection); reconstruct(μ) adds this map, sample() does not.
         self.register_buffer("round_trip_weight", torch.zeros(d, lat))          # (D, L)
         self.register_buffer("round_trip_bias", torch.zeros(d))                 # (D,)
+        # The latent metric: a factor F (L, L) of the round trip's mean pullback metric G = F·Fᵀ, fitted
+        # with the round-trip map (fit_metric); embedding(μ) = μ·F. Identity until then (the embedding is μ).
+        self.register_buffer("metric_factor", torch.eye(lat))                  # (L, L)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints written before the round-trip map existed load with none (zeros)
-        for name in ("round_trip_weight", "round_trip_bias"):
+        # and those from before the latent metric with the identity (their embedding is μ)
+        for name in ("round_trip_weight", "round_trip_bias", "metric_factor"):
             state_dict.setdefault(prefix + name, getattr(self, name).clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -146,7 +152,7 @@ class VAE(nn.Module):
         """Records in raw feature units from posterior means (the compression round trip): E[x|z=μ]
         plus the round-trip map, (B, L) -> (B, D). For data scaled into [0, 1] (pixels) the overshoot
         is clipped back into the data's range."""
-        x = self.mean_of(self.decode(mu)) + mu @ self.round_trip_weight.T + self.round_trip_bias   # (B, D)
+        x = self.round_trip_mean(mu)                                             # (B, D)
         return self.scaler.inverse(x.clamp(0.0, 1.0) if self.scaler.clip else x)
 
     @torch.no_grad()
@@ -167,6 +173,45 @@ class VAE(nn.Module):
         sol = torch.linalg.solve(gram, cross)                                       # (L + 1, D)
         self.round_trip_weight.copy_(sol[:lat].T.to(self.round_trip_weight))
         self.round_trip_bias.copy_(sol[lat].to(self.round_trip_bias))
+        self.fit_metric(raw[:METRIC_ROWS])
+
+    def round_trip_mean(self, mu: torch.Tensor) -> torch.Tensor:
+        """E[x|μ] in model space, unclipped: the decoder's mean plus the round-trip map, (B, L) -> (B, D)."""
+        return self.mean_of(self.decode(mu)) + mu @ self.round_trip_weight.T + self.round_trip_bias
+
+    def fit_metric(self, raw: torch.Tensor, batch: int = 256) -> None:
+        """Fit the latent metric on raw records (B, D): G = mean over the records of Jᵀ·J, J (D, L) the
+        Jacobian of the round trip E[x|μ] at each record's μ, in model space (standardised columns, pixels
+        scaled as the model sees them), and its Cholesky factor F. ‖(μ − μ′)·F‖ is then the distance of
+        the two decoded records for small steps, where ‖μ − μ′‖ weighs every latent direction alike: the
+        prior whitens μ, so a direction that carries a tenth of the data's variance counts as much as the
+        first. For a pPCA model with its round-trip map (the recipe on small tables), embedding(μ) is PCA's
+        scores up to a rotation; docs/quality.md measures what it does to neighbours."""
+        from torch.func import jvp
+
+        lat = self.config.latent_dim
+        was_training = self.training
+        self.eval()
+        gram = torch.zeros(lat, lat, dtype=torch.float64)
+        eye = torch.eye(lat)
+        with torch.no_grad():
+            for i in range(0, len(raw), batch):
+                mu = self.embed(raw[i:i + batch]).mean                              # (b, L)
+                cols = [jvp(self.round_trip_mean, (mu,), (eye[l].to(mu).expand_as(mu),))[1]   # J·e_l: (b, D)
+                        for l in range(lat)]
+                j = torch.stack(cols, -1).double().cpu()                           # (b, D, L)
+                gram += torch.einsum("bdl,bdk->lk", j, j)
+        gram /= max(len(raw), 1)
+        gram += 1e-9 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(lat, dtype=torch.float64)
+        self.metric_factor.copy_(torch.linalg.cholesky(gram).to(self.metric_factor))
+        self.train(was_training)
+
+    @torch.no_grad()
+    def embedding(self, mu: torch.Tensor) -> torch.Tensor:
+        """μ in the latent metric's units (fit_metric), (B, L) -> (B, L): Euclidean distances between
+        embeddings approximate distances between the decoded records, where μ's own weigh every latent
+        direction alike. What `encode --embedding` writes for neighbours."""
+        return mu @ self.metric_factor.to(mu)
 
     @torch.no_grad()
     def linear_round_trip(self, x: torch.Tensor) -> torch.Tensor | None:

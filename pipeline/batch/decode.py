@@ -80,7 +80,7 @@ class FileDecoder:
             raise SchemaError(f"{source}: latents have {z.shape[1]} dims, the model has {self.model.config.latent_dim}")
         x = np.concatenate([self.model.reconstruct(torch.from_numpy(z[i:i + p["batch_size"]])).numpy()
                             for i in range(0, len(z), p["batch_size"])]) if len(z) else np.zeros((0, self.model.config.input_dim), np.float32)
-        out = {c: t.column(c) for c in t.schema.names if c not in (p["column"], "logvar", "score")}
+        out = {c: t.column(c) for c in t.schema.names if c not in (p["column"], "logvar", "embedding", "score")}
         if pre.layout == "list":
             out[pre.features[0]] = fixed_size_list(x.astype(np.float32))
         else:

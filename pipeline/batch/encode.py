@@ -60,6 +60,10 @@ class EncodeConfig(WriterConfig):
     use_gpu: bool | None = opt(None, "encode on GPUs (default: when there are any: this machine's in this process, "
                                      "the cluster's on the actor pool; --no-use-gpu: CPU only)")
     logvar: bool = opt(False, "also write the posterior log-variance")
+    embedding: bool = opt(False, "also write `embedding`: μ in the model's latent metric (vae.model.VAE.embedding), "
+                                 "whose Euclidean distances approximate those of the decoded records, where μ's "
+                                 "weigh every latent direction alike (the prior whitens them); for neighbours: "
+                                 "`query --column embedding`")
     score: bool = opt(False, "also write an anomaly score per record (higher = more unusual): --score-kind")
     score_kind: str = opt("auto", "the score: auto (sq_err+knn_z, the kind that ranked anomalies best in the "
                                   "protocols (docs/quality.md), or neg_elbo for a model without a latent "
@@ -350,6 +354,8 @@ class UnitEncoder:
         outs = {"mu": torch.empty(n, lat, device=dev)}
         if p["logvar"]:
             outs["logvar"] = torch.empty(n, lat, device=dev)
+        if p.get("embedding"):
+            outs["embedding"] = torch.empty(n, lat, device=dev)
         if p["score"]:
             outs["score"] = torch.empty(n, device=dev)
         if p.get("predict"):
@@ -361,6 +367,8 @@ class UnitEncoder:
                 outs["mu"][i:i + bs] = q.mean
                 if "logvar" in outs:
                     outs["logvar"][i:i + bs] = q.logvar
+                if "embedding" in outs:
+                    outs["embedding"][i:i + bs] = self.model.embedding(q.mean)
                 if "score" in outs:   # the members' mean; neg_elbo's noise is per record (any batch or unit)
                     keys = record_keys(raw) if p["score_kind"] == "neg_elbo" else None
                     outs["score"][i:i + bs] = torch.stack([
@@ -386,6 +394,10 @@ class UnitEncoder:
         if "logvar" in enc:
             out["logvar"] = fixed_size_list(enc["logvar"].astype(np.float16 if p["dtype"] != "float32" else np.float32),
                                             pa.float16() if p["dtype"] != "float32" else pa.float32())
+        if "embedding" in enc:   # float16 beside a compressed μ, as logvar
+            half = p["dtype"] != "float32"
+            out["embedding"] = fixed_size_list(enc["embedding"].astype(np.float16 if half else np.float32),
+                                               pa.float16() if half else pa.float32())
         if "score" in enc:
             out["score"] = pa.array(enc["score"].astype(np.float32))
         if "pred_prob" in enc:
@@ -586,7 +598,7 @@ def _encode(cfg: EncodeConfig, loc: Location, out: Location, control: Location, 
     plan = {"input": cfg.input if "://" in cfg.input else loc.path, "output": cfg.output if "://" in cfg.output else out.path,
             "staging": commit.staging, "features": list(spec.columns), "layout": spec.layout,
             "input_dim": model.config.input_dim, "keep": keep, "id_column": cfg.id_column,
-            "batch_size": cfg.batch_size, "logvar": cfg.logvar, "score": cfg.score, "score_kind": cfg.score_kind,
+            "batch_size": cfg.batch_size, "logvar": cfg.logvar, "embedding": cfg.embedding, "score": cfg.score, "score_kind": cfg.score_kind,
             "score_blobs": [b for _, b in scorers], "predict": cfg.predict, "dtype": cfg.dtype,
             "int8_scale": scale.tolist() if scale is not None else None, "on_bad_record": cfg.on_bad_record,
             "metadata": metadata, "storage_options": cfg.storage_options_dict()}

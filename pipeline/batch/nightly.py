@@ -77,10 +77,14 @@ def partition_files(loc: Location, part: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+RECORDED_SINCE = {"embedding": False}
+"""Settings output_columns records that older states lack, with the value those states were written with."""
+
+
 def output_columns(cfg: EncodeConfig, score_model_uris: list[str]) -> dict[str, Any]:
     """What the run writes beside the ids, recorded per partition: a partition written with other
     settings is encoded again, so every partition of the table has the same columns and meaning."""
-    return {"logvar": cfg.logvar, "dtype": cfg.dtype, "predict": cfg.predict,
+    return {"logvar": cfg.logvar, "embedding": cfg.embedding, "dtype": cfg.dtype, "predict": cfg.predict,
             "score": cfg.score_kind if cfg.score else None, "score_models": score_model_uris if cfg.score else []}
 
 
@@ -105,6 +109,7 @@ def why_encode(prev: dict | None, files: dict[str, dict], model_uri: str,
         changes.insert(0, f"model {prev.get('model_uri')} → {model_uri}")
     old_cols = prev.get("columns")
     if columns is not None and isinstance(old_cols, dict):
+        old_cols = {**RECORDED_SINCE, **old_cols}
         changes += [f"{k} {old_cols.get(k)} → {v}" for k, v in columns.items() if old_cols.get(k) != v]
     return ", ".join(changes) or None
 

@@ -128,6 +128,7 @@ def measure(s: PanelSet, model: VAE, seed: int, label_draws: int = 0) -> dict[st
     units = _units(s)
     mu_tr, lv_tr = posterior(model, s.x_train.astype(np.float32))
     mu_te, _ = posterior(model, s.x_test.astype(np.float32))
+    emb_tr, emb_te = (model.embedding(torch.from_numpy(m)).numpy() for m in (mu_tr, mu_te))   # encode --embedding
     recon = model.reconstruct(torch.from_numpy(mu_te)).numpy()            # reconstruct: no_grad
     mse = float(np.mean((units(recon) - units(s.x_test)) ** 2))
     pca = PCA(s.latent_dim, random_state=seed).fit(units(s.x_train))
@@ -144,17 +145,17 @@ def measure(s: PanelSet, model: VAE, seed: int, label_draws: int = 0) -> dict[st
     if s.y_train is not None:
         def knn(a, b):
             return float(KNeighborsClassifier(5).fit(a, s.y_train).score(b, s.y_test))
-        out["knn5_mu"], out["knn5_pca"] = knn(mu_tr, mu_te), knn(p_tr, p_te)
+        out["knn5_mu"], out["knn5_emb"], out["knn5_pca"] = knn(mu_tr, mu_te), knn(emb_tr, emb_te), knn(p_tr, p_te)
     if s.labels:
-        out.update(labelled(s, mu_tr, lv_tr, mu_te, seed, label_draws or s.label_draws))
+        out.update(labelled(s, mu_tr, lv_tr, mu_te, seed, label_draws or s.label_draws, emb_tr, emb_te))
     return out
 
 
 def labelled(s: PanelSet, mu_tr: np.ndarray, lv_tr: np.ndarray, mu_te: np.ndarray, seed: int,
-             draws: int) -> dict[str, Any]:
+             draws: int, emb_tr: np.ndarray | None = None, emb_te: np.ndarray | None = None) -> dict[str, Any]:
     """The few-label comparison over `draws` balanced label draws (seeds seed, seed + 1, …; one draw
     of 20 labels moves the error by points): per draw the M2 head, label spreading over μ, over the
-    raw features and over PCA's scores at the same latent dimension (what the compression alone
+    embedding (μ in the model's latent metric; μ again when none is given), over the raw features and over PCA's scores at the same latent dimension (what the compression alone
     costs the labels), all on the same labels; the means, standard deviations, and the paired difference
     M2 − raw spreading (negative: the head is better). The draws run in as many one-thread processes
     as torch has threads: a head's 800 epochs of small batches take about as long on 1 thread as on
@@ -163,8 +164,9 @@ def labelled(s: PanelSet, mu_tr: np.ndarray, lv_tr: np.ndarray, mu_te: np.ndarra
 
     units = _units(s)
     pca = PCA(s.latent_dim, random_state=seed).fit(units(s.x_train))
+    emb_tr, emb_te = (mu_tr, mu_te) if emb_tr is None else (emb_tr, emb_te)
     jobs = [(mu_tr, lv_tr, s.y_train, mu_te, s.y_test, s.labels, seed + d, units(s.x_train), units(s.x_test),
-             pca.transform(units(s.x_train)), pca.transform(units(s.x_test))) for d in range(draws)]
+             pca.transform(units(s.x_train)), pca.transform(units(s.x_test)), emb_tr, emb_te) for d in range(draws)]
     workers = min(draws, torch.get_num_threads())
     if workers > 1:
         import multiprocessing
@@ -176,7 +178,7 @@ def labelled(s: PanelSet, mu_tr: np.ndarray, lv_tr: np.ndarray, mu_te: np.ndarra
             results = list(ex.map(_one_draw, jobs))
     else:
         results = [_one_draw(j) for j in jobs]
-    per = dict(zip(("m2_error", "spreading_error_mu", "spreading_error_raw", "spreading_error_pca"),
+    per = dict(zip(("m2_error", "spreading_error_mu", "spreading_error_raw", "spreading_error_pca", "spreading_error_emb"),
                    map(list, zip(*results))))
     out: dict[str, Any] = {"labels": s.labels, "label_draws": draws}
     for k, v in per.items():
@@ -186,14 +188,15 @@ def labelled(s: PanelSet, mu_tr: np.ndarray, lv_tr: np.ndarray, mu_te: np.ndarra
     return out
 
 
-def _one_draw(job: tuple) -> tuple[float, float, float, float]:
+def _one_draw(job: tuple) -> tuple[float, float, float, float, float]:
     """One label draw's (M2 head, spreading over μ, spreading on the raw features, spreading on PCA's
-    scores at the latent dimension) errors."""
-    mu_tr, lv_tr, ytr, mu_te, yte, n_labels, seed, raw_tr, raw_te, pca_tr, pca_te = job
+    scores at the latent dimension, spreading over the embedding) errors."""
+    mu_tr, lv_tr, ytr, mu_te, yte, n_labels, seed, raw_tr, raw_te, pca_tr, pca_te, emb_tr, emb_te = job
     return (m2_error(mu_tr, lv_tr, ytr, mu_te, yte, n_labels, seed, HEAD_EPOCHS),
             spreading_mu_error(mu_tr, ytr, mu_te, yte, n_labels, seed),
             spreading_error(raw_tr, ytr, raw_te, yte, n_labels, seed),
-            spreading_error(pca_tr, ytr, pca_te, yte, n_labels, seed))
+            spreading_error(pca_tr, ytr, pca_te, yte, n_labels, seed),
+            spreading_mu_error(emb_tr, ytr, emb_te, yte, n_labels, seed))
 
 
 def _sd(v) -> float:
@@ -224,10 +227,10 @@ def row(r: dict[str, Any]) -> str:
     if "nets_kept" in r:
         line += f"  nets {'kept' if r['nets_kept'] else 'dropped'} (val gain {r['nets_gain']:.1%}, lower {r['nets_gain_lower']:.1%})"
     if "knn5_mu" in r:
-        line += f"  5-NN μ {r['knn5_mu']:.3f} PCA {r['knn5_pca']:.3f}"
+        line += f"  5-NN μ {r['knn5_mu']:.3f} embedding {r['knn5_emb']:.3f} PCA {r['knn5_pca']:.3f}"
     if "m2_error" in r:
         line += (f"  {r['labels']} labels × {r['label_draws']} draws: M2 {r['m2_error']:.1%} spreading on μ "
-                 f"{r['spreading_error_mu']:.1%} on raw {r['spreading_error_raw']:.1%} on PCA "
+                 f"{r['spreading_error_mu']:.1%} on the embedding {r['spreading_error_emb']:.1%} on raw {r['spreading_error_raw']:.1%} on PCA "
                  f"{r['spreading_error_pca']:.1%} (M2 − raw "
                  f"{r['m2_minus_raw']:+.1%} ± {r['m2_minus_raw_sd']:.1%})")
     return line + f"  {r['wall_s']:.0f} s"
@@ -256,11 +259,12 @@ def any_data(names: tuple[str, ...] = PANEL, seed: int = 0, epochs: int = 0, bet
 def summary(r: dict[str, Any]) -> str:
     """The panel as a table (what `vaepipe protocol --what any-data` prints at the end)."""
     lines = [f"any-data panel (default recipe, seed {r['seed']}): wall {r['wall_s']:.0f} s",
-             "set | β | arch | epochs | MSE / PCA | nets (val gain over the linear part, lower bound) | KL nats | active | 5-NN μ / PCA | labels × draws: M2 / spreading on "
-             "μ / on raw / on PCA, means (paired M2 − raw ± sd) | wall s"]
+             "set | β | arch | epochs | MSE / PCA | nets (val gain over the linear part, lower bound) | KL nats | active | 5-NN μ / embedding / PCA | labels × draws: M2 / spreading on "
+             "μ / on the embedding / on raw / on PCA, means (paired M2 − raw ± sd) | wall s"]
     for x in r["sets"]:
-        knn = f"{x['knn5_mu']:.3f} / {x['knn5_pca']:.3f}" if "knn5_mu" in x else "–"
+        knn = f"{x['knn5_mu']:.3f} / {x['knn5_emb']:.3f} / {x['knn5_pca']:.3f}" if "knn5_mu" in x else "–"
         lab = (f"{x['labels']} × {x['label_draws']}: {x['m2_error']:.1%} / {x['spreading_error_mu']:.1%} / "
+               f"{x['spreading_error_emb']:.1%} / "
                f"{x['spreading_error_raw']:.1%} / {x['spreading_error_pca']:.1%} (M2 − raw {x['m2_minus_raw']:+.1%} ± {x['m2_minus_raw_sd']:.1%})"
                if "m2_error" in x else "–")
         nets = (f"{'kept' if x['nets_kept'] else 'dropped'} ({x['nets_gain']:.1%}, {x['nets_gain_lower']:.1%})"

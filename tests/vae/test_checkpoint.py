@@ -135,3 +135,14 @@ def test_a_plain_state_dict_is_refused():
 def test_garbage_bytes_are_refused():
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_checkpoint(b"definitely not a checkpoint")
+
+
+def test_a_checkpoint_from_before_the_latent_metric_loads_with_the_identity():
+    # its embedding is then μ itself, what such a model's users searched before
+    model = small_model()
+    with torch.no_grad():
+        model.metric_factor.fill_(0.5)
+    state = load_checkpoint(checkpoint_bytes(model))
+    state["model"].pop("metric_factor")
+    loaded = model_from_checkpoint(state)
+    assert torch.equal(loaded.metric_factor, torch.eye(model.config.latent_dim))

@@ -342,3 +342,45 @@ def test_the_round_trip_map_turns_ppcas_shrunk_round_trip_into_pcas_projection(s
     model.fit_round_trip(x, batch=700)                                     # in batches: the same normal equations
     assert torch.allclose(model.reconstruct(mu), pca, atol=1e-3)
     assert torch.equal(model.sample(5, torch.Generator().manual_seed(1)), before)
+
+
+def test_the_latent_metric_makes_embedding_distances_pcas_score_distances_at_a_ppca_model(seed):
+    """μ of a pPCA model is whitened (each direction of unit variance whatever its share of the data);
+    the metric fitted with the round-trip map weighs the directions as the decoded records do, so at
+    pPCA embedding distances are PCA's score distances (what the round trip, PCA's projection, keeps)."""
+    from vae.linear import fit_ppca
+    from vae.preprocess import Preprocessing
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2000, 6, generator=g) * torch.tensor([3.0, 2.0, 1.0, 0.9, 0.8, 0.7])
+    cfg = VAEConfig(input_shape=(6,), hidden=(16,), latent_dim=2, likelihood="gaussian", calibrated=True,
+                    linear_path=True, preprocessing=Preprocessing(["x"], "list", "none"))
+    model = VAE(cfg).eval()
+    model.start_at(fit_ppca(x, 2, seed))
+    mu = model.embed(x).mean
+    assert torch.equal(model.embedding(mu), mu)                            # no metric fitted: the identity
+    model.fit_round_trip(x)
+    xc = x - x.mean(0)
+    v = torch.linalg.eigh(xc.T @ xc)[1][:, -2:]                            # the top two principal directions
+    scores, emb = xc @ v, model.embedding(mu)
+    d_pca, d_emb, d_mu = torch.cdist(scores[:300], scores[:300]), torch.cdist(emb[:300], emb[:300]), torch.cdist(mu[:300], mu[:300])
+    assert torch.allclose(d_emb, d_pca, atol=1e-2 * float(d_pca.max()))
+    assert not torch.allclose(d_mu, d_pca, atol=0.1 * float(d_pca.max()))  # μ's own distances are not PCA's
+
+
+def test_the_latent_metric_averages_the_decoders_jacobian_of_a_nonlinear_model(seed):
+    """For nets, G = mean of Jᵀ·J over the records' μ; checked against autograd's full Jacobian of a
+    conv model (the metric is fitted by forward-mode products, one latent direction at a time)."""
+    from torch.autograd.functional import jacobian
+    from vae.preprocess import Preprocessing
+
+    torch.manual_seed(seed)
+    cfg = VAEConfig(input_shape=(1, 8, 8), arch="conv", hidden=(4, 8), latent_dim=3, likelihood="bernoulli",
+                    preprocessing=Preprocessing(["x"], "list", "none"))
+    model = VAE(cfg).eval()
+    x = torch.rand(40, 64, generator=torch.Generator().manual_seed(seed))
+    model.fit_metric(x, batch=16)
+    mu = model.embed(x).mean
+    g = sum(j.T @ j for j in (jacobian(lambda z: model.round_trip_mean(z[None])[0], m) for m in mu)) / len(mu)
+    f = model.metric_factor
+    assert torch.allclose(f @ f.T, g, rtol=1e-4, atol=1e-6) and torch.equal(f, f.tril())

@@ -169,3 +169,14 @@ def test_anomaly_scores_do_not_depend_on_batch_size_or_executor(trained_digits, 
         runs[name] = t.column("score").to_numpy()
     np.testing.assert_allclose(runs["small-local"], runs["big-local"], rtol=0, atol=1e-4)
     np.testing.assert_allclose(runs["small-local"], runs["ray"], rtol=0, atol=1e-4)
+
+
+def test_a_nightly_state_from_before_embedding_was_recorded_is_current_until_embedding_is_asked_for():
+    from pipeline.batch.nightly import output_columns, why_encode
+
+    files = {"date=2026-11-01/a.parquet": {"size": 10, "fingerprint": "x"}}
+    cols = output_columns(NightlyConfig(model=MODEL, input="in", output="out"), [])
+    old = {"status": "ok", "files": files, "model_uri": "m", "columns": {k: v for k, v in cols.items() if k != "embedding"}}
+    assert why_encode(old, files, "m", cols) is None                   # written without the column: current
+    wanted = output_columns(NightlyConfig(model=MODEL, input="in", output="out", embedding=True), [])
+    assert why_encode(old, files, "m", wanted) == "embedding False → True"

@@ -330,3 +330,34 @@ def test_one_encoder_runs_the_units_in_order_in_the_calling_thread():
     res = each_unit([enc], _units(3), lambda r: None)
     assert [r["unit"] for r in res] == [0, 1, 2]
     assert enc.ran == [(i, threading.current_thread().name) for i in range(3)]
+
+
+def test_embedding_is_mu_in_the_models_metric_and_query_and_duckdb_search_it_alike(trained_digits, digits_parquet,
+                                                                                    workdir, tmp_path):
+    """`--embedding` writes μ·F (the model's latent metric, fitted by `train`) beside μ; `query --column
+    embedding` and DuckDB's array_distance on the same column find the same neighbours."""
+    import duckdb
+    import torch
+
+    from pipeline.models.registry import load_model_bytes
+    from pipeline.search.query import QueryConfig, run_query
+    from pipeline.table.parquet_io import list_parquet_files
+    from vae.checkpoint import load_checkpoint, model_from_checkpoint
+
+    out = str(tmp_path / "lat")
+    cfg = EncodeConfig(model=MODEL, input=digits_parquet, output=out, keep=["id", "label"], embedding=True,
+                       executor="local", workdir=workdir)
+    run_encode(cfg)
+    t = committed(out).sort_by("id")
+    model = model_from_checkpoint(load_checkpoint(load_model_bytes(MODEL, cfg.resolved_tracking_uri())[1]))
+    assert not torch.equal(model.metric_factor, torch.eye(4))              # train fitted a metric
+    emb = t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, 4)
+    np.testing.assert_allclose(emb, model.embedding(torch.from_numpy(mu(t))).numpy(), rtol=1e-5, atol=1e-6)
+    q = run_query(QueryConfig(latents=out, id=["7"], k=5, column="embedding", workdir=workdir))
+    assert "mu" not in q.column_names and "label" in q.column_names         # μ is not carried as a kept column
+    duck = duckdb.connect().execute("""
+        WITH t AS (SELECT id, embedding::FLOAT[4] AS e FROM read_parquet($files))
+        SELECT id FROM t WHERE id != 7
+        ORDER BY array_distance(e, (SELECT e FROM t WHERE id = 7)), id LIMIT 5""",
+                                    {"files": list_parquet_files(resolve(out))}).fetchall()
+    assert [r["id"] for r in q.to_pylist()] == [r[0] for r in duck]

@@ -32,9 +32,12 @@ def test_a_short_panel_run_reports_every_figure_against_its_baseline(seed, capsy
     assert row["arch"] == "mlp" and row["likelihood"] == "gaussian" and row["scaling"] == "standardize"
     # the VAE is started at pPCA, so even 20 epochs keep about what PCA keeps, in standardised units
     assert 0.3 < row["mse_vs_pca"] < 1.5 and row["active_units"] >= 1
-    assert 0.8 < row["knn5_mu"] <= 1 and 0.8 < row["knn5_pca"] <= 1
+    assert 0.8 < row["knn5_mu"] <= 1 and 0.8 < row["knn5_pca"] <= 1 and 0.8 < row["knn5_emb"] <= 1
+    if not row["nets_kept"]:   # pPCA with its round-trip map: the embedding is PCA's scores, rotated
+        assert row["knn5_emb"] == pytest.approx(row["knn5_pca"], abs=0.01)
     assert 0 <= row["m2_error"] < 0.5 and 0 <= row["spreading_error_raw"] < 0.5 and row["labels"] == 20
     assert 0 <= row["spreading_error_mu"] < 0.5 and 0 <= row["spreading_error_pca"] < 0.5
+    assert 0 <= row["spreading_error_emb"] < 0.5 and len(row["spreading_error_emb_draws"]) == 2
     # two label draws, each compared on the same labels: the means are of the draws, the difference paired
     assert row["label_draws"] == 2 and len(row["m2_error_draws"]) == 2
     assert row["m2_error"] == pytest.approx(np.mean(row["m2_error_draws"]))

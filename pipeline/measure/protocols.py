@@ -85,6 +85,13 @@ class ProtocolConfig(RuntimeConfig):
     iw_samples: int = opt(16, "importance samples K of the iwae score")
     ensemble: int = opt(1, "breast-cancer: VAEs fit per model (seeds differ; the first is the one-model run's), "
                            "each candidate score averaged over them")
+    tabular_build: str = opt("nets", "breast-cancer: the members as `train --no-linear-path` builds them (nets: "
+                                     "the nets alone from a seeded start) or as `train` does by default (ppca: "
+                                     "the linear path started at pPCA, its nets checked on the --val-fraction "
+                                     "records when there are some)", choices=("nets", "ppca"))
+    knn_space: str = opt("mu", "breast-cancer: the space knn_z and mahal_z measure in: mu (what `encode --score` "
+                               "uses) or embedding (μ in the model's latent metric, `encode --embedding`)",
+                         choices=("mu", "embedding"))
     sets: list[str] = opt(help="any-data: the panel's data sets (default all: mnist, digits-0-16, digits-0-255, "
                                "breast-cancer, patches16-china, patches16-flower, patches32-china, patches32-flower; "
                                "patchesN-PHOTO trains on PHOTO's patches and tests on the other photo's); "
@@ -99,6 +106,8 @@ class ProtocolConfig(RuntimeConfig):
     def __post_init__(self) -> None:
         self.choice("what", PROTOCOLS)
         self.choice("arch", ("conv", "mlp"))
+        self.choice("tabular_build", ("nets", "ppca"))
+        self.choice("knn_space", ("mu", "embedding"))
         if self.label_draws < 0:
             raise ConfigError(f"label_draws must be ≥ 0, got {self.label_draws}")
         if self.epochs < 0 or self.head_epochs < 1 or self.draws < 1 or self.iw_samples < 1 or self.ensemble < 1:
@@ -242,19 +251,24 @@ class CandidateScorer:
     records (reconstruction and latent distance fail on different records, and their units differ);
     the statistics come from the fitting records only, so a record's score is a function of it alone."""
 
-    def __init__(self, model: VAE, fit_raw: np.ndarray, k: int, seed: int):
-        self.model, self.k, self.seed = model, k, seed
-        self.latent = LatentDensity(posterior(model, fit_raw)[0])
+    def __init__(self, model: VAE, fit_raw: np.ndarray, k: int, seed: int, knn_space: str = "mu"):
+        self.model, self.k, self.seed, self.knn_space = model, k, seed, knn_space
+        self.latent = LatentDensity(self._mu(fit_raw))
         fit = self._parts(fit_raw, leave_one_out=True)
         self.stats = {name: (float(v.mean()), float(v.std()) or 1.0) for name, v in fit.items()}
 
     def _parts(self, raw: np.ndarray, leave_one_out: bool = False) -> dict[str, np.ndarray]:
         out = vae_scores(self.model, raw, self.k, self.seed)
         out["sq_err"] = squared_error(self.model, raw)
-        mu = posterior(self.model, raw)[0]
+        mu = self._mu(raw)
         out["knn_z"] = self.latent.knn(mu, leave_one_out)
         out["mahal_z"] = self.latent.mahal(mu)
         return out
+
+    def _mu(self, raw: np.ndarray) -> np.ndarray:
+        """μ, or with knn_space 'embedding' μ in the model's latent metric (VAE.embedding)."""
+        mu = posterior(self.model, raw)[0]
+        return self.model.embedding(torch.from_numpy(mu)).numpy() if self.knn_space == "embedding" else mu
 
     def __call__(self, raw: np.ndarray) -> dict[str, np.ndarray]:
         out = self._parts(raw)
@@ -357,19 +371,20 @@ def one_class_mnist(cfg: ProtocolConfig) -> dict[str, Any]:
             "per_digit": per_digit, "mean": mean, "wall_s": time.perf_counter() - t0}
 
 
-def tabular_vae(raw_fit: np.ndarray, seed: int) -> VAE:
+def tabular_vae(raw_fit: np.ndarray, seed: int, linear_path: bool = False) -> VAE:
     """The breast-cancer model, as `vaepipe train --arch mlp --hidden 64,32 --latent-dim 4 --likelihood
     gaussian --scaling standardize --no-linear-path` builds it (vae.recipe.model_config): an MLP VAE over
     the columns standardised by the records it is fit on, the calibrated Gaussian, the nets alone from
     their seeded start. With the linear path (train's default) every member starts at the same exact
     pPCA, the 5 members of an ensemble stay near it and alike, and knn_z is k-NN on whitened PCA scores
-    (cross-fit AUC 0.932 against 0.953 for the nets alone; docs/quality.md)."""
+    (cross-fit AUC 0.932 against 0.953 for the nets alone; docs/quality.md). `linear_path` builds that
+    default instead (the caller starts it at pPCA: tabular_scores)."""
     from vae import recipe
 
     pre = Preprocessing.fit(raw_fit, [f"c{i}" for i in range(raw_fit.shape[1])], "scalars", "standardize")
     torch.manual_seed(seed)
     return VAE(recipe.model_config(pre, raw_fit.shape[1], "scalars", 4, arch="mlp", hidden=(64, 32),
-                                   likelihood_choice="gaussian", linear_path=False))
+                                   likelihood_choice="gaussian", linear_path=linear_path))
 
 
 def tabular_scores(raw_fit: np.ndarray, raw_score: np.ndarray, epochs: int, cfg: ProtocolConfig,
@@ -380,10 +395,16 @@ def tabular_scores(raw_fit: np.ndarray, raw_score: np.ndarray, epochs: int, cfg:
     members = []
     for m in range(cfg.ensemble):
         sm = seed + 10_000 * m
-        model = fit_vae(tabular_vae(raw_fit, sm), raw_fit, epochs, batch_size=32, lr=2e-3, seed=sm,
-                        val_fraction=cfg.val_fraction)
+        model, start = tabular_vae(raw_fit, sm, linear_path=cfg.tabular_build == "ppca"), None
+        if cfg.tabular_build == "ppca":                                          # as train starts its default
+            from vae.recipe import ppca_start
+
+            start = ppca_start(model, np.ascontiguousarray(raw_fit, np.float32), sm)
+            model.start_at(start)
+        model = fit_vae(model, raw_fit, epochs, batch_size=32, lr=2e-3, seed=sm, val_fraction=cfg.val_fraction,
+                        start=start)
         model.fit_round_trip(torch.from_numpy(np.ascontiguousarray(raw_fit)))   # as train does before registering
-        members.append((model, CandidateScorer(model, raw_fit, cfg.iw_samples, sm)(raw_score)))
+        members.append((model, CandidateScorer(model, raw_fit, cfg.iw_samples, sm, cfg.knn_space)(raw_score)))
     scores = {k: np.mean([s[k] for _, s in members], axis=0) for k in CANDIDATES}
     return scores, members[0][0]
 

@@ -60,6 +60,29 @@ def test_an_ensemble_averages_each_candidate_over_members_whose_first_is_the_one
         assert torch.equal(pa, p0)                                    # member 0 = the one-model fit
 
 
+def test_knn_z_in_the_embedding_of_a_ppca_model_is_knn_on_pca_scores(seed):
+    """What --tabular-build ppca --knn-space embedding measures when the nets are dropped: the model is
+    pPCA with its round-trip map, whose embedding is PCA's scores rotated, so knn_z is the mean
+    distance to the 5 nearest PCA scores (in the standardised columns); over μ it is not."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import NearestNeighbors
+
+    from vae.recipe import ppca_start
+
+    x = load_breast_cancer(return_X_y=True)[0].astype(np.float32)
+    fit, score = x[:200], x[200:260]
+    model = protocols.tabular_vae(fit, seed, linear_path=True)
+    model.start_at(ppca_start(model, fit, seed))
+    model.fit_round_trip(torch.from_numpy(fit))
+    z = (x - fit.mean(0)) / fit.std(0)
+    pca = PCA(4).fit(z[:200])
+    expect = NearestNeighbors(n_neighbors=5).fit(pca.transform(z[:200])).kneighbors(pca.transform(z[200:260]))[0].mean(1)
+    emb = CandidateScorer(model, fit, 2, seed, knn_space="embedding")(score)["knn_z"]
+    np.testing.assert_allclose(emb, expect, rtol=2e-3)
+    assert not np.allclose(CandidateScorer(model, fit, 2, seed)(score)["knn_z"], expect, rtol=0.05)
+
+
 def test_choose_takes_the_best_mean_validation_auc_first_on_ties():
     aucs = [{"a": 0.75, "b": 0.5, "c": 0.625}, {"a": 0.75, "b": 1.0, "c": 0.875}]   # exact in binary
     assert choose(aucs, ("a", "b", "c")) == ("a", 0.75)      # a, b, c all mean 0.75: a first
@@ -133,7 +156,9 @@ def test_m2_probe_labels_two_blobs_from_two_labels_each():
 @pytest.mark.parametrize("kw,match", [({"what": "nope"}, "what must be one of"), ({"digits": [10]}, "digits"),
                                       ({"labels": [1]}, "label counts"),
                                       ({"select_fraction": 0.0}, "select_fraction"),
-                                      ({"epoch_grid": []}, "epoch_grid"), ({"ensemble": 0}, "ensemble")])
+                                      ({"epoch_grid": []}, "epoch_grid"), ({"ensemble": 0}, "ensemble"),
+                                      ({"tabular_build": "pca"}, "tabular_build"),
+                                      ({"knn_space": "z"}, "knn_space")])
 def test_bad_protocol_settings_are_refused(kw, match):
     with pytest.raises(ConfigError, match=match):
         ProtocolConfig(**kw)

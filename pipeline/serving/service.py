@@ -156,7 +156,7 @@ class NeighbourService:
         elif "vector" in req:
             q = _vector(req["vector"], p["dim"])
         else:
-            q = self._encode(req["record"], p["dim"])
+            q = self._encode(req["record"], p["dim"], p["column"])
         d, pos = ivf.search_positions(index, q[None], k + (1 if own is not None else 0), nprobe)
         out = []
         for dist, at in zip(d[0].tolist(), pos[0].tolist()):
@@ -171,7 +171,9 @@ class NeighbourService:
             out.append(entry)
         return {"neighbours": out, "index": {"build": p["build"], "runs": p["runs"], "fresh": held.fresh}}
 
-    def _encode(self, record: Any, dim: int) -> np.ndarray:
+    def _encode(self, record: Any, dim: int, column: str = "mu") -> np.ndarray:
+        """The record's μ, or for an index of `encode --embedding`'s column its embedding (μ in the
+        model's latent metric), as encode writes them."""
         if self.model is None:
             raise RequestError(400, "a record needs a model: start the service with --model models:/NAME@ALIAS")
         if not isinstance(record, dict) or not record:
@@ -191,6 +193,11 @@ class NeighbourService:
         mu = np.asarray(mu.iloc[0] if hasattr(mu, "iloc") else mu, np.float32).reshape(-1)
         if len(mu) != dim:
             raise RequestError(422, f"the model gives {len(mu)} latents, the index holds {dim}")
+        if column == "embedding":
+            import torch
+
+            vae = self.model.unwrap_python_model().model
+            mu = vae.embedding(torch.from_numpy(mu[None]))[0].numpy()
         return mu
 
 

@@ -4,6 +4,7 @@ swapped in whole, a stale build flagged."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -82,3 +83,23 @@ def test_a_commit_flags_the_held_build_stale_and_a_new_build_is_swapped_in_whole
     assert svc.current.pointer == second and svc.current.fresh and svc.current is not held
     status, got = _post(svc, {"id": 10**6, "k": 3})
     assert status == 200 and got["index"]["build"] == second["build"] and len(got["neighbours"]) == 3
+
+
+def test_a_record_is_searched_in_the_column_the_index_was_built_on(trained_digits, digits_parquet, workdir, tmp_path):
+    """An index of `encode --embedding`'s column answers a record by its embedding, as encode wrote
+    it: the record finds itself at distance ~0 (its μ would land elsewhere)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.batch.encode import EncodeConfig, run_encode
+    from pipeline.search.ann import IndexConfig, build_index
+
+    out = str(tmp_path / "lat")
+    cfg = EncodeConfig(model="models:/digits@production", input=digits_parquet, output=out, embedding=True,
+                       executor="local", workdir=workdir)
+    run_encode(cfg)
+    build_index(IndexConfig(latents=out, column="embedding", workdir=workdir), log=lambda *_: None)
+    svc = NeighbourService(out, model="models:/digits@production", tracking_uri=cfg.resolved_tracking_uri())
+    first = sorted(f for f in os.listdir(digits_parquet) if f.endswith(".parquet"))[0]
+    raw = pq.read_table(f"{digits_parquet}/{first}", columns=["id", "image"]).slice(5, 1).to_pylist()[0]
+    status, got = _post(svc, {"record": {"image": raw["image"]}, "k": 1})
+    assert status == 200 and got["neighbours"][0]["id"] == raw["id"] and got["neighbours"][0]["distance"] < 1e-4

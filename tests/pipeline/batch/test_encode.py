@@ -361,3 +361,16 @@ def test_embedding_is_mu_in_the_models_metric_and_query_and_duckdb_search_it_ali
         ORDER BY array_distance(e, (SELECT e FROM t WHERE id = 7)), id LIMIT 5""",
                                     {"files": list_parquet_files(resolve(out))}).fetchall()
     assert [r["id"] for r in q.to_pylist()] == [r[0] for r in duck]
+
+
+def test_embedding_beside_an_int8_mu_is_float16_and_agrees_with_the_float32_run(trained_digits, digits_parquet, workdir):
+    root, _ = digits_in_memory(digits_parquet)
+    for dtype in ("float32", "int8"):
+        run_encode(EncodeConfig(model=MODEL, input=f"{root}/in", output=f"{root}/{dtype}", embedding=True, dtype=dtype,
+                                workdir=workdir))
+    full, small = (committed(f"{root}/{d}").sort_by("id") for d in ("float32", "int8"))
+    assert small.schema.field("embedding").type == pa.list_(pa.float16(), 4)
+    assert full.schema.field("embedding").type == pa.list_(pa.float32(), 4)
+    a, b = (t.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+            for t in (full, small))
+    np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-3)                 # from the exact μ, then rounded

@@ -7,7 +7,7 @@ from typing import Any
 
 from vae.preprocess import Preprocessing
 
-ARCHS = ("mlp", "conv")
+ARCHS = ("mlp", "conv", "resconv")
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 
@@ -56,11 +56,11 @@ class VAEConfig:
     input_shape: tuple[int, ...]
     """(D,) for vector records, (C, H, W) for images; prod(input_shape) = input_dim."""
     arch: str = "mlp"
-    """'mlp' for vector records, 'conv' for images."""
+    """'mlp' for vector records, 'conv' for images, 'resconv' for images with residual blocks (vae.resconv)."""
     latent_dim: int = 16
     """Size of the latent code z (and of the μ vectors that batch jobs write)."""
     hidden: tuple[int, ...] = (512, 256)
-    """MLP: widths of the hidden layers. conv: channels of each stride-2 conv layer."""
+    """MLP: widths of the hidden layers. conv, resconv: channels of each stride-2 level (resconv: multiples of 8)."""
     likelihood: str = "bernoulli"
     """'bernoulli' (BCE, for data in [0, 1]) or 'gaussian' (MSE-based; see `calibrated`)."""
     calibrated: bool = False
@@ -95,13 +95,15 @@ class VAEConfig:
             raise ValueError(f"latent_dim must be > 0, got {self.latent_dim}")
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise ValueError(f"hidden must be positive sizes, got {self.hidden}")
-        if self.arch == "conv":
+        if self.arch in ("conv", "resconv"):
             if len(self.input_shape) != 3:
-                raise ValueError(f"conv needs input_shape (C, H, W), got {self.input_shape}")
+                raise ValueError(f"{self.arch} needs input_shape (C, H, W), got {self.input_shape}")
             k = 2 ** len(self.hidden)
             if self.input_shape[1] % k or self.input_shape[2] % k:
-                raise ValueError(f"conv with {len(self.hidden)} stride-2 layers needs H and W divisible "
+                raise ValueError(f"{self.arch} with {len(self.hidden)} stride-2 layers needs H and W divisible "
                                  f"by {k}, got {self.input_shape[1:]}")
+        if self.arch == "resconv" and any(h % 8 for h in self.hidden):
+            raise ValueError(f"resconv's channels must be multiples of 8 (GroupNorm's groups), got {self.hidden}")
         if self.calibrated and self.likelihood != "gaussian":
             raise ValueError("calibrated applies to the gaussian likelihood only")
         if self.logvar_min >= self.logvar_max:

@@ -13,6 +13,7 @@ from vae.linear import PPCA
 from vae.loss import kl_objective, optimal_log_sigma, reconstruction_nll
 from vae.mlp import MLPDecoder, MLPEncoder
 from vae.preprocess import Scaler
+from vae.resconv import ResConvDecoder, ResConvEncoder
 
 
 LINEAR_LR_SCALE = 0.0
@@ -43,6 +44,9 @@ class VAE(nn.Module):
         if config.arch == "mlp":
             self.encoder = MLPEncoder(d, config.hidden, lat)
             self.decoder = MLPDecoder(d, config.hidden, lat)
+        elif config.arch == "resconv":
+            self.encoder = ResConvEncoder(config.input_shape, config.hidden, lat)
+            self.decoder = ResConvDecoder(config.input_shape, config.hidden, lat)
         else:
             self.encoder = ConvEncoder(config.input_shape, config.hidden, lat)
             self.decoder = ConvDecoder(config.input_shape, config.hidden, lat)

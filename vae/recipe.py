@@ -40,9 +40,9 @@ def architecture(arch: str, dim: int, layout: str, image_shape: tuple[int, ...] 
     image = layout == "list" and len(shape) == 3 and min(shape[1:]) >= 8 and shape[1] % k == 0 and shape[2] % k == 0
     if arch == "auto":
         arch = "conv" if image else "mlp"
-    if arch == "conv":
+    if arch in ("conv", "resconv"):
         if len(shape) != 3:
-            raise ValueError(f"--arch conv needs --image-shape C,H,W: {dim} features are not a square image")
+            raise ValueError(f"--arch {arch} needs --image-shape C,H,W: {dim} features are not a square image")
         return arch, shape
     return arch, (dim,)
 
@@ -66,7 +66,7 @@ def model_config(pre: Preprocessing, dim: int, layout: str, latent_dim: int, *, 
     linear path started at pPCA (vae.linear) unless `linear_path` says otherwise."""
     arch, shape = architecture(arch, dim, layout, tuple(image_shape))
     lik, calibrated = likelihood(likelihood_choice, pre, sample_in_unit)
-    hidden = tuple(hidden) or (CONV_HIDDEN if arch == "conv" else MLP_HIDDEN)
+    hidden = tuple(hidden) or (CONV_HIDDEN if arch in ("conv", "resconv") else MLP_HIDDEN)
     return VAEConfig(input_shape=shape, arch=arch, latent_dim=latent_dim, hidden=hidden, likelihood=lik,
                      calibrated=calibrated,
                      linear_path=lik == "gaussian" if linear_path is None else linear_path, preprocessing=pre)

@@ -14,7 +14,7 @@ from vae.train_step import cosine_lr
 
 G = TypeVar("G")
 
-ARCHS = ("auto", "mlp", "conv")
+ARCHS = ("auto", "mlp", "conv", "resconv")
 LIKELIHOODS = ("auto", "bernoulli", "gaussian")
 SCALINGS = ("auto", "range", "uint8", "minmax", "standardize", "none")
 AMPS = ("off", "bf16", "fp16")
@@ -130,8 +130,8 @@ class TrainConfig(RuntimeConfig):
                              "epoch; auto (when under 2 GB as float32), on, off (stream every epoch through "
                              "the local shuffle buffer)", choices=CACHES, group="data")
     # model
-    arch: str = opt("auto", "model: mlp, conv, or auto (conv for a list column given --image-shape, or holding "
-                            "square grey images ≥ 8×8)", choices=ARCHS, group="model")
+    arch: str = opt("auto", "model: mlp, conv, resconv (conv with residual blocks, as diffusers' autoencoders), or "
+                            "auto (conv for a list column given --image-shape, or holding square grey images ≥ 8×8)", choices=ARCHS, group="model")
     image_shape: list[int] = opt(help="C,H,W of image records, colour included (default: 1,√D,√D for a square D)",
                                  factory=list, group="model")
     latent_dim: int = opt(16, "latent size (μ has this many floats)", group="model")

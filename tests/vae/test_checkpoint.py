@@ -16,14 +16,15 @@ from vae.preprocess import Preprocessing
 
 
 def small_model(arch: str = "mlp") -> VAE:
-    if arch == "conv":
-        return VAE(VAEConfig(input_shape=(1, 8, 8), arch="conv", latent_dim=3, hidden=(4, 8)))
+    if arch in ("conv", "resconv"):
+        hidden = (4, 8) if arch == "conv" else (8, 16)
+        return VAE(VAEConfig(input_shape=(1, 8, 8), arch=arch, latent_dim=3, hidden=hidden))
     pre = Preprocessing(features=["v"], scaling="standardize", offset=[float(i) for i in range(6)],
                         scale=[0.5] * 6)
     return VAE(VAEConfig(input_shape=(6,), latent_dim=3, hidden=(8,), likelihood="gaussian", preprocessing=pre))
 
 
-@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("arch", ["mlp", "conv", "resconv"])
 def test_save_load_round_trip_reproduces_identical_outputs(tmp_path, arch):
     model = small_model(arch).eval()
     opt = torch.optim.AdamW(model.parameters())

@@ -34,9 +34,13 @@ def conv_vae(latent: int = 3) -> VAE:
     return VAE(VAEConfig(input_shape=(1, 8, 8), arch="conv", latent_dim=latent, hidden=(4, 8)))
 
 
+def resconv_vae(latent: int = 3) -> VAE:
+    return VAE(VAEConfig(input_shape=(3, 8, 8), arch="resconv", latent_dim=latent, hidden=(8, 16)))
+
+
 # --- shapes -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make,d", [(mlp_vae, D), (conv_vae, 64)], ids=["mlp", "conv"])
+@pytest.mark.parametrize("make,d", [(mlp_vae, D), (conv_vae, 64), (resconv_vae, 192)], ids=["mlp", "conv", "resconv"])
 def test_forward_shapes_for_flat_records(make, d):
     model = make()
     x = torch.rand(5, d)                                            # records are flat (B, D) for both archs
@@ -51,7 +55,7 @@ def test_forward_shapes_for_flat_records(make, d):
     assert model.iw_log_likelihood(x, k=4).shape == (5,)
 
 
-@pytest.mark.parametrize("make,d", [(mlp_vae, D), (conv_vae, 64)], ids=["mlp", "conv"])
+@pytest.mark.parametrize("make,d", [(mlp_vae, D), (conv_vae, 64), (resconv_vae, 192)], ids=["mlp", "conv", "resconv"])
 def test_sample_returns_n_finite_records(make, d):
     s = make().sample(7, generator=torch.Generator().manual_seed(0))
     assert s.shape == (7, d)
@@ -259,13 +263,14 @@ def test_free_bits_change_the_loss_but_not_the_reported_neg_elbo():
     (dict(input_shape=(1, 10, 10), arch="conv", hidden=(4, 8)), "divisible by 4"),
     (dict(input_shape=(1, 8, 12), arch="conv", hidden=(4, 8, 16)), "divisible by 8"),
     (dict(input_shape=(64,), arch="conv", hidden=(4,)), r"conv needs input_shape \(C, H, W\)"),
+    (dict(input_shape=(3, 8, 8), arch="resconv", hidden=(8, 12)), "multiples of 8"),
     (dict(input_shape=(8,), arch="transformer"), "arch must be one of"),
     (dict(input_shape=(8,), latent_dim=0), "latent_dim must be > 0"),
     (dict(input_shape=(8,), likelihood="poisson"), "likelihood must be one of"),
     (dict(input_shape=(0,)), "input_shape must be positive"),
     (dict(input_shape=(8,), hidden=()), "hidden must be positive"),
     (dict(input_shape=(8,), logvar_min=5.0, logvar_max=5.0), "logvar_min must be < logvar_max"),
-], ids=["conv-h-w-not-divisible", "conv-w-not-divisible", "conv-flat-shape", "unknown-arch", "latent-0",
+], ids=["conv-h-w-not-divisible", "conv-w-not-divisible", "conv-flat-shape", "resconv-channels", "unknown-arch", "latent-0",
         "unknown-likelihood", "zero-size", "no-hidden", "logvar-range"])
 def test_vae_config_rejects_bad_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -384,3 +389,21 @@ def test_the_latent_metric_averages_the_decoders_jacobian_of_a_nonlinear_model(s
     g = sum(j.T @ j for j in (jacobian(lambda z: model.round_trip_mean(z[None])[0], m) for m in mu)) / len(mu)
     f = model.metric_factor
     assert torch.allclose(f @ f.T, g, rtol=1e-4, atol=1e-6) and torch.equal(f, f.tril())
+
+
+def test_a_resconv_model_started_at_ppca_is_ppca(seed):
+    """start_at zeroes the nets' last layers: for resconv that must be the encoder's head and the
+    decoder's output conv, so the untrained model's μ and E[x|z] are pPCA's."""
+    from vae.linear import fit_ppca
+    from vae.preprocess import Preprocessing
+
+    torch.manual_seed(seed)
+    cfg = VAEConfig(input_shape=(3, 8, 8), arch="resconv", hidden=(8, 16), latent_dim=4, likelihood="gaussian",
+                    calibrated=True, linear_path=True, preprocessing=Preprocessing(["x"], "list", "none"))
+    model = VAE(cfg).eval()
+    x = torch.rand(300, 192, generator=torch.Generator().manual_seed(seed))
+    p = fit_ppca(x, 4, seed)
+    model.start_at(p)
+    mu = model.encode(x).mean
+    assert torch.allclose(mu, (x - p.mean) @ p.encoder.T, atol=1e-5)
+    assert torch.allclose(model.decode(mu), mu @ p.weight.T + p.mean, atol=1e-5)

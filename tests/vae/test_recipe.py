@@ -25,6 +25,13 @@ def test_auto_architecture_honours_a_colour_image_shape():
     assert architecture("auto", 3 * 32 * 32, "list", (3, 32, 32)) == ("conv", (3, 32, 32))
 
 
+def test_resconv_is_asked_for_and_needs_an_image_shape():
+    assert architecture("resconv", 3 * 32 * 32, "list", (3, 32, 32)) == ("resconv", (3, 32, 32))
+    assert architecture("resconv", 784, "list") == ("resconv", (1, 28, 28))
+    with pytest.raises(ValueError, match="--arch resconv needs --image-shape"):
+        architecture("resconv", 30, "scalars")
+
+
 def test_auto_architecture_takes_square_grey_images_and_leaves_tables_to_the_mlp():
     assert architecture("auto", 784, "list") == ("conv", (1, 28, 28))
     assert architecture("auto", 30, "scalars") == ("mlp", (30,))

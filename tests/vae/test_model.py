@@ -324,9 +324,8 @@ def test_round_trip_errors_are_each_paths_squared_error_and_equal_at_the_ppca_st
     assert VAE(VAEConfig(input_shape=(12,), hidden=(16,), latent_dim=3)).round_trip_errors(x)[1] is None
 
 
-def test_the_round_trip_map_turns_ppcas_shrunk_round_trip_into_pcas_projection(seed):
-    """pPCA's posterior mean shrinks each direction by (λ−σ²)/λ; the map fitted on the same records
-    undoes it, so the round trip becomes PCA's projection. sample() stays E[x|z]."""
+def ppca_model(seed: int) -> tuple[torch.Tensor, VAE]:
+    """2,000 records of 6 columns with falling variances, and a 2-latent model started at their pPCA."""
     from vae.linear import fit_ppca
     from vae.preprocess import Preprocessing
 
@@ -336,6 +335,13 @@ def test_the_round_trip_map_turns_ppcas_shrunk_round_trip_into_pcas_projection(s
                     linear_path=True, preprocessing=Preprocessing(["x"], "list", "none"))
     model = VAE(cfg).eval()
     model.start_at(fit_ppca(x, 2, seed))
+    return x, model
+
+
+def test_the_round_trip_map_turns_ppcas_shrunk_round_trip_into_pcas_projection(seed):
+    """pPCA's posterior mean shrinks each direction by (λ−σ²)/λ; the map fitted on the same records
+    undoes it, so the round trip becomes PCA's projection. sample() stays E[x|z]."""
+    x, model = ppca_model(seed)
     xc = x - x.mean(0)
     v = torch.linalg.eigh(xc.T @ xc)[1][:, -2:]                            # the top two principal directions
     pca = x.mean(0) + xc @ v @ v.T
@@ -353,15 +359,7 @@ def test_the_latent_metric_makes_embedding_distances_pcas_score_distances_at_a_p
     """μ of a pPCA model is whitened (each direction of unit variance whatever its share of the data);
     the metric fitted with the round-trip map weighs the directions as the decoded records do, so at
     pPCA embedding distances are PCA's score distances (what the round trip, PCA's projection, keeps)."""
-    from vae.linear import fit_ppca
-    from vae.preprocess import Preprocessing
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2000, 6, generator=g) * torch.tensor([3.0, 2.0, 1.0, 0.9, 0.8, 0.7])
-    cfg = VAEConfig(input_shape=(6,), hidden=(16,), latent_dim=2, likelihood="gaussian", calibrated=True,
-                    linear_path=True, preprocessing=Preprocessing(["x"], "list", "none"))
-    model = VAE(cfg).eval()
-    model.start_at(fit_ppca(x, 2, seed))
+    x, model = ppca_model(seed)
     mu = model.embed(x).mean
     assert torch.equal(model.embedding(mu), mu)                            # no metric fitted: the identity
     model.fit_round_trip(x)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vae.conv import ConvDecoder, ConvEncoder
+
 GROUPS = 8
 """GroupNorm groups: every channel count of a resconv model is a multiple of it."""
 
@@ -23,43 +25,30 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class ResConvEncoder(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int], channels: tuple[int, ...], latent_dim: int):
-        super().__init__()
-        c, h, w = input_shape
-        self.input_shape = input_shape
+class ResConvEncoder(ConvEncoder):
+    """vae.conv's encoder (head and forward) over a residual body."""
+
+    @staticmethod
+    def body(c: int, channels: tuple[int, ...]) -> list[nn.Module]:
         layers: list[nn.Module] = [nn.Conv2d(c, channels[0], 3, padding=1)]
         cin = channels[0]
         for ch in channels:  # each level halves H and W
             layers += [ResBlock(cin, ch), nn.Conv2d(ch, ch, kernel_size=4, stride=2, padding=1)]
             cin = ch
-        layers += [nn.GroupNorm(GROUPS, cin), nn.SiLU()]
-        self.conv = nn.Sequential(*layers)
-        k = 2 ** len(channels)
-        self.head = nn.Linear(cin * (h // k) * (w // k), 2 * latent_dim)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, C*H*W)
-        h = self.conv(x.view(x.shape[0], *self.input_shape))                # (B, C', H/k, W/k)
-        mean, logvar = self.head(h.flatten(1)).chunk(2, dim=-1)             # (B, L), (B, L)
-        return mean, logvar
+        return layers + [nn.GroupNorm(GROUPS, cin), nn.SiLU()]
 
 
-class ResConvDecoder(nn.Module):
-    def __init__(self, input_shape: tuple[int, int, int], channels: tuple[int, ...], latent_dim: int):
-        super().__init__()
-        c, h, w = input_shape
-        k = 2 ** len(channels)
-        self.start = (channels[-1], h // k, w // k)
-        self.fc = nn.Linear(latent_dim, channels[-1] * (h // k) * (w // k))
+class ResConvDecoder(ConvDecoder):
+    """vae.conv's decoder (first linear layer and forward) over a residual body."""
+
+    fc_activation = staticmethod(nn.Identity())   # the first residual block normalises and activates
+
+    @staticmethod
+    def body(c: int, channels: tuple[int, ...]) -> list[nn.Module]:
         layers: list[nn.Module] = []
         cin = channels[-1]
         for cout in reversed(channels):  # each level doubles H and W
             layers += [ResBlock(cin, cout), nn.Upsample(scale_factor=2, mode="nearest"),
                        nn.Conv2d(cout, cout, 3, padding=1)]
             cin = cout
-        layers += [nn.GroupNorm(GROUPS, cin), nn.SiLU(), nn.Conv2d(cin, c, 3, padding=1)]
-        self.deconv = nn.Sequential(*layers)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, C*H*W)
-        h = self.fc(z).view(z.shape[0], *self.start)                       # (B, C', H/k, W/k)
-        return self.deconv(h).flatten(1)
+        return layers + [nn.GroupNorm(GROUPS, cin), nn.SiLU(), nn.Conv2d(cin, c, 3, padding=1)]

@@ -180,3 +180,32 @@ def test_a_nightly_state_from_before_embedding_was_recorded_is_current_until_emb
     assert why_encode(old, files, "m", cols) is None                   # written without the column: current
     wanted = output_columns(NightlyConfig(model=MODEL, input="in", output="out", embedding=True), [])
     assert why_encode(old, files, "m", wanted) == "embedding False → True"
+
+
+def test_asking_a_nightly_for_the_embedding_re_encodes_every_partition_and_readers_see_one_schema(
+        trained_digits, digits_parquet, workdir, tmp_path):
+    """A table first encoded without `--embedding`: the next nightly with it encodes every partition
+    again (saying why), so pyarrow's hive dataset and Polars read one schema with the column in every
+    partition, equal to the model's embedding of the μ beside it."""
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    src, out = tmp_path / "in", str(tmp_path / "out")
+    files = daily_partitions(digits_parquet, src, 2)
+    rows = sum(pq.read_metadata(os.path.join(digits_parquet, f)).num_rows for f in files[:2])
+    lines: list[str] = []
+    plain = NightlyConfig(model=MODEL, input=str(src), output=out, executor="local", workdir=workdir)
+    assert len(run_nightly(plain, log=lines.append)["encoded"]) == 2
+    wanted = NightlyConfig(model=MODEL, input=str(src), output=out, executor="local", embedding=True, workdir=workdir)
+    again = run_nightly(wanted, log=lines.append)
+    assert [p for p, _ in again["encoded"]] == ["date=2026-11-01", "date=2026-11-02"]
+    assert any("embedding False → True" in line for line in lines), lines
+    assert run_nightly(wanted, log=lines.append)["encoded"] == []            # then current
+    t = ds.dataset(out, format="parquet", partitioning="hive").to_table()
+    assert t.schema.field("embedding").type == pa.list_(pa.float32(), 4) and t.num_rows == rows
+    model = model_from_checkpoint(load_checkpoint(trained_digits.checkpoint))
+    mu_ = t.column("mu").combine_chunks().flatten().to_numpy().reshape(-1, 4)
+    emb = t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, 4)
+    np.testing.assert_allclose(emb, model.embedding(torch.from_numpy(mu_)).numpy(), rtol=1e-5, atol=1e-6)
+    frame = pl.scan_parquet(f"{out}/**/*.parquet", hive_partitioning=True).select("id", "embedding").collect()
+    assert frame.height == t.num_rows and frame.schema["embedding"] == pl.Array(pl.Float32, 4)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.runtime.errors import ModelNotFoundError
+from pipeline.runtime.errors import ModelNotFoundError, RegistryError
 from pipeline.runtime.redact import redact_uri
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,50 @@ class ModelRef:
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
-def resolve_model(model_uri: str, tracking_uri: str) -> ModelRef:
+# What the store answers when the name, version or alias does not exist (an alias it does not know is
+# INVALID_PARAMETER_VALUE in MLflow 3); anything else is the store's own failure, reported as such.
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+# A store that is busy (SQLite "database is locked" past its 20 s busy timeout, a server shedding load):
+# asked again, with backoff, for up to `READ_RETRY_S`.
+TRANSIENT = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+READ_RETRY_S = 60.0
+
+
+def _read(fn, what: str, tracking_uri: str, retry_s: float | None = None):
+    """fn() against the registry; a busy store is asked again until `retry_s` has passed. Not-found
+    answers propagate as MlflowException (the caller says what is missing); any other failure, or a
+    store still busy at the deadline, is a RegistryError that carries the store's own message."""
+    from mlflow.exceptions import MlflowException
+
+    deadline = time.monotonic() + (READ_RETRY_S if retry_s is None else retry_s)
+    pause = 0.2
+    while True:
+        try:
+            return fn()
+        except MlflowException as e:
+            if e.error_code in NOT_FOUND:
+                raise
+            if e.error_code not in TRANSIENT:
+                raise RegistryError(f"{what}: the registry at {redact_uri(tracking_uri)} failed "
+                                    f"({e.error_code}): {_one_line(e.message)}") from e
+            if time.monotonic() + pause > deadline:
+                raise RegistryError(f"{what}: the registry at {redact_uri(tracking_uri)} was still busy "
+                                    f"after {retry_s if retry_s is not None else READ_RETRY_S:.0f} s "
+                                    f"({e.error_code}): {_one_line(e.message)}") from e
+            log.warning("%s: registry busy (%s), asking again in %.1f s", what, e.error_code, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
+def _one_line(message) -> str:
+    """The store's message on one line, without the SQL statement SQLAlchemy appends."""
+    return " ".join(str(message).split()).split(" [SQL:")[0][:500]
+
+
+def resolve_model(model_uri: str, tracking_uri: str, retry_s: float | None = None) -> ModelRef:
     """models:/NAME@ALIAS or models:/NAME/VERSION → a fixed version. A job resolves once and uses that
-    version for every row, even if the alias moves mid-job."""
+    version for every row, even if the alias moves mid-job. A version or alias that does not exist is
+    a ModelNotFoundError; a store that fails or stays busy is a RegistryError with its own message."""
     from mlflow.exceptions import MlflowException
 
     m = _URI.match(model_uri or "")
@@ -97,21 +138,23 @@ def resolve_model(model_uri: str, tracking_uri: str) -> ModelRef:
     name, alias, version = m["name"], m["alias"], m["version"]
     c = client(tracking_uri)
     try:
-        mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
-    except MlflowException:  # whatever the store's error code (404, RESOURCE_DOES_NOT_EXIST, 400…)
+        mv = _read(lambda: c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version),
+                   f"model {model_uri!r}", tracking_uri, retry_s)
+    except MlflowException as e:   # not found: say what is there instead
         what = f"alias {alias!r}" if alias else f"version {version}"
-        known = _known_aliases(c, name)
+        known = _known_aliases(c, name, tracking_uri, retry_s)
         raise ModelNotFoundError(f"model {model_uri!r}: registered model {name!r} has no {what} in "
-                                 f"{redact_uri(tracking_uri)} ({known})") from None
+                                 f"{redact_uri(tracking_uri)} ({known}; the store said: "
+                                 f"{_one_line(e.message)})") from None
     return ModelRef(name=name, version=str(mv.version), run_id=mv.run_id,
                     uri=f"models:/{name}/{mv.version}", requested=model_uri)
 
 
-def _known_aliases(c, name: str) -> str:
+def _known_aliases(c, name: str, tracking_uri: str, retry_s: float | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        rm = c.get_registered_model(name)
+        rm = _read(lambda: c.get_registered_model(name), f"registered model {name!r}", tracking_uri, retry_s)
     except MlflowException:
         return "no registered model of that name"
     aliases = getattr(rm, "aliases", {}) or {}
@@ -268,11 +311,15 @@ def set_alias_when_ready(name: str, alias: str, version: str, tracking_uri: str)
     c.set_registered_model_alias(name, alias, version)
 
 
-def current_alias_version(name: str, alias: str, tracking_uri: str) -> str | None:
+def current_alias_version(name: str, alias: str, tracking_uri: str, retry_s: float | None = None) -> str | None:
+    """The version `alias` points at; None only when the store says there is none. A store that fails
+    or stays busy raises (RegistryError): promotion must not read "no alias yet" into a lock."""
     from mlflow.exceptions import MlflowException
 
+    c = client(tracking_uri)
     try:
-        return str(client(tracking_uri).get_model_version_by_alias(name, alias).version)
+        return str(_read(lambda: c.get_model_version_by_alias(name, alias),
+                         f"alias {alias!r} of model {name!r}", tracking_uri, retry_s).version)
     except MlflowException:
         return None
 

@@ -28,6 +28,12 @@ class ModelNotFoundError(VaepipeError):
     """A registered model, version or alias that does not exist."""
 
 
+class RegistryError(VaepipeError):
+    """The model registry failed or stayed busy (not a missing model): its own message is kept."""
+
+    exit_code = 5
+
+
 class ConfigError(VaepipeError):
     """A job configuration that breaks an invariant."""
 

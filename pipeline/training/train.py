@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from pipeline.models import registry
-from pipeline.runtime.errors import CollapseError, ConfigError, InputError, VaepipeError, unwrap_ray_error
+from pipeline.runtime.errors import (CollapseError, ConfigError, InputError, RegistryError, VaepipeError,
+                                     unwrap_ray_error)
 from pipeline.training.faults import FaultPlan
 from pipeline.table.labels import check_label_column, read_classes
 from pipeline.table.features import FeatureSpec, check_finite, feature_dtypes, infer_spec, split_table, to_matrix
@@ -538,7 +539,11 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                                tags={"input_uri": redact_uri(cfg.input), "data_fingerprint": data.fingerprint,
                                      "git_commit": registry.git_commit()})
         collapsed = _collapse(cfg, state)
-        promoted = promote(cfg, mv.version, model, data, val_ds, tracking, collapsed)
+        try:
+            promoted = promote(cfg, mv.version, model, data, val_ds, tracking, collapsed)
+        except RegistryError as e:   # a store that failed mid-decision: nothing moved, and the user told so
+            raise RegistryError(f"model {cfg.model_name} v{mv.version} is registered but alias {cfg.alias!r} was "
+                                f"not moved: {e}") from e
     except BaseException as e:   # the MLflow run never stays RUNNING after a failure
         client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
@@ -612,6 +617,8 @@ def promote(cfg: TrainConfig, version: str, model: VAE, data: PreparedData, val_
             cur_model = model_from_checkpoint(load_checkpoint(blob))
             if cur_model.config.input_dim == model.config.input_dim:
                 cur_s = evaluate(cur_model, _val_batches(val_ds, data), seed=cfg.seed)[0].means()["neg_elbo"]
+        except RegistryError:   # the store failed or stayed busy: no decision on a guess
+            raise
         except (VaepipeError, CheckpointError, MlflowException, OSError) as e:
             # an unusable current version (missing artifacts, not a vaepipe checkpoint, other
             # features) never blocks a good new one

@@ -1,0 +1,79 @@
+"""The registry read path tells a missing model from a failing store: a locked SQLite store is asked
+again until it answers, and one that stays locked is reported as the store's own error, never as
+"no such version" (which sent users looking for a model that was there) nor as "no alias yet" (which
+would let `train` promote a worse model past the one holding the alias)."""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from pipeline.models import registry
+from pipeline.runtime.errors import ModelNotFoundError, RegistryError
+
+BUSY_TIMEOUT_S = 20   # MLflow's SQLite sessions wait this long on a lock before "database is locked"
+
+
+@pytest.fixture
+def store(tmp_path, empty_mlflow_db):
+    """A SQLite store with model `m`, version 1, alias `production`."""
+    empty_mlflow_db(str(tmp_path))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = registry.client(uri)
+    c.create_registered_model("m")
+    mv = c.create_model_version("m", source=f"file://{tmp_path}/model", run_id=None)
+    c.set_registered_model_alias("m", "production", mv.version)
+    return uri, os.path.join(str(tmp_path), "mlflow.db")
+
+
+def test_missing_version_or_alias_is_model_not_found_with_the_stores_answer(store):
+    uri, _ = store
+    with pytest.raises(ModelNotFoundError, match=r"has no version 7 .*known aliases: \{'production': 1\}.*"
+                                                 r"the store said: .*not found"):
+        registry.resolve_model("models:/m/7", uri)
+    with pytest.raises(ModelNotFoundError, match="has no alias 'staging'"):
+        registry.resolve_model("models:/m@staging", uri)
+    assert registry.current_alias_version("m", "staging", uri) is None     # truly absent: None
+    assert registry.current_alias_version("m", "production", uri) == "1"
+
+
+def test_locked_store_is_a_registry_error_or_is_asked_again_until_it_answers(store, caplog):
+    uri, path = store
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")   # what a writer holding the file looks like to every reader
+    out: dict[str, object] = {}
+
+    def attempt(key, fn):
+        t = time.monotonic()
+        try:
+            out[key] = fn()
+        except Exception as e:   # kept to assert on below, in the test's thread
+            out[key] = e
+        out[key + "_s"] = time.monotonic() - t
+
+    jobs = {"no_retry": lambda: registry.resolve_model("models:/m@production", uri, retry_s=0),
+            "alias_no_retry": lambda: registry.current_alias_version("m", "production", uri, retry_s=0),
+            "retry": lambda: registry.resolve_model("models:/m@production", uri, retry_s=60)}
+    threads = [threading.Thread(target=attempt, args=kv) for kv in jobs.items()]
+    with caplog.at_level(logging.WARNING, logger="pipeline.models.registry"):
+        for t in threads:
+            t.start()
+        time.sleep(BUSY_TIMEOUT_S + 4)   # past every first attempt's busy timeout, then release
+        lock.execute("ROLLBACK")
+        lock.close()
+        for t in threads:
+            t.join(timeout=120)
+
+    for key in ("no_retry", "alias_no_retry"):
+        e = out[key]
+        assert isinstance(e, RegistryError), (key, e)   # not ModelNotFoundError, not None ("no alias yet")
+        assert "database is locked" in str(e) and path in str(e) and "[SQL:" not in str(e)
+        assert e.exit_code == 5
+    ref = out["retry"]
+    assert isinstance(ref, registry.ModelRef) and ref.version == "1", ref
+    assert out["retry_s"] > BUSY_TIMEOUT_S                # it did meet the lock, and asked again
+    assert any("registry busy" in r.getMessage() for r in caplog.records)

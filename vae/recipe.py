@@ -98,6 +98,14 @@ on the any-data panel's colour patches, whose nets' lower bounds reached 7.9 % o
 they did worse than pPCA on the other photo; where nets carry over (MNIST, the digits: 49–52 %) it
 changes nothing (docs/quality.md)."""
 
+PSEUDO_LABELS = 0.0
+"""`train --labels`: the fraction of each class's unlabelled records that label spreading over μ
+pseudo-labels for the M2 head (vae.spreading.pseudo_label), those it is surest of. Off by default:
+0.6 closed the head's gap to raw label spreading on the panel's digits (9.5 % to 6.8 %) and helped
+breast cancer and wine, but on iris, kept aside, it did worse than the head without it on all three
+splits and than raw spreading too, and on MNIST it cost half a point; 0.3 hurt iris and MNIST as well
+(docs/quality.md)."""
+
 
 def keep_nets(full: float, linear: float, sq_diff: float, n: float, min_gain: float = NETS_MIN_GAIN) -> bool:
     """Whether a trained linear-path model keeps its nets, from the sums vae.train_step.round_trip takes

@@ -64,3 +64,32 @@ def induce(mu_ref: torch.Tensor, dist_ref: torch.Tensor, mu: torch.Tensor, k: in
     records' distributions."""
     nbr = knn_indices(mu, mu_ref, min(k, len(mu_ref)))                       # (N, k)
     return dist_ref[nbr].mean(1)
+
+
+def pseudo_label(mu: torch.Tensor, y: torch.Tensor, n_classes: int, fraction: float,
+                 max_rows: int = 50_000, generator: torch.Generator | None = None) -> torch.Tensor:
+    """y (R,) with pseudo-labels added: label spreading over mu (R, L) from the labelled records
+    (y ≥ 0), then, of the unlabelled records spreading gives to each class, the `fraction` it is
+    surest of (largest share of their distribution) take that class. The rest stay -1. Spreading
+    costs O(R²·L), so above `max_rows` records it runs over every labelled record and a random
+    subset of the unlabelled ones (drawn by `generator`), and only that subset can be pseudo-labelled."""
+    out = y.clone()
+    unl = torch.nonzero(y < 0).flatten()
+    if fraction <= 0 or len(unl) == 0 or bool((y < 0).all()):
+        return out
+    lab = torch.nonzero(y >= 0).flatten()
+    room = max(max_rows - len(lab), 0)
+    if len(unl) > room:
+        unl = unl[torch.randperm(len(unl), generator=generator)[:room]].sort().values
+    rows = torch.cat([lab, unl])                                                  # (R',)
+    dist = spread(mu[rows], y[rows], n_classes)                                   # (R', C)
+    conf, cls = dist[len(lab):].max(1)                                            # (U,) each
+    take = torch.zeros(len(unl), dtype=torch.bool)
+    for c in range(n_classes):
+        m = (cls == c) & (conf > 1.0 / n_classes)        # a record spreading reached (not uniform)
+        n = int(round(fraction * int(m.sum())))
+        if n:
+            idx = torch.nonzero(m).flatten()
+            take[idx[conf[idx].topk(n).indices]] = True
+    out[unl[take]] = cls[take]
+    return out

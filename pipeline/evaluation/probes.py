@@ -9,6 +9,7 @@ from pipeline.evaluation.eval_metrics import balanced_indices
 from vae.config import SemiConfig
 from vae.model import VAE
 from vae.semi import M2, fit_m2
+from vae.spreading import pseudo_label
 
 @torch.no_grad()
 def posterior(model: VAE, raw: np.ndarray, batch: int = 1000) -> tuple[np.ndarray, np.ndarray]:
@@ -20,15 +21,20 @@ def posterior(model: VAE, raw: np.ndarray, batch: int = 1000) -> tuple[np.ndarra
 
 
 def m2_error(mu_tr: np.ndarray, lv_tr: np.ndarray, ytr: np.ndarray, mu_te: np.ndarray, yte: np.ndarray,
-             n_labels: int, seed: int, epochs: int) -> float:
+             n_labels: int, seed: int, epochs: int, pseudo_labels: float = 0.0) -> float:
     """Error of an M2 head (vae.semi, the default SemiConfig) fit for `epochs` on the frozen
     q(z1|x) = N(mu_tr, exp(lv_tr)) of every training record, `n_labels` of them labelled (a balanced
-    draw, eval_metrics.balanced_indices), the rest unlabelled; argmax q(y|μ) on the test records."""
+    draw, eval_metrics.balanced_indices), the rest unlabelled, and with `pseudo_labels` > 0 that
+    fraction of them pseudo-labelled by label spreading over mu_tr first, as `train --labels` does
+    (vae.spreading.pseudo_label); argmax q(y|μ) on the test records."""
     classes = tuple(np.unique(ytr).tolist())
     cls_index = {c: i for i, c in enumerate(classes)}
     idx = balanced_indices(ytr, n_labels, seed)
     y = torch.full((len(ytr),), -1, dtype=torch.long)
     y[idx] = torch.tensor([cls_index[c] for c in ytr[idx].tolist()])
+    if pseudo_labels > 0:
+        y = pseudo_label(torch.from_numpy(np.ascontiguousarray(mu_tr, np.float32)), y, len(classes), pseudo_labels,
+                         generator=torch.Generator().manual_seed(seed * 1_000_003))
     torch.manual_seed(seed)
     m2 = M2(mu_tr.shape[1], SemiConfig(classes=classes))
     fit_m2(m2, torch.from_numpy(mu_tr), torch.from_numpy(lv_tr), y, epochs, seed=seed)

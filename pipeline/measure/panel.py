@@ -24,7 +24,7 @@ from pipeline.evaluation.probes import m2_error, posterior
 from pipeline.measure.protocols import fit_vae
 from vae.model import VAE
 from vae.preprocess import Preprocessing
-from vae.recipe import auto_epochs, model_config, ppca_start
+from vae.recipe import PSEUDO_LABELS, auto_epochs, model_config, ppca_start
 from vae.train_step import active_units
 
 BATCH_SIZE = 128        # `vaepipe train`'s default --batch-size
@@ -192,7 +192,7 @@ def _one_draw(job: tuple) -> tuple[float, float, float, float, float]:
     """One label draw's (M2 head, spreading over μ, spreading on the raw features, spreading on PCA's
     scores at the latent dimension, spreading over the embedding) errors."""
     mu_tr, lv_tr, ytr, mu_te, yte, n_labels, seed, raw_tr, raw_te, pca_tr, pca_te, emb_tr, emb_te = job
-    return (m2_error(mu_tr, lv_tr, ytr, mu_te, yte, n_labels, seed, HEAD_EPOCHS),
+    return (m2_error(mu_tr, lv_tr, ytr, mu_te, yte, n_labels, seed, HEAD_EPOCHS, PSEUDO_LABELS),
             spreading_mu_error(mu_tr, ytr, mu_te, yte, n_labels, seed),
             spreading_error(raw_tr, ytr, raw_te, yte, n_labels, seed),
             spreading_error(pca_tr, ytr, pca_te, yte, n_labels, seed),

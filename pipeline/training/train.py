@@ -322,6 +322,7 @@ def worker_config(cfg: TrainConfig, data: PreparedData, plan: RunPlan, has_val: 
         run=RunRef(plan.run_dir, so, plan.attempt),
         faults=FaultPlan(cfg.fail_at_epoch, cfg.fail_rank, plan.run_dir, so),
         resume_from=plan.resume_from, labels=cfg.labels, labelled_per_batch=cfg.labelled_per_batch,
+        pseudo_labels=cfg.pseudo_labels,
         threads=None if not use_gpu else 4,   # None: from the CPUs of the node each worker lands on
         blocks=blocks, start=_ppca_start(data, cfg), nets_min_gain=cfg.nets_min_gain)
 

@@ -32,6 +32,7 @@ from vae.loss import kl_weight
 from vae.model import VAE
 from vae.recipe import NETS_MIN_GAIN, settle_nets
 from vae.semi import M2_LR, build_model, m2_epoch
+from vae.spreading import pseudo_label
 from vae.train_step import EpochStats, active_units, evaluate, labelled_batches, round_trip, train_epoch
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class WorkerConfig:
     resume_from: str | None = None   # `--resume`: our own newest complete checkpoint
     labels: str | None = None    # `--labels`: the label column (the classes are in `model`)
     labelled_per_batch: int = 32
+    pseudo_labels: float = 0.0   # `--pseudo-labels`: the fraction label spreading labels before the head
     threads: int | None = None   # None: the CPUs of the Ray node this worker lands on / the workers there
     # The cache on: the driver's materialized datasets by name ("train", "val") as their blocks in order,
     # (ObjectRef, first row, end row) each; every worker holds its own share on its device (load_shard).
@@ -359,9 +361,10 @@ class TrainWorker:
         if self.progress.head_done == 0:
             self._check_nets()
         stats, y = self._shard_posterior(), self.cached["train"][1]
+        y_head = self._pseudo_labels(stats, y)
         for h in range(self.progress.head_done, o.head_epochs):
             epoch = self.progress.start_epoch
-            head = self._run_head_epoch(epoch, h, stats, y)
+            head = self._run_head_epoch(epoch, h, stats, y, y_head)
             self.progress.start_epoch, self.progress.head_done = epoch + 1, h + 1
             self._report(epoch, {**self.vae_metrics, **head, "epoch": epoch}, head,
                          f"head epoch {h + 1}/{o.head_epochs}: M2 loss {head['head_loss']:.3f}, labelled training "
@@ -410,12 +413,29 @@ class TrainWorker:
         return torch.cat([torch.cat([q.mean, q.logvar], -1) for q in qs]) if qs else \
             torch.zeros((0, 2 * self.core.config.latent_dim), device=self.device)
 
-    def _run_head_epoch(self, epoch: int, h: int, stats: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def _pseudo_labels(self, stats: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The head's labels: y plus, with --pseudo-labels, the classes label spreading over the frozen
+        VAE's μ gives the unlabelled records it is surest of (vae.spreading.pseudo_label). Over this
+        worker's shard, so a deterministic function of the shard and the VAE: a resumed head gets the
+        same ones."""
+        if self.cfg.pseudo_labels <= 0:
+            return y
+        g = torch.Generator().manual_seed(self.cfg.optim.seed * 1_000_003 + self.rank)
+        out = pseudo_label(stats.chunk(2, -1)[0].float().cpu(), y.cpu(), self.core.m2.num_classes,
+                           self.cfg.pseudo_labels, generator=g).to(y.device)
+        n = _sum_over_workers(torch.tensor([float(((out >= 0) & (y < 0)).sum()), float((y < 0).sum())],
+                                           dtype=torch.float64, device=self.device), self.world)
+        self.vae_metrics = {**self.vae_metrics, "pseudo_labelled": float(n[0]),
+                            "pseudo_labelled_share": float(n[0] / max(n[1], 1))}
+        return out
+
+    def _run_head_epoch(self, epoch: int, h: int, stats: torch.Tensor, y: torch.Tensor,
+                        y_head: torch.Tensor | None = None) -> dict[str, float]:
         o, m2 = self.cfg.optim, self.core.m2
         torch.manual_seed(o.seed * 100_003 + epoch * 1009 + self.rank)   # z1 and z2 draws, as _run_epoch's ε
         self.cfg.faults.maybe_fail(self.rank, epoch)
         t0 = time.perf_counter()
-        loss, records = m2_epoch(m2, stats, y, self.head_optimizer, o.batch_size, self.cfg.labelled_per_batch,
+        loss, records = m2_epoch(m2, stats, y if y_head is None else y_head, self.head_optimizer, o.batch_size, self.cfg.labelled_per_batch,
                                  seed=o.seed, epoch=h, rank=self.rank,
                                  after_backward=lambda: _average_grads(m2.parameters(), self.world))
         wall = time.perf_counter() - t0

@@ -169,3 +169,11 @@ def test_keep_checkpoints_must_outlast_patience(tmp_path):
     with pytest.raises(ConfigError, match=r"keep_checkpoints \(3\) must exceed patience \(3\)"):
         TrainConfig(input="in/", features=["x"], patience=3)
     assert TrainConfig(input="in/", features=["x"], patience=3, keep_checkpoints=4).keep_checkpoints == 4
+
+
+def test_pseudo_labels_is_a_fraction_below_one():
+    # at 1 no record would stay unlabelled, and the head's class term (weighted by unlabelled/labelled) vanishes
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match=r"pseudo_labels must be in \[0, 1\)"):
+            TrainConfig(input="in/", features=["x"], labels="y", pseudo_labels=bad)
+    assert TrainConfig(input="in/", features=["x"], labels="y", pseudo_labels=0.0).data.pseudo_labels == 0.0

@@ -63,6 +63,7 @@ def test_the_panel_trains_with_vaepipe_trains_defaults():
     from vae.recipe import NETS_MIN_GAIN                 # the nets' check: fit_vae uses keep_nets's default
 
     assert NETS_MIN_GAIN == defaults["nets_min_gain"]
+    assert panel.PSEUDO_LABELS == defaults["pseudo_labels"]   # the head's pseudo-labels, as train's
 
 
 def _started(x: np.ndarray, latent_dim: int, hidden: tuple[int, ...]):

@@ -108,6 +108,25 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+MLFLOW_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_uri_leak():
+    """A test (or the code it runs) that leaves $MLFLOW_TRACKING_URI or $MLFLOW_REGISTRY_URI changed
+    fails here, at its source: a later test's job in the same worker would otherwise read another
+    module's store (a job's default tracking URI is that variable) and fail far from the cause."""
+    before = {k: os.environ.get(k) for k in MLFLOW_URI_VARS}
+    yield
+    after = {k: os.environ.get(k) for k in MLFLOW_URI_VARS}
+    for k, v in before.items():   # put back, so one leak fails one test
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    assert after == before, f"the test left MLflow's URI variables changed: {before} -> {after}"
+
+
 @pytest.fixture(autouse=True)
 def seed():
     """Every test starts from the same random state."""

@@ -34,24 +34,27 @@ def client(tracking_uri: str):
 
 @contextlib.contextmanager
 def using_tracking(tracking_uri: str):
-    """MLflow's fluent API for one block. mlflow.set_tracking_uri also exports $MLFLOW_TRACKING_URI,
-    which would silently redirect every later job in this process: restore both afterwards."""
+    """MLflow's fluent API against this store (tracking and registry alike) for one block.
+    mlflow.set_tracking_uri and set_registry_uri also export $MLFLOW_TRACKING_URI and
+    $MLFLOW_REGISTRY_URI, which would silently redirect every later job in this process (and the
+    processes it starts): both globals and both variables are put back afterwards."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    prev = mlflow.get_tracking_uri() if env else None
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     try:
         yield
     finally:
-        if env is None:
-            from mlflow.tracking._tracking_service import utils
-
-            utils._tracking_uri = None
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            mlflow.set_tracking_uri(prev)
-            os.environ["MLFLOW_TRACKING_URI"] = env
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def experiment_id(tracking_uri: str, name: str, artifact_root: str | None = None) -> str:

@@ -22,6 +22,8 @@ builds or reads a half-loaded one. Between a commit and the index built for it (
 rebuilds it under the same lease), answers come from the previous build and say `"fresh": false`."""
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import threading
@@ -63,10 +65,11 @@ class NeighbourService:
         if model:
             import mlflow
 
-            if tracking_uri:
-                mlflow.set_tracking_uri(tracking_uri)
-                mlflow.set_registry_uri(tracking_uri)
-            self.model = mlflow.pyfunc.load_model(model)
+            from pipeline.models.registry import using_tracking
+
+            # the store for this load only: a global URI would redirect every later job in the process
+            with using_tracking(tracking_uri) if tracking_uri else contextlib.nullcontext():
+                self.model = mlflow.pyfunc.load_model(model)
             schema = self.model.metadata.get_input_schema()
             self.inputs = list(schema.input_names()) if schema is not None else None
         if not self.poll():

@@ -286,11 +286,15 @@ def register(model_uri: str, name: str, tracking_uri: str, run_id: str, tags: di
     from mlflow.exceptions import MlflowException
 
     c = client(tracking_uri)
-    try:
-        c.create_registered_model(name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+
+    def create_name():   # idempotent, so a busy store is asked again (_read)
+        try:
+            c.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+    _read(create_name, f"registered model {name!r}", tracking_uri)
     # A logged model (models:/m-ID, what log_model returns in MLflow 3) must be named by model_id
     # too: a tracking server refuses that source without it (INVALID_PARAMETER_VALUE), and the
     # SQLite store resolves it through the global tracking URI (hence using_tracking).
@@ -300,7 +304,10 @@ def register(model_uri: str, name: str, tracking_uri: str, run_id: str, tags: di
             mv = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags or {},
                                         model_id=logged[1] if logged else None,
                                         await_creation_for=max(1, int(timeout_s)))
-    except MlflowException as e:
+    except MlflowException as e:   # not asked again: a retried create could leave a second version
+        if e.error_code in TRANSIENT:
+            raise RegistryError(f"model {name}: registering {model_uri}: the registry at {redact_uri(tracking_uri)} "
+                                f"was busy ({e.error_code}): {_one_line(e.message)}") from e
         raise ModelNotFoundError(f"model {name}: no READY version from {model_uri} within {timeout_s:.0f} s: "
                                  f"{e.message}") from e
     return c.get_model_version(name, mv.version)   # the status as of now (READY), not at creation

@@ -57,7 +57,9 @@ def test_locked_store_is_a_registry_error_or_is_asked_again_until_it_answers(sto
 
     jobs = {"no_retry": lambda: registry.resolve_model("models:/m@production", uri, retry_s=0),
             "alias_no_retry": lambda: registry.current_alias_version("m", "production", uri, retry_s=0),
-            "retry": lambda: registry.resolve_model("models:/m@production", uri, retry_s=60)}
+            "retry": lambda: registry.resolve_model("models:/m@production", uri, retry_s=60),
+            # train's last step: the name's creation is asked again, then the version is created once
+            "register": lambda: registry.register(f"file://{os.path.dirname(path)}/model", "m", uri, None)}
     threads = [threading.Thread(target=attempt, args=kv) for kv in jobs.items()]
     with caplog.at_level(logging.WARNING, logger="pipeline.models.registry"):
         for t in threads:
@@ -76,4 +78,7 @@ def test_locked_store_is_a_registry_error_or_is_asked_again_until_it_answers(sto
     ref = out["retry"]
     assert isinstance(ref, registry.ModelRef) and ref.version == "1", ref
     assert out["retry_s"] > BUSY_TIMEOUT_S                # it did meet the lock, and asked again
+    mv = out["register"]
+    assert not isinstance(mv, Exception) and str(mv.version) == "2" and mv.status == "READY", mv
+    assert sorted(str(v.version) for v in registry.client(uri).search_model_versions("name='m'")) == ["1", "2"]
     assert any("registry busy" in r.getMessage() for r in caplog.records)

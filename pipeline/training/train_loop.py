@@ -435,8 +435,8 @@ class TrainWorker:
         torch.manual_seed(o.seed * 100_003 + epoch * 1009 + self.rank)   # z1 and z2 draws, as _run_epoch's ε
         self.cfg.faults.maybe_fail(self.rank, epoch)
         t0 = time.perf_counter()
-        loss, records = m2_epoch(m2, stats, y if y_head is None else y_head, self.head_optimizer, o.batch_size, self.cfg.labelled_per_batch,
-                                 seed=o.seed, epoch=h, rank=self.rank,
+        loss, records = m2_epoch(m2, stats, y if y_head is None else y_head, self.head_optimizer, o.batch_size,
+                                 self.cfg.labelled_per_batch, seed=o.seed, epoch=h, rank=self.rank,
                                  after_backward=lambda: _average_grads(m2.parameters(), self.world))
         wall = time.perf_counter() - t0
         lab = y >= 0

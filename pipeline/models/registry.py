@@ -98,8 +98,9 @@ TRANSIENT = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
 READ_RETRY_S = 60.0
 
 
-def _read(fn, what: str, tracking_uri: str, retry_s: float | None = None):
-    """fn() against the registry; a busy store is asked again until `retry_s` has passed. Not-found
+def ask(fn, what: str, tracking_uri: str, retry_s: float | None = None):
+    """fn() against the registry (a read, or a write that is harmless to repeat); a busy store is
+    asked again until `retry_s` has passed. Not-found
     answers propagate as MlflowException (the caller says what is missing); any other failure, or a
     store still busy at the deadline, is a RegistryError that carries the store's own message."""
     from mlflow.exceptions import MlflowException
@@ -141,7 +142,7 @@ def resolve_model(model_uri: str, tracking_uri: str, retry_s: float | None = Non
     name, alias, version = m["name"], m["alias"], m["version"]
     c = client(tracking_uri)
     try:
-        mv = _read(lambda: c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version),
+        mv = ask(lambda: c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version),
                    f"model {model_uri!r}", tracking_uri, retry_s)
     except MlflowException as e:   # not found: say what is there instead
         what = f"alias {alias!r}" if alias else f"version {version}"
@@ -157,7 +158,7 @@ def _known_aliases(c, name: str, tracking_uri: str, retry_s: float | None = None
     from mlflow.exceptions import MlflowException
 
     try:
-        rm = _read(lambda: c.get_registered_model(name), f"registered model {name!r}", tracking_uri, retry_s)
+        rm = ask(lambda: c.get_registered_model(name), f"registered model {name!r}", tracking_uri, retry_s)
     except MlflowException:
         return "no registered model of that name"
     aliases = getattr(rm, "aliases", {}) or {}
@@ -287,14 +288,14 @@ def register(model_uri: str, name: str, tracking_uri: str, run_id: str, tags: di
 
     c = client(tracking_uri)
 
-    def create_name():   # idempotent, so a busy store is asked again (_read)
+    def create_name():   # idempotent, so a busy store is asked again
         try:
             c.create_registered_model(name)
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
 
-    _read(create_name, f"registered model {name!r}", tracking_uri)
+    ask(create_name, f"registered model {name!r}", tracking_uri)
     # A logged model (models:/m-ID, what log_model returns in MLflow 3) must be named by model_id
     # too: a tracking server refuses that source without it (INVALID_PARAMETER_VALUE), and the
     # SQLite store resolves it through the global tracking URI (hence using_tracking).
@@ -313,12 +314,17 @@ def register(model_uri: str, name: str, tracking_uri: str, run_id: str, tags: di
     return c.get_model_version(name, mv.version)   # the status as of now (READY), not at creation
 
 
-def set_alias_when_ready(name: str, alias: str, version: str, tracking_uri: str) -> None:
+def set_alias_when_ready(name: str, alias: str, version: str, tracking_uri: str,
+                         retry_s: float | None = None) -> None:
+    """Point `alias` at `version` once the store says it is READY. Both calls are asked again while
+    the store is busy (setting an alias twice to the same version is harmless); a store that fails
+    or stays busy is a RegistryError, so the caller can say the alias did not move."""
     c = client(tracking_uri)
-    mv = c.get_model_version(name, version)
+    mv = ask(lambda: c.get_model_version(name, version), f"model {name!r} version {version}", tracking_uri, retry_s)
     if mv.status != "READY":
         raise ModelNotFoundError(f"model {name} version {version} is {mv.status}; alias {alias!r} not moved")
-    c.set_registered_model_alias(name, alias, version)
+    ask(lambda: c.set_registered_model_alias(name, alias, version),
+          f"alias {alias!r} of model {name!r} to version {version}", tracking_uri, retry_s)
 
 
 def current_alias_version(name: str, alias: str, tracking_uri: str, retry_s: float | None = None) -> str | None:
@@ -328,7 +334,7 @@ def current_alias_version(name: str, alias: str, tracking_uri: str, retry_s: flo
 
     c = client(tracking_uri)
     try:
-        return str(_read(lambda: c.get_model_version_by_alias(name, alias),
+        return str(ask(lambda: c.get_model_version_by_alias(name, alias),
                          f"alias {alias!r} of model {name!r}", tracking_uri, retry_s).version)
     except MlflowException:
         return None

@@ -542,9 +542,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         collapsed = _collapse(cfg, state)
         try:
             promoted = promote(cfg, mv.version, model, data, val_ds, tracking, collapsed)
-        except RegistryError as e:   # a store that failed mid-decision: nothing moved, and the user told so
-            raise RegistryError(f"model {cfg.model_name} v{mv.version} is registered but alias {cfg.alias!r} was "
-                                f"not moved: {e}") from e
+        except RegistryError as e:   # a store that failed mid-decision: the user told what moved
+            raise RegistryError(f"model {cfg.model_name} v{mv.version} is registered but {e}") from e
     except BaseException as e:   # the MLflow run never stays RUNNING after a failure
         client.set_terminated(run_id, status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
@@ -603,10 +602,36 @@ def promote(cfg: TrainConfig, version: str, model: VAE, data: PreparedData, val_
             collapsed: str | None = None) -> bool:
     """Move `alias` to `version` if it has none yet, with --promote force, or (auto) when the new
     model's validation -ELBO is lower than the current alias holder's on the same validation data;
-    never when the model collapsed (`collapsed` says how)."""
+    never when the model collapsed (`collapsed` says how). A store that fails is a RegistryError
+    saying whether the alias moved."""
+    try:
+        ok, why, current, new_s, cur_s = _decide(cfg, version, model, data, val_ds, tracking, collapsed)
+    except RegistryError as e:   # the store failed or stayed busy: no decision on a guess
+        raise RegistryError(f"alias {cfg.alias!r} was not moved: {e}") from e
+    client = registry.client(tracking)
+    tags = {"vaepipe.promotion": "promoted" if ok else "kept", "vaepipe.promotion_reason": why,
+            # the figures the decision was made on, exactly (a rounded copy can round differently from
+            # the reason's: 39.6725 → "39.672" there, "39.673" here)
+            "vaepipe.val_neg_elbo": "" if new_s is None else repr(float(new_s)),
+            "vaepipe.incumbent_version": current or "",
+            "vaepipe.incumbent_val_neg_elbo": "" if cur_s is None else repr(float(cur_s))}
+    try:
+        for k, v in tags.items():
+            registry.ask(lambda: client.set_model_version_tag(cfg.model_name, version, k, v),   # idempotent
+                         f"tag {k} of model {cfg.model_name!r} v{version}", tracking)
+    except RegistryError as e:
+        raise RegistryError(f"alias {cfg.alias!r} {'points at it' if ok else 'was not moved'} ({why}); the "
+                            f"decision's tags were not written: {e}") from e
+    print(f"registry: {cfg.model_name} v{version} {'→ ' + cfg.alias if ok else 'not promoted'} ({why})")
+    return ok
+
+
+def _decide(cfg: TrainConfig, version: str, model: VAE, data: PreparedData, val_ds, tracking: str,
+            collapsed: str | None):
+    """promote's decision, and the alias moved when it says so: (moved, why, incumbent version,
+    new and incumbent validation -ELBO)."""
     from mlflow.exceptions import MlflowException
 
-    client = registry.client(tracking)
     current = registry.current_alias_version(cfg.model_name, cfg.alias, tracking)
     new_s, cur_s = None, None
     if val_ds is not None and cfg.promote != "never" and not collapsed:
@@ -641,13 +666,4 @@ def promote(cfg: TrainConfig, version: str, model: VAE, data: PreparedData, val_
         why = f"val -ELBO {new_s:.3f} vs current v{current} {cur_s:.3f} nats"
     if ok:
         registry.set_alias_when_ready(cfg.model_name, cfg.alias, version, tracking)
-    tags = {"vaepipe.promotion": "promoted" if ok else "kept", "vaepipe.promotion_reason": why,
-            # the figures the decision was made on, exactly (a rounded copy can round differently from
-            # the reason's: 39.6725 → "39.672" there, "39.673" here)
-            "vaepipe.val_neg_elbo": "" if new_s is None else repr(float(new_s)),
-            "vaepipe.incumbent_version": current or "",
-            "vaepipe.incumbent_val_neg_elbo": "" if cur_s is None else repr(float(cur_s))}
-    for k, v in tags.items():
-        client.set_model_version_tag(cfg.model_name, version, k, v)
-    print(f"registry: {cfg.model_name} v{version} {'→ ' + cfg.alias if ok else 'not promoted'} ({why})")
-    return ok
+    return ok, why, current, new_s, cur_s

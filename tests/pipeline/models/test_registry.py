@@ -59,7 +59,9 @@ def test_locked_store_is_a_registry_error_or_is_asked_again_until_it_answers(sto
             "alias_no_retry": lambda: registry.current_alias_version("m", "production", uri, retry_s=0),
             "retry": lambda: registry.resolve_model("models:/m@production", uri, retry_s=60),
             # train's last step: the name's creation is asked again, then the version is created once
-            "register": lambda: registry.register(f"file://{os.path.dirname(path)}/model", "m", uri, None)}
+            "register": lambda: registry.register(f"file://{os.path.dirname(path)}/model", "m", uri, None),
+            # and its promotion: the alias is set once the store answers
+            "alias": lambda: registry.set_alias_when_ready("m", "staging", "1", uri, retry_s=60)}
     threads = [threading.Thread(target=attempt, args=kv) for kv in jobs.items()]
     with caplog.at_level(logging.WARNING, logger="pipeline.models.registry"):
         for t in threads:
@@ -81,4 +83,25 @@ def test_locked_store_is_a_registry_error_or_is_asked_again_until_it_answers(sto
     mv = out["register"]
     assert not isinstance(mv, Exception) and str(mv.version) == "2" and mv.status == "READY", mv
     assert sorted(str(v.version) for v in registry.client(uri).search_model_versions("name='m'")) == ["1", "2"]
+    assert out["alias"] is None and out["alias_s"] > BUSY_TIMEOUT_S, out["alias"]
+    assert registry.current_alias_version("m", "staging", uri) == "1"
     assert any("registry busy" in r.getMessage() for r in caplog.records)
+
+
+def test_train_promotion_past_a_store_that_stays_locked_says_the_alias_did_not_move(store, monkeypatch, capsys):
+    from pipeline.training.train import promote
+    from pipeline.training.train_config import TrainConfig
+
+    uri, path = store
+    monkeypatch.setattr(registry, "READ_RETRY_S", 1)   # one busy timeout, then give up (the default asks for 60 s)
+    cfg = TrainConfig(input="in/", features=["x"], model_name="m", alias="staging", promote="force")
+    lock = sqlite3.connect(path, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(RegistryError, match=r"alias 'staging' was not moved: .*database is locked") as e:
+            promote(cfg, "1", model=None, data=None, val_ds=None, tracking=uri)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert e.value.exit_code == 5 and "registry:" not in capsys.readouterr().out   # no decision printed
+    assert registry.current_alias_version("m", "staging", uri) is None            # and none made

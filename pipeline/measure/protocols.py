@@ -68,7 +68,7 @@ class ProtocolConfig(RuntimeConfig):
     labels: list[int] = opt(help="semi-mnist: label counts", factory=lambda: [100, 600, 1000])
     draws: int = opt(5, "semi-mnist, breast-cancer: seeded draws (labels / anomaly subsample) averaged over")
     label_draws: int = opt(0, "any-data: balanced label draws the few-label comparison averages over (0: each "
-                              "set's own: 5, MNIST 1)")
+                              "set's own: 10, MNIST 1)")
     digits: list[int] = opt(help="one-class-mnist, any-data-one-class: the normal digits (classes) to run (default all ten)",
                             factory=lambda: list(range(10)))
     arch: str = opt("conv", "image model: conv (what `vaepipe train` picks for images: channels 32, 64) or mlp "

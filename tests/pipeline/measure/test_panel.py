@@ -18,7 +18,7 @@ def test_the_panel_sets_hold_what_the_issue_names(seed):
     p = sets["patches16-china"]
     assert p.x_train.shape == (4000, 768) and p.x_test.shape == (1000, 768) and p.image_shape == (3, 16, 16)
     assert p.y_train is None
-    assert d16.label_draws == bc.label_draws == 5        # small label sets: a draw moves the error by points
+    assert d16.label_draws == bc.label_draws == 10       # small label sets: a draw moves the error by points
 
 
 def test_an_unknown_set_is_named():
@@ -42,6 +42,8 @@ def test_a_short_panel_run_reports_every_figure_against_its_baseline(seed, capsy
     assert row["label_draws"] == 2 and len(row["m2_error_draws"]) == 2
     assert row["m2_error"] == pytest.approx(np.mean(row["m2_error_draws"]))
     assert row["m2_minus_raw"] == pytest.approx(np.mean(row["m2_error_draws"]) - np.mean(row["spreading_error_raw_draws"]))
+    diff = np.subtract(row["m2_error_draws"], row["spreading_error_raw_draws"])
+    assert row["m2_minus_raw_se"] == pytest.approx(np.std(diff, ddof=1) / np.sqrt(2))
     # the nets' check: reported, and a dropped model round-trips like PCA (the map makes pPCA PCA's projection)
     assert isinstance(row["nets_kept"], bool) and row["nets_gain_lower"] <= row["nets_gain"]
     if not row["nets_kept"]:

@@ -100,9 +100,9 @@ READ_RETRY_S = 60.0
 
 def ask(fn, what: str, tracking_uri: str, retry_s: float | None = None):
     """fn() against the registry (a read, or a write that is harmless to repeat); a busy store is
-    asked again until `retry_s` has passed. Not-found
-    answers propagate as MlflowException (the caller says what is missing); any other failure, or a
-    store still busy at the deadline, is a RegistryError that carries the store's own message."""
+    asked again until `retry_s` has passed. Not-found answers propagate as MlflowException (the
+    caller says what is missing); any other failure, or a store still busy at the deadline, is a
+    RegistryError that carries the store's own message."""
     from mlflow.exceptions import MlflowException
 
     deadline = time.monotonic() + (READ_RETRY_S if retry_s is None else retry_s)
@@ -143,7 +143,7 @@ def resolve_model(model_uri: str, tracking_uri: str, retry_s: float | None = Non
     c = client(tracking_uri)
     try:
         mv = ask(lambda: c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version),
-                   f"model {model_uri!r}", tracking_uri, retry_s)
+                 f"model {model_uri!r}", tracking_uri, retry_s)
     except MlflowException as e:   # not found: say what is there instead
         what = f"alias {alias!r}" if alias else f"version {version}"
         known = _known_aliases(c, name, tracking_uri, retry_s)
@@ -324,7 +324,7 @@ def set_alias_when_ready(name: str, alias: str, version: str, tracking_uri: str,
     if mv.status != "READY":
         raise ModelNotFoundError(f"model {name} version {version} is {mv.status}; alias {alias!r} not moved")
     ask(lambda: c.set_registered_model_alias(name, alias, version),
-          f"alias {alias!r} of model {name!r} to version {version}", tracking_uri, retry_s)
+        f"alias {alias!r} of model {name!r} to version {version}", tracking_uri, retry_s)
 
 
 def current_alias_version(name: str, alias: str, tracking_uri: str, retry_s: float | None = None) -> str | None:
@@ -335,7 +335,7 @@ def current_alias_version(name: str, alias: str, tracking_uri: str, retry_s: flo
     c = client(tracking_uri)
     try:
         return str(ask(lambda: c.get_model_version_by_alias(name, alias),
-                         f"alias {alias!r} of model {name!r}", tracking_uri, retry_s).version)
+                       f"alias {alias!r} of model {name!r}", tracking_uri, retry_s).version)
     except MlflowException:
         return None
 

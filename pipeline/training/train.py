@@ -31,7 +31,7 @@ from pipeline.table.parquet_io import check_inputs, list_parquet_files, read_tab
 from pipeline.runtime.redact import redact_uri
 from pipeline.training.run_store import CHECKPOINT_FILE, RunStore
 from pipeline.training.train_config import ModelOptions, TrainConfig
-from pipeline.training.train_loop import RunRef, WorkerConfig, journal_metrics, train_loop_per_worker
+from pipeline.training.train_loop import KEEP_SCORE, RunRef, WorkerConfig, journal_metrics, train_loop_per_worker
 from pipeline.table.uris import Location, arrow_filesystem, resolve
 from vae.anomaly import LatentReference
 from vae.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, with_reference
@@ -372,7 +372,10 @@ def fit(cfg: TrainConfig, plan: RunPlan, worker_cfg: WorkerConfig, train_ds, val
             name=plan.ray_name, storage_path=plan.ray_parent.path,
             storage_filesystem=None if plan.root.is_local else arrow_filesystem(plan.root.fs),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            # the N best epochs by -ELBO (train_loop._Progress.keep_score) and, always, the newest
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                                         checkpoint_score_attribute=KEEP_SCORE,
+                                                         checkpoint_score_order="min"),
             # Ray Train's own INFO lines ("Started training worker group …") stay in its log files
             # unless VAEPIPE_LOG asks for INFO; its warnings and errors still reach the console
             logging_config=ray.train.LoggingConfig(log_level=_ray_train_log_level())),
@@ -445,9 +448,9 @@ def journal_to_mlflow(store: RunStore, run_id: str, tracking: str, every_s: floa
 
 
 def pick_checkpoint(plan: RunPlan) -> tuple[str, dict, int]:
-    """(path, state, epochs run): the best epoch's checkpoint when it is still kept, else the newest
-    complete one; after head-only epochs (train --labels), the newest: they trained the head on the
-    best epoch's VAE (train_loop.TrainWorker._restore_best_vae)."""
+    """(path, state, epochs run): the best epoch's checkpoint (Ray Train keeps it: KEEP_SCORE) when it
+    loads, else the newest complete one; after head-only epochs (train --labels), the newest: they
+    trained the head on the best epoch's VAE (train_loop.TrainWorker._restore_best_vae)."""
     found = plan.store.newest_complete()
     if found is None:
         raise RuntimeError(f"training {plan.name} finished without a checkpoint in {plan.run_dir}")
@@ -463,8 +466,8 @@ def pick_checkpoint(plan: RunPlan) -> tuple[str, dict, int]:
             except (CheckpointError, OSError) as e:
                 log.warning("best epoch %d's checkpoint is unreadable (%s); keeping the last", best_epoch, e)
         else:
-            log.warning("best epoch %d's checkpoint is no longer kept (--keep-checkpoints); keeping the last",
-                        best_epoch)
+            log.warning("best epoch %d's checkpoint is gone from %s; keeping the last", best_epoch,
+                        redact_uri(plan.run_dir))
     return path, state, found[1]["epoch"] + 1
 
 

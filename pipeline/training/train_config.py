@@ -199,9 +199,10 @@ class TrainConfig(RuntimeConfig):
     resume: bool = opt(False, "continue the latest run of --model-name (or --run-name) from its newest complete "
                               "checkpoint, as a new Ray Train run in the same folder and the same MLflow run",
                        group="checkpointing")
-    keep_checkpoints: int = opt(3, "checkpoints each Ray run keeps: the newest N (older ones are deleted; the "
-                                   "newest is always kept, so resume finds it); with --patience, N must exceed "
-                                   "it so the best epoch is still there when training stops", group="checkpointing")
+    keep_checkpoints: int = opt(3, "checkpoints each Ray run keeps: the N epochs with the best validation -ELBO "
+                                   "(the best one is what train registers) and the newest (what resume and a "
+                                   "restarted worker group continue from); the others are deleted",
+                                group="checkpointing")
     max_failures: int = opt(1, "worker-group restarts after a failure (from the last checkpoint)", group="checkpointing")
     fail_at_epoch: int | None = opt(None, "fault injection: rank --fail-rank exits once at this epoch",
                                     group="checkpointing")
@@ -235,9 +236,6 @@ class TrainConfig(RuntimeConfig):
             raise ConfigError("beta and free_bits must be ≥ 0 and lr > 0")
         if self.image_shape and len(self.image_shape) != 3:
             raise ConfigError(f"image_shape must be C,H,W, got {self.image_shape}")
-        if self.patience and self.keep_checkpoints <= self.patience:
-            raise ConfigError(f"keep_checkpoints ({self.keep_checkpoints}) must exceed patience ({self.patience}): "
-                              f"the best epoch's checkpoint would be deleted before training stops")
         if self.labels is not None:
             if self.labels in self.features:
                 raise ConfigError(f"labels column {self.labels!r} is also in features {self.features}")

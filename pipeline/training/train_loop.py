@@ -11,6 +11,7 @@ M2 head alone on the frozen VAE's q(z1|x) of the cached shard (vae.semi.m2_epoch
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -217,6 +218,21 @@ class _Progress:
         else:
             self.stale += 1
 
+    def keep_score(self, score: float, epoch: int, phase: str) -> float:
+        """What Ray Train ranks this epoch's checkpoint by (KEEP_SCORE, lowest first; Ray keeps the
+        --keep-checkpoints lowest and always the newest). A VAE epoch: its -ELBO, but never at or below
+        the best epoch's unless it is the best epoch (an improvement under --min-delta does not
+        outrank it), so the best epoch is never the one deleted. A head epoch: last, as the newest
+        is kept anyway and it carries the best epoch's VAE."""
+        if phase == "head":
+            return KEEP_LAST
+        return score if epoch == self.best_epoch else max(score, math.nextafter(self.best, math.inf))
+
+
+KEEP_SCORE = "keep_score"
+"""The metric Ray Train's CheckpointConfig keeps checkpoints by (pipeline.training.train), lowest first."""
+KEEP_LAST = 1e300     # a head epoch's keep score: finite, as Ray saves its checkpoint manager's state
+
 
 class TrainWorker:
     """One Ray Train worker. Rank 0 also writes the checkpoints and the journal (which the driver
@@ -349,7 +365,8 @@ class TrainWorker:
             metrics.update(best_neg_elbo=self.progress.best, best_epoch=self.progress.best_epoch)
             self.progress.start_epoch = epoch + 1
             self.vae_metrics = metrics
-            self._report(epoch, metrics, metrics, self._vae_line(metrics))
+            self._report(epoch, metrics, metrics, self._vae_line(metrics),
+                         keep=self.progress.keep_score(score, epoch, "vae"))
             if o.patience > 0 and self.progress.stale >= o.patience:
                 break
 
@@ -391,14 +408,16 @@ class TrainWorker:
                                     active_units=active_units(kl_dims))
 
     def _restore_best_vae(self) -> None:
-        """The head trains on the VAE the run keeps: when early stopping ended after the best epoch,
-        that epoch's weights (pick_checkpoint would register them without head epochs)."""
+        """The head trains on the VAE the run keeps: when training ended after the best epoch (early
+        stopping, or a validation -ELBO that rose later), that epoch's weights (pick_checkpoint would
+        register them without head epochs)."""
         p = self.progress
         if p.head_done or p.best_epoch in (-1, p.start_epoch - 1):
             return
         path = self.store.checkpoints().get(p.best_epoch)
         if path is None:
-            log.warning("best epoch %d's checkpoint is no longer kept; the head trains on the last", p.best_epoch)
+            log.warning("best epoch %d's checkpoint is gone from the run folder; the head trains on the last",
+                        p.best_epoch)
             return
         state = self.store.load(path)
         self.core.load_state_dict(state["model"])
@@ -474,13 +493,14 @@ class TrainWorker:
                 + f" lr {metrics['lr']:.2e} {metrics['samples_per_s']:.0f} samples/s {metrics['epoch_time_s']:.1f}s")
 
     def _report(self, epoch: int, metrics: dict[str, Any], logged: dict[str, Any], line: str,
-                phase: str = "vae") -> None:
-        """Rank 0: a checkpoint of this phase carrying `metrics` reported to Ray, a progress line, then
-        the journal line of the epoch with its `logged` figures (the driver copies it to MLflow)."""
+                phase: str = "vae", keep: float = KEEP_LAST) -> None:
+        """Rank 0: a checkpoint of this phase carrying `metrics` reported to Ray, ranked by `keep`
+        (_Progress.keep_score), a progress line, then the journal line of the epoch with its `logged`
+        figures (the driver copies it to MLflow)."""
         import ray.train
 
         if self.rank != 0:
-            ray.train.report(metrics)
+            ray.train.report({**metrics, KEEP_SCORE: keep})
             return
         p = self.progress
         entry = {"epoch": epoch, "phase": phase, "time": time.time(), "attempt": self.cfg.run.attempt,
@@ -493,7 +513,7 @@ class TrainWorker:
                                           "phase": phase, "head_done": p.head_done,
                                           "metrics": {k: float(v) for k, v in metrics.items()},
                                           "journal": entry}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+            ray.train.report({**metrics, KEEP_SCORE: keep}, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"epoch_{epoch:04d}")
         print(line, flush=True)
         # An append-only journal of finished epochs in the run folder, across restarts and resumes.

@@ -165,10 +165,11 @@ def test_train_fields_fall_into_frozen_typed_groups_exactly_once():
         assert {TrainConfig.__dataclass_fields__[f.name].metadata["group"] for f in dataclasses.fields(g)} == {title}
 
 
-def test_keep_checkpoints_must_outlast_patience(tmp_path):
-    with pytest.raises(ConfigError, match=r"keep_checkpoints \(3\) must exceed patience \(3\)"):
-        TrainConfig(input="in/", features=["x"], patience=3)
-    assert TrainConfig(input="in/", features=["x"], patience=3, keep_checkpoints=4).keep_checkpoints == 4
+def test_keep_checkpoints_needs_one_and_not_more_than_patience():
+    # Ray keeps the best epochs by -ELBO and the newest, so early stopping's best epoch survives any N
+    with pytest.raises(ConfigError, match=r"keep_checkpoints must be ≥ 1, got 0"):
+        TrainConfig(input="in/", features=["x"], keep_checkpoints=0)
+    assert TrainConfig(input="in/", features=["x"], patience=10, keep_checkpoints=1).keep_checkpoints == 1
 
 
 def test_pseudo_labels_is_a_fraction_below_one():

@@ -81,9 +81,10 @@ def test_second_validation_uri_streamed_without_cache(ray_local, digits_parquet,
     assert not r.promoted
 
 
-def test_checkpoints_on_an_fsspec_uri_keep_the_newest_n_and_resume_from_the_newest(ray_local, digits_parquet, workdir):
+def test_checkpoints_on_an_fsspec_uri_keep_the_best_n_and_the_newest_and_resume_from_it(ray_local, digits_parquet,
+                                                                                        workdir):
     """--storage-path s3://… (a local S3 server): Ray Train writes the checkpoints through a pyarrow
-    wrapper of the fsspec filesystem and, with --keep-checkpoints 2, deletes older ones there; vaepipe
+    wrapper of the fsspec filesystem and, with --keep-checkpoints 2, deletes the others there; vaepipe
     lists them, keeps its journal there (every epoch, pruned or not), and --resume continues from the
     newest one as a new Ray run in the same run folder."""
     import json
@@ -107,14 +108,48 @@ def test_checkpoints_on_an_fsspec_uri_keep_the_newest_n_and_resume_from_the_newe
         r = run_train(TrainConfig(**common))
         assert r.run_dir == "s3://ckpts/runs/s3run" and os.path.isfile(r.checkpoint)   # a local copy
         store = RunStore(r.run_dir, so)
-        assert sorted(store.checkpoints()) == [1, 2] and r.epochs_run == 3               # epoch 0's deleted on S3
-        assert [e["epoch"] for e in store.journal()] == [0, 1, 2]                        # every epoch journalled
+        journal = store.journal()
+        assert [e["epoch"] for e in journal] == [0, 1, 2] and r.epochs_run == 3          # every epoch journalled
+        best_two = sorted(journal, key=lambda e: e["val_neg_elbo"])[:2]
+        assert sorted(store.checkpoints()) == sorted({e["epoch"] for e in best_two} | {2})   # the third deleted on S3
+        assert len(store.checkpoints()) == 2
         more = run_train(TrainConfig(**(common | {"epochs": 4, "resume": True})))
         assert more.run_id == r.run_id and more.epochs_run == 4
         assert [e["epoch"] for e in store.journal()] == [0, 1, 2, 3]
         assert store.checkpoints()[3].endswith("s3run/resume-1/epoch_0003/checkpoint.pt")
     finally:
         server.stop()
+
+
+def test_the_best_epoch_outlives_keep_checkpoints_when_validation_worsens_after_it(ray_local, workdir, tmp_path):
+    """scikit-learn's linnerud table (20 records, 6 columns): the nets overfit from the pPCA start, so
+    the validation -ELBO is best at an early epoch and rises after it. With --keep-checkpoints 1 Ray
+    Train keeps that epoch's checkpoint (ranked by its -ELBO) besides the newest, and train registers
+    the best epoch, not the last."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_linnerud
+
+    from pipeline.training.run_store import RunStore
+    from vae.checkpoint import load_checkpoint
+
+    d = load_linnerud()
+    x = np.hstack([d.data, d.target]).astype(np.float32)
+    cols = [f"c{i}" for i in range(x.shape[1])]
+    folder = tmp_path / "linnerud"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": np.arange(len(x)), **{c: x[:, i] for i, c in enumerate(cols)}}),
+                   folder / "part-0.parquet")
+    r = run_train(TrainConfig(input=str(folder), features=cols, latent_dim=2, hidden=[16], epochs=6, batch_size=128,
+                              workers=1, seed=0, model_name="linnerud", workdir=workdir, keep_checkpoints=1,
+                              val_fraction=0.25))
+    journal = RunStore(r.run_dir).journal()
+    val = [e["val_neg_elbo"] for e in journal]
+    best = int(np.argmin(val))
+    assert best < 5 and r.epochs_run == 6              # the premise: validation got worse after the best epoch
+    assert sorted(RunStore(r.run_dir).checkpoints()) == [best, 5]
+    assert load_checkpoint(r.checkpoint)["epoch"] == best
 
 
 def test_a_failure_in_a_worker_or_after_fit_closes_the_mlflow_run_as_failed(ray_local, digits_parquet, workdir,

@@ -1,5 +1,5 @@
-"""The train worker's data path without Ray: the cached shard's per-epoch permutation, and integer
-images kept as integers on the way to the model."""
+"""The train worker without Ray: the cached shard's per-epoch permutation, integer
+images kept as integers on the way to the model, and the score Ray Train keeps checkpoints by."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.table.features import FeatureSpec, raw_dtype, to_matrix
-from pipeline.training.train_loop import cached_batches, shard_blocks
+from pipeline.training.train_loop import KEEP_LAST, _Progress, cached_batches, shard_blocks
 
 CFG = {"seed": 3, "shuffle_buffer": 4096}
 
@@ -104,3 +104,20 @@ def test_the_train_worker_code_never_imports_mlflow():
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names] + \
             [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
     assert names and not [m for m in names if m.split(".")[0] == "mlflow"], names
+
+
+def test_keep_score_ranks_the_best_epoch_first_and_head_epochs_last():
+    # Ray Train deletes the checkpoints with the highest keep scores beyond --keep-checkpoints (the
+    # newest always stays): the best epoch must never rank behind a later one, under --min-delta too.
+    p = _Progress()
+    scores = [5.0, 3.0, 2.95, 4.0, 2.0]            # 2.95 improves on 3.0 by less than min_delta 0.1
+    keep = []
+    for epoch, s in enumerate(scores):
+        p.update(s, epoch, min_delta=0.1)
+        keep.append(p.keep_score(s, epoch, "vae"))
+    assert [p.best_epoch, p.best] == [4, 2.0]
+    assert keep[:2] == [5.0, 3.0] and keep[4] == 2.0      # a new best: its own -ELBO
+    assert 3.0 < keep[2] < 3.0 + 1e-9                     # not a best epoch: just behind epoch 1's
+    assert keep[3] == 4.0
+    assert sorted(range(5), key=keep.__getitem__)[:2] == [4, 1]   # --keep-checkpoints 2: epochs 4 and 1
+    assert p.keep_score(0.0, 5, "head") == KEEP_LAST > max(keep)

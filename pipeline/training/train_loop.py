@@ -218,20 +218,19 @@ class _Progress:
         else:
             self.stale += 1
 
-    def keep_score(self, score: float, epoch: int, phase: str) -> float:
-        """What Ray Train ranks this epoch's checkpoint by (KEEP_SCORE, lowest first; Ray keeps the
-        --keep-checkpoints lowest and always the newest). A VAE epoch: its -ELBO, but never at or below
+    def keep_score(self, score: float, epoch: int) -> float:
+        """What Ray Train ranks VAE epoch `epoch`'s checkpoint by (KEEP_SCORE, lowest first; Ray keeps
+        the --keep-checkpoints lowest and always the newest): its -ELBO `score`, but never at or below
         the best epoch's unless it is the best epoch (an improvement under --min-delta does not
-        outrank it), so the best epoch is never the one deleted. A head epoch: last, as the newest
-        is kept anyway and it carries the best epoch's VAE."""
-        if phase == "head":
-            return KEEP_LAST
+        outrank it), so the best epoch is never the one deleted."""
         return score if epoch == self.best_epoch else max(score, math.nextafter(self.best, math.inf))
 
 
 KEEP_SCORE = "keep_score"
 """The metric Ray Train's CheckpointConfig keeps checkpoints by (pipeline.training.train), lowest first."""
-KEEP_LAST = 1e300     # a head epoch's keep score: finite, as Ray saves its checkpoint manager's state
+KEEP_LAST = 1e300
+"""A head epoch's keep score: behind every VAE epoch (the newest is kept anyway, and each head
+checkpoint carries the best epoch's VAE); finite, as Ray saves its checkpoint manager's state."""
 
 
 class TrainWorker:
@@ -366,7 +365,7 @@ class TrainWorker:
             self.progress.start_epoch = epoch + 1
             self.vae_metrics = metrics
             self._report(epoch, metrics, metrics, self._vae_line(metrics),
-                         keep=self.progress.keep_score(score, epoch, "vae"))
+                         keep=self.progress.keep_score(score, epoch))
             if o.patience > 0 and self.progress.stale >= o.patience:
                 break
 

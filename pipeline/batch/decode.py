@@ -15,7 +15,7 @@ import torch
 from pipeline.models import registry
 from pipeline.table.commit import Commit, control_of, read_table_manifest
 from pipeline.runtime.config import WriterConfig, opt, parse_storage_options
-from pipeline.runtime.errors import InputError, SchemaError, released_ray_failure
+from pipeline.runtime.errors import ConfigError, InputError, SchemaError, released_ray_failure
 from pipeline.table.features import FeatureSpec, fixed_size_list, to_matrix
 from pipeline.batch.encode import in_process, refuse_partition_of_nightly
 from pipeline.table.lease import Lease, hold_lease
@@ -37,12 +37,18 @@ class DecodeConfig(WriterConfig):
     storage_options: str = opt("", "fsspec storage options as JSON, for input and output (see encode)")
     reference: str = opt("", "the original records: when given, report the reconstruction MSE against them "
                              "(in the model's input units, [0,1] for 8-bit images) next to PCA with as many "
-                             "components as the latent size, fit on the same records")
+                             "components as the latent size, fit on the same records (or on --pca-fit)")
+    pca_fit: str = opt("", "with --reference: fit the PCA baseline on these records instead, e.g. the model's "
+                           "training records, so that neither side has seen the records it is scored on (as "
+                           "evaluate and the any-data panel compare); PCA fit on the reference itself is the "
+                           "best any linear map can do on it, and on a small reference that is a hard bar")
     id_column: str = opt("id", "record id column joining --reference to the decoded records")
 
     def __post_init__(self) -> None:
         self.require("model", "input", "output")
         parse_storage_options(self.storage_options)
+        if self.pca_fit and not self.reference:
+            raise ConfigError("pca_fit is the PCA baseline of --reference's round trip: give --reference too")
         self.check_writer()
 
 
@@ -180,11 +186,11 @@ def _committed_table(uri: str, so: dict) -> pa.Table:
 
 
 def roundtrip_report(model_uri: str, reference: str, decoded: str, tracking_uri: str, id_column: str = "id",
-                     storage_options: dict | None = None, latents: str | None = None) -> dict:
+                     storage_options: dict | None = None, latents: str | None = None, pca_fit: str = "") -> dict:
     """Reconstruction quality of a committed decode: MSE per value between the original records
     (`reference`) and the decoded ones, joined on `id_column`, in the model's input units (x/255 for
-    8-bit images, i.e. [0,1] pixels), next to PCA with k = latent size fit on the same records (the
-    linear baseline at the same number of floats per record). Also reports the latent type and the
+    8-bit images, i.e. [0,1] pixels), next to PCA with k = latent size fit on the same records, or on
+    the records of `pca_fit` (the linear baseline at the same number of floats per record). Also reports the latent type and the
     model's active units on these records (0: μ carries nothing, the decoded records are all alike), and
     for a model with a linear path the round trip of that path alone (`linear_path_mse`, jobs/decode
     warns when the whole model does worse: its nets do not carry over to these records)."""
@@ -210,10 +216,15 @@ def roundtrip_report(model_uri: str, reference: str, decoded: str, tracking_uri:
         ys = model.preprocess(torch.from_numpy(np.array(y, copy=True))).numpy()
         kl_dims = torch.cat([model.embed(xt[i:i + 4096]).kl_per_dim() for i in range(0, len(xt), 4096)]).mean(0)
         lin = [model.linear_round_trip(torch.from_numpy(xs[i:i + 4096])) for i in range(0, len(xs), 4096)]
-    pca = PCA(n_components=k, random_state=0).fit(xs)
+    fit_on = xs
+    if pca_fit:
+        xf = to_matrix(_committed_table(pca_fit, so), spec, dim, source=pca_fit)
+        fit_on = model.preprocess(torch.from_numpy(np.array(xf, copy=True))).numpy()
+    pca = PCA(n_components=k, random_state=0).fit(fit_on)
     pca_mse = float(((pca.inverse_transform(pca.transform(xs)) - xs) ** 2).mean())
     vae_mse = float(((ys - xs) ** 2).mean())
     out = {"records": int(len(xs)), "latent_dim": k, "vae_mse": vae_mse, "pca_mse": pca_mse,
+           "pca_fit_on": pca_fit or "the reference",
            "vae_over_pca": vae_mse / pca_mse if pca_mse else float("inf"),
            "active_units": active_units(kl_dims)}
     if lin and lin[0] is not None:

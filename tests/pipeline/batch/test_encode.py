@@ -159,6 +159,36 @@ def test_decode_reference_reports_round_trip_mse_next_to_pca_through_the_cli(tra
     assert err["clipped_fraction"] == pytest.approx(float((np.abs(f32) > 127 * scale).mean()), abs=1e-6)
 
 
+def test_decode_pca_fit_scores_pca_fit_on_other_records_not_on_the_reference(trained_digits, digits_parquet, workdir,
+                                                                               tmp_path, capsys):
+    """`decode --reference HELD_OUT --pca-fit TRAIN`: the PCA baseline is fit on TRAIN and scored on the
+    held-out records, as the VAE is; fit on the 300 held-out records themselves it is lower (in-sample)."""
+    from sklearn.decomposition import PCA
+
+    from jobs.cli import run_job
+
+    t = pq.read_table(digits_parquet)
+    held, train = str(tmp_path / "held"), str(tmp_path / "train")
+    for folder, rows in ((held, np.arange(300)), (train, np.arange(300, len(t)))):
+        os.makedirs(folder)
+        pq.write_table(t.take(rows), os.path.join(folder, "part-0.parquet"))
+    lat, rec = str(tmp_path / "lat"), str(tmp_path / "rec")
+    run_encode(EncodeConfig(model=MODEL, input=held, output=lat, concurrency=1, workdir=workdir))
+    assert run_job("decode", ["--model", MODEL, "--input", lat, "--output", rec, "--reference", held,
+                              "--pca-fit", train, "--concurrency", "1", "--workdir", workdir]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("round trip")][0]
+    assert f"(fit on {train}; ratio " in line
+    pca_mse = float(line.split("PCA-4 ")[1].split()[0])
+    image = lambda tab: np.stack(tab.column("image").to_numpy(zero_copy_only=False)).astype(np.float64) / 255.0  # noqa: E731
+    xh, xt = image(t.take(np.arange(300))), image(t.take(np.arange(300, len(t))))
+    pca = PCA(4, random_state=0).fit(xt)
+    assert pca_mse == pytest.approx(float(((pca.inverse_transform(pca.transform(xh)) - xh) ** 2).mean()), rel=1e-4)
+    in_sample = PCA(4, random_state=0).fit(xh)
+    assert pca_mse > float(((in_sample.inverse_transform(in_sample.transform(xh)) - xh) ** 2).mean())
+    with pytest.raises(ConfigError, match="give --reference too"):
+        DecodeConfig(model=MODEL, input=lat, output=rec, pca_fit=train, workdir=workdir)
+
+
 def test_auto_executor_stays_in_process_beside_the_one_node_ray_it_started(ray_local, tmp_path):
     """A small local job after a train in the same process (the demo, a notebook, these tests): the
     Ray this process started has the same cores, so actors would add only their start-up. A Ray the

@@ -192,9 +192,9 @@ def roundtrip_report(model_uri: str, reference: str, decoded: str, tracking_uri:
     8-bit images, i.e. [0,1] pixels), next to PCA with k = latent size fit on the same records, or on
     the records of `pca_fit` (the linear baseline at the same number of floats per record). Also
     reports the latent type and the model's active units on these records (0: μ carries nothing, the
-    decoded records are all alike), and
-    for a model with a linear path the round trip of that path alone (`linear_path_mse`, jobs/decode
-    warns when the whole model does worse: its nets do not carry over to these records)."""
+    decoded records are all alike), and for a model with a linear path the round trip of that path
+    alone (`linear_path_mse`, jobs/decode warns when the whole model does worse: its nets do not carry
+    over to these records)."""
     from sklearn.decomposition import PCA
 
     so = storage_options or {}

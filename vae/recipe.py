@@ -102,10 +102,9 @@ PSEUDO_LABELS = 0.0
 """`train --labels`: the fraction of each class's unlabelled records that label spreading over μ
 pseudo-labels for the M2 head (vae.spreading.pseudo_label), those it is surest of. Off by default:
 0.6 lowered the head's error on the panel's digits (9.5 % to 6.8 %, 5 label draws; over 20 the head
-without it is level with raw label spreading there) and helped
-breast cancer and wine, but on iris, kept aside, it did worse than the head without it on all three
-splits and than raw spreading too, and on MNIST it cost half a point; 0.3 hurt iris and MNIST as well
-(docs/quality.md)."""
+without it is level with raw label spreading there) and helped breast cancer and wine, but on iris,
+kept aside, it did worse than the head without it on all three splits and than raw spreading too,
+and on MNIST it cost half a point; 0.3 hurt iris and MNIST as well (docs/quality.md)."""
 
 
 def keep_nets(full: float, linear: float, sq_diff: float, n: float, min_gain: float = NETS_MIN_GAIN) -> bool:

@@ -529,7 +529,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             fit(cfg, plan, wcfg, train_ds, val_ds, use_gpu)
         _, state, epochs_run = pick_checkpoint(plan)
         model = model_from_checkpoint(state)
-        nets = check_nets(cfg, model, state, data, val_ds, wcfg.start)
+        nets = check_nets(cfg, model, state, data, train_ds, val_ds, wcfg.start)
         model.fit_round_trip(torch.from_numpy(np.ascontiguousarray(data.sample)))   # vae.model: E[x|μ] for decode
         state = {**state, "model": model.state_dict(),
                  "extra": {**state["extra"], "metrics": {**state["extra"]["metrics"], **nets}}}
@@ -558,21 +558,24 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                        epochs_run=epochs_run, wall_s=time.perf_counter() - t_start, run_dir=plan.run_dir)
 
 
-def _val_batches(val_ds, data: PreparedData, batch_size=1024):
+def _val_batches(val_ds, data: PreparedData, batch_size=1024, source="validation"):
     spec, dim = data.spec, data.model.input_dim
     for b in val_ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
-        yield torch.from_numpy(to_matrix(b, spec, dim, source="validation"))
+        yield torch.from_numpy(to_matrix(b, spec, dim, source=source))
 
 
 NETS_METRICS = ("nets_kept", "val_round_trip_mse", "val_linear_round_trip_mse", "nets_gain", "nets_gain_lower")
 
 
-def check_nets(cfg: TrainConfig, model: VAE, state: dict, data: PreparedData, val_ds, start) -> dict[str, float]:
+def check_nets(cfg: TrainConfig, model: VAE, state: dict, data: PreparedData, train_ds, val_ds,
+               start) -> dict[str, float]:
     """The picked model's nets earn their place or go (vae.recipe.keep_nets): its validation round trip
     against its linear part's alone; a model whose nets fail goes back to its pPCA start `start` (in
-    place). A run with --labels checked before its head trained (train_loop.TrainWorker._check_nets):
-    its figures are read from the checkpoint. Returns the figures (vae.recipe.settle_nets), {} when
-    there is nothing to check (no validation records, no linear path); prints the outcome."""
+    place), and its ELBOs on the training and validation records replace the picked epoch's, so the
+    figures registered and printed are the registered model's. A run with --labels checked before its
+    head trained (train_loop.TrainWorker._check_nets): its figures are read from the checkpoint.
+    Returns the figures (vae.recipe.settle_nets), {} when there is nothing to check (no validation
+    records, no linear path); prints the outcome."""
     m = state["extra"]["metrics"]
     if "nets_kept" in m:
         nets = {k: m[k] for k in NETS_METRICS}
@@ -580,9 +583,10 @@ def check_nets(cfg: TrainConfig, model: VAE, state: dict, data: PreparedData, va
         return {}
     else:
         nets = recipe.settle_nets(model, round_trip(model, _val_batches(val_ds, data)), start, cfg.nets_min_gain)
-        if not nets["nets_kept"]:   # the pPCA model's own validation figures replace the picked epoch's
+        if not nets["nets_kept"]:   # the pPCA model's own figures replace the picked epoch's
             stats, kl_dims = evaluate(model, _val_batches(val_ds, data), seed=cfg.seed)
-            nets.update(stats.means("val_"), active_units=active_units(kl_dims))
+            tstats, _ = evaluate(model, _val_batches(train_ds, data, source="training"), seed=cfg.seed)
+            nets.update(stats.means("val_") | tstats.means("train_"), active_units=active_units(kl_dims))
     print(f"nets: {'kept' if nets['nets_kept'] else 'dropped, the model is its pPCA start'} (validation round trip "
           f"{nets['val_round_trip_mse']:.4g} against the linear part's {nets['val_linear_round_trip_mse']:.4g} per "
           f"record; the gain's lower bound {nets['nets_gain_lower']:.1%}, --nets-min-gain {cfg.nets_min_gain:g})")

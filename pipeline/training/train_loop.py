@@ -400,10 +400,13 @@ class TrainWorker:
                                  self.world)
         nets = settle_nets(self.core, sums, self.cfg.start, self.cfg.nets_min_gain)
         self.vae_metrics = {**self.vae_metrics, **nets}
-        if not nets["nets_kept"]:   # the head checkpoints carry the pPCA model's own validation figures
+        if not nets["nets_kept"]:   # the head checkpoints carry the pPCA model's own figures
+            seed = self.cfg.optim.seed
             vstats, kl_dims = evaluate(self.model, self.epoch_batches("val", epoch, shuffle=False), self.device,
-                                       seed=self.cfg.optim.seed)
-            self.vae_metrics.update(_allreduce(vstats, self.world, self.device).means("val_"),
+                                       seed=seed)
+            tstats, _ = evaluate(self.model, self.epoch_batches("train", epoch, shuffle=False), self.device, seed=seed)
+            self.vae_metrics.update(_allreduce(vstats, self.world, self.device).means("val_")
+                                    | _allreduce(tstats, self.world, self.device).means("train_"),
                                     active_units=active_units(kl_dims))
 
     def _restore_best_vae(self) -> None:

@@ -265,28 +265,55 @@ def test_a_collapsed_model_is_registered_never_promoted_and_train_says_why(ray_l
     assert v.tags["vaepipe.promotion"] == "kept" and "posterior collapse" in v.tags["vaepipe.promotion_reason"]
 
 
-def test_nets_that_do_not_beat_ppca_are_dropped_and_the_registered_model_round_trips_like_pca(ray_local, workdir,
-                                                                                                tmp_path):
-    """A table that is pPCA exactly (a linear map of 2 Gaussian latents plus noise): the nets have nothing
-    to add. The run checks them after its epochs (MLflow figures at the step after the last epoch),
-    registers its pPCA start, and the registered model's round trip, with the map fitted after
-    training, is PCA's projection."""
+def _ppca_table(tmp_path, labels: bool = False):
+    """A table that is pPCA exactly (a linear map of 2 Gaussian latents plus noise), 1,200 records of 8
+    columns; with `labels`, a column y (the first latent's sign) on 40 of them, null on the rest."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    g = np.random.default_rng(0)
+    z = g.standard_normal((1200, 2))
+    x = (z @ g.standard_normal((2, 8)) + 0.5 * g.standard_normal((1200, 8))).astype(np.float32)
+    folder = tmp_path / "linear"
+    folder.mkdir()
+    cols = [f"c{i}" for i in range(8)]
+    y = {"y": pa.array([int(v > 0) if i < 40 else None for i, v in enumerate(z[:, 0])], pa.int64())} if labels else {}
+    pq.write_table(pa.table({"id": np.arange(1200), **{c: x[:, i] for i, c in enumerate(cols)}, **y}),
+                   folder / "part-0.parquet")
+    return folder, cols, x
+
+
+def _assert_elbos_are_the_registered_models(r, model, folder, cols, labels=None):
+    """The ELBOs a run reports (and `train` prints) are the registered model's on its training and
+    validation parts (the same content-hash split), not the dropped nets' training-epoch figures."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipeline.table.features import infer_spec, split_table, to_matrix
+    from vae.train_step import evaluate
+
+    table = pq.read_table(folder)
+    spec = infer_spec(table.schema, cols)
+    for part, want_val in (("train", False), ("val", True)):
+        records = torch.from_numpy(to_matrix(split_table(table, spec, 0.1, want_val=want_val, labels=labels), spec))
+        stats, _ = evaluate(model, [records], seed=0)
+        assert r.metrics[f"{part}_neg_elbo"] == pytest.approx(stats.means()["neg_elbo"], rel=1e-4), part
+
+
+def test_nets_that_do_not_beat_ppca_are_dropped_and_the_registered_model_round_trips_like_pca(ray_local, workdir,
+                                                                                                tmp_path):
+    """A pPCA table: the nets have nothing to add. The run checks them after its epochs (MLflow figures
+    at the step after the last epoch), registers its pPCA start, and the registered model's round
+    trip, with the map fitted after training, is PCA's projection."""
+    import numpy as np
     import torch
     from sklearn.decomposition import PCA
 
     from pipeline.training.run_store import RunStore
     from vae.checkpoint import load_checkpoint, model_from_checkpoint
 
-    g = np.random.default_rng(0)
-    x = (g.standard_normal((1200, 2)) @ g.standard_normal((2, 8)) + 0.5 * g.standard_normal((1200, 8))).astype(np.float32)
-    folder = tmp_path / "linear"
-    folder.mkdir()
-    cols = [f"c{i}" for i in range(8)]
-    pq.write_table(pa.table({"id": np.arange(1200), **{c: x[:, i] for i, c in enumerate(cols)}}),
-                   folder / "part-0.parquet")
+    folder, cols, x = _ppca_table(tmp_path)
     r = run_train(TrainConfig(input=str(folder), features=cols, latent_dim=2, hidden=[16], epochs=5, batch_size=128,
                               workers=1, seed=0, model_name="linear", workdir=workdir))
     assert [e["phase"] for e in RunStore(r.run_dir).journal()] == ["vae"] * 5 and r.epochs_run == 5
@@ -303,6 +330,25 @@ def test_nets_that_do_not_beat_ppca_are_dropped_and_the_registered_model_round_t
     ours = model.preprocess(model.reconstruct(model.embed(xt).mean)).numpy()
     assert np.mean((ours - z) ** 2) == pytest.approx(np.mean((pca.inverse_transform(pca.transform(z)) - z) ** 2),
                                                      rel=1e-3)
+    _assert_elbos_are_the_registered_models(r, model, folder, cols)
+
+
+def test_with_labels_nets_dropped_before_the_head_report_the_registered_models_elbos(ray_local, workdir, tmp_path):
+    """With --labels the workers check the nets before the head trains (their figures ride in the head
+    checkpoints): when they drop them, the ELBOs reported are the pPCA start's on both parts too."""
+    import torch
+
+    from vae.checkpoint import load_checkpoint, model_from_checkpoint
+
+    folder, cols, x = _ppca_table(tmp_path, labels=True)
+    r = run_train(TrainConfig(input=str(folder), features=cols, labels="y", latent_dim=2, hidden=[16], epochs=3,
+                              head_epochs=2, batch_size=128, workers=1, seed=0, model_name="linear_y",
+                              workdir=workdir))
+    assert r.metrics["nets_kept"] == 0.0 and r.epochs_run == 5
+    model = model_from_checkpoint(load_checkpoint(r.checkpoint))
+    full, lin = model.round_trip_errors(model.preprocess(torch.from_numpy(x)))
+    assert torch.allclose(full, lin, atol=1e-4)                          # the pPCA start, as registered
+    _assert_elbos_are_the_registered_models(r, model, folder, cols, labels="y")
 
 
 def test_no_linear_path_trains_the_nets_alone_from_their_seeded_start(ray_local, workdir, tmp_path):

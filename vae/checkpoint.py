@@ -4,6 +4,7 @@ checkpoint may also hold its latent reference (vae.anomaly: μ of records it was
 knn_z anomaly scores read."""
 from __future__ import annotations
 
+import copy as copy_module
 import io
 import os
 from typing import Any
@@ -23,17 +24,25 @@ class CheckpointError(ValueError):
     plain data."""
 
 
-def checkpoint_bytes(model: VAE, optimizer: torch.optim.Optimizer | None = None, epoch: int = 0,
-                     extra: dict[str, Any] | None = None) -> bytes:
-    state = {
+def checkpoint_state(model: VAE, optimizer: torch.optim.Optimizer | None = None, epoch: int = 0,
+                     extra: dict[str, Any] | None = None, copy: bool = False) -> dict[str, Any]:
+    """The checkpoint of `model` (and `optimizer`) at `epoch`, as a dict; with `copy`, its tensors are
+    copies, so it stays as it is while training goes on (otherwise they may be the live ones)."""
+    opt = optimizer.state_dict() if optimizer is not None else None
+    return {
         "format": FORMAT,
         "config": model.config.to_dict(),
-        "model": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": {k: v.detach().cpu().clone() if copy else v.detach().cpu()
+                  for k, v in _unwrap(model).state_dict().items()},
+        "optimizer": copy_module.deepcopy(opt) if copy else opt,
         "epoch": int(epoch),
         "extra": extra or {},
     }
-    return state_bytes(state)
+
+
+def checkpoint_bytes(model: VAE, optimizer: torch.optim.Optimizer | None = None, epoch: int = 0,
+                     extra: dict[str, Any] | None = None) -> bytes:
+    return state_bytes(checkpoint_state(model, optimizer, epoch, extra))
 
 
 def state_bytes(state: dict[str, Any]) -> bytes:

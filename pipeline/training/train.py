@@ -324,7 +324,8 @@ def worker_config(cfg: TrainConfig, data: PreparedData, plan: RunPlan, has_val: 
         resume_from=plan.resume_from, labels=cfg.labels, labelled_per_batch=cfg.labelled_per_batch,
         pseudo_labels=cfg.pseudo_labels,
         threads=None if not use_gpu else 4,   # None: from the CPUs of the node each worker lands on
-        blocks=blocks, start=_ppca_start(data, cfg), nets_min_gain=cfg.nets_min_gain)
+        blocks=blocks, start=_ppca_start(data, cfg), nets_min_gain=cfg.nets_min_gain,
+        checkpoint_interval_s=cfg.checkpoint_interval_s)
 
 
 def _ppca_start(data: PreparedData, cfg: TrainConfig):

@@ -5,6 +5,7 @@ the way litgpt passes typed argument groups instead of one bag of settings."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -85,6 +86,7 @@ class CheckpointOptions:
     run_name: str | None
     resume: bool
     keep_checkpoints: int
+    checkpoint_interval_s: float
     max_failures: int
     fail_at_epoch: int | None
     fail_rank: int
@@ -203,6 +205,10 @@ class TrainConfig(RuntimeConfig):
                                    "(the best one is what train registers) and the newest (what resume and a "
                                    "restarted worker group continue from); the others are deleted",
                                 group="checkpointing")
+    checkpoint_interval_s: float = opt(1.0, "epochs shorter than this many seconds share one checkpoint (each "
+                                            "phase's last epoch and the best one always get theirs; a failure "
+                                            "reruns the epochs since, identically); 0: a checkpoint every epoch",
+                                       group="checkpointing")
     max_failures: int = opt(1, "worker-group restarts after a failure (from the last checkpoint)", group="checkpointing")
     fail_at_epoch: int | None = opt(None, "fault injection: rank --fail-rank exits once at this epoch",
                                     group="checkpointing")
@@ -232,6 +238,9 @@ class TrainConfig(RuntimeConfig):
             raise ConfigError(f"min_active_units must be in [0, latent_dim={self.latent_dim}], got {self.min_active_units}")
         if self.head_epochs < 0:
             raise ConfigError(f"head_epochs must be ≥ 0, got {self.head_epochs}")
+        if not 0 <= self.checkpoint_interval_s < math.inf:
+            raise ConfigError(f"checkpoint_interval_s must be ≥ 0 seconds (0: a checkpoint every epoch), "
+                              f"got {self.checkpoint_interval_s}")
         if self.beta < 0 or self.free_bits < 0 or self.lr <= 0:
             raise ConfigError("beta and free_bits must be ≥ 0 and lr > 0")
         if self.image_shape and len(self.image_shape) != 3:

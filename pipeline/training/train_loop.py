@@ -27,7 +27,7 @@ from pipeline.table.features import FeatureSpec, check_finite, raw_dtype, to_mat
 from pipeline.table.labels import label_indices
 from pipeline.training.run_store import CHECKPOINT_FILE, RunStore
 from pipeline.training.train_config import OptimConfig
-from vae.checkpoint import checkpoint_bytes, load_checkpoint
+from vae.checkpoint import checkpoint_state, load_checkpoint, state_bytes
 from vae.config import VAEConfig
 from vae.loss import kl_weight
 from vae.model import VAE
@@ -77,6 +77,7 @@ class WorkerConfig:
     # preprocessing was fit on); None: no linear path, or a run that continues from a checkpoint.
     start: Any = None
     nets_min_gain: float = NETS_MIN_GAIN   # --nets-min-gain (vae.recipe.keep_nets)
+    checkpoint_interval_s: float = 0.0     # --checkpoint-interval-s (TrainWorker._report); 0: every epoch
 
     @property
     def cache(self) -> bool:
@@ -233,6 +234,16 @@ KEEP_LAST = 1e300
 checkpoint carries the best epoch's VAE); finite, as Ray saves its checkpoint manager's state."""
 
 
+@dataclass
+class _Held:
+    """A best VAE epoch that went into no checkpoint yet (TrainWorker._report): what Ray gets for it,
+    how many of the pending journal lines are its and earlier, and (rank 0) its checkpoint."""
+    epoch: int
+    metrics: dict[str, Any]
+    lines: int
+    checkpoint: dict | None
+
+
 class TrainWorker:
     """One Ray Train worker. Rank 0 also writes the checkpoints and the journal (which the driver
     copies to MLflow: pipeline.training.train.journal_to_mlflow)."""
@@ -249,6 +260,11 @@ class TrainWorker:
         self.progress = _Progress()
         self.cached: dict[str, torch.Tensor] | None = None
         self.vae_metrics: dict[str, float] = {}   # the kept VAE epoch's figures: head checkpoints carry them
+        # Epochs shorter than --checkpoint-interval-s go into one checkpoint (_report): their journal
+        # lines wait here (rank 0), and the best VAE epoch among them is held as its checkpoint.
+        self.pending: list[dict] = []
+        self.held: _Held | None = None
+        self.last_report = time.perf_counter()
 
     # setup ---------------------------------------------------------------------------------------
 
@@ -283,8 +299,9 @@ class TrainWorker:
             self.progress = _Progress(state["epoch"] + 1, extra["best"], extra["best_epoch"], extra["stale"],
                                       extra.get("head_done", 0))
             self.vae_metrics = {k: v for k, v in extra["metrics"].items() if not k.startswith("head_")}
-            if self.rank == 0 and "journal" in extra:
-                self.store.ensure_journal(extra["journal"])
+            if self.rank == 0 and "journal" in extra:   # one line, or the lines of the epochs it holds
+                for entry in extra["journal"] if isinstance(extra["journal"], list) else [extra["journal"]]:
+                    self.store.ensure_journal(entry)
         return state
 
     def _setup_model(self, state: dict | None) -> None:
@@ -346,6 +363,7 @@ class TrainWorker:
 
     def train(self) -> None:
         """The VAE epochs, then (with --labels) the head-only epochs; each skipped once done."""
+        self.last_report = time.perf_counter()   # --checkpoint-interval-s counts epochs, not the setup
         if not self._vae_done():
             self._train_vae()
         if self.cfg.labels and self.progress.head_done < self.cfg.optim.head_epochs:
@@ -364,9 +382,10 @@ class TrainWorker:
             metrics.update(best_neg_elbo=self.progress.best, best_epoch=self.progress.best_epoch)
             self.progress.start_epoch = epoch + 1
             self.vae_metrics = metrics
+            stop = o.patience > 0 and self.progress.stale >= o.patience
             self._report(epoch, metrics, metrics, self._vae_line(metrics),
-                         keep=self.progress.keep_score(score, epoch))
-            if o.patience > 0 and self.progress.stale >= o.patience:
+                         keep=self.progress.keep_score(score, epoch), last=stop or epoch == o.epochs - 1)
+            if stop:
                 break
 
     def _train_head(self) -> None:
@@ -385,7 +404,7 @@ class TrainWorker:
             self._report(epoch, {**self.vae_metrics, **head, "epoch": epoch}, head,
                          f"head epoch {h + 1}/{o.head_epochs}: M2 loss {head['head_loss']:.3f}, labelled training "
                          f"records right {head['head_train_acc']:.1%} {head['head_epoch_time_s']:.1f}s",
-                         phase="head")
+                         phase="head", last=h == o.head_epochs - 1)
 
     def _check_nets(self) -> None:
         """Before the head trains on it, the kept VAE's nets are checked as the driver checks a run
@@ -495,33 +514,77 @@ class TrainWorker:
                 + f" lr {metrics['lr']:.2e} {metrics['samples_per_s']:.0f} samples/s {metrics['epoch_time_s']:.1f}s")
 
     def _report(self, epoch: int, metrics: dict[str, Any], logged: dict[str, Any], line: str,
-                phase: str = "vae", keep: float = KEEP_LAST) -> None:
-        """Rank 0: a checkpoint of this phase carrying `metrics` reported to Ray, ranked by `keep`
-        (_Progress.keep_score), a progress line, then the journal line of the epoch with its `logged`
-        figures (the driver copies it to MLflow)."""
+                phase: str = "vae", keep: float = KEEP_LAST, last: bool = False) -> None:
+        """The end of an epoch: rank 0 prints its progress line; a checkpoint of this phase carrying
+        `metrics` is reported to Ray, ranked by `keep` (_Progress.keep_score); then rank 0 appends the
+        journal lines of the epochs it holds (their `logged` figures: the driver copies them to MLflow).
+
+        Ray Train V2 takes one report per poll of its controller (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S),
+        so an epoch of a small table (milliseconds) would wait for it: 1,200 epochs of a 125-record
+        table took 330 s for about 2 s of work. So epochs are checkpointed together until
+        --checkpoint-interval-s has passed since the last report (0: every epoch), and always at a
+        phase's `last` epoch. The best VAE epoch among them is held as its checkpoint and reported
+        first, so the epoch train registers is never lost. A failure in between goes back to the
+        last checkpoint and reruns the epochs since, which give the same figures (each epoch's
+        shuffle and ε are functions of the seed and the epoch)."""
+        entry = {"epoch": epoch, "phase": phase, "time": time.time(), "attempt": self.cfg.run.attempt,
+                 "world_size": self.world, **journal_metrics(logged)}
+        if self.rank == 0:
+            print(line, flush=True)
+            self.pending.append(entry)
+        best = phase == "vae" and epoch == self.progress.best_epoch
+        if not (last or self._interval_passed()):
+            if best:   # held (every rank knows it is; rank 0 keeps its checkpoint) until the next report
+                self.held = _Held(epoch, {**metrics, KEEP_SCORE: keep}, len(self.pending),
+                                  self._checkpoint(epoch, metrics, phase, copy=True) if self.rank == 0 else None)
+            return
+        if self.held is not None and self.held.epoch != epoch:
+            h = self.held
+            self._commit(h.epoch, h.metrics, h.checkpoint, self.pending[:h.lines])
+            self.pending = self.pending[h.lines:]
+        self.held = None
+        self._commit(epoch, {**metrics, KEEP_SCORE: keep},
+                     self._checkpoint(epoch, metrics, phase) if self.rank == 0 else None, self.pending)
+        self.pending = []
+        self.last_report = time.perf_counter()
+
+    def _interval_passed(self) -> bool:
+        """Whether --checkpoint-interval-s has passed since the last report, by rank 0's clock
+        (every rank must report alike)."""
+        interval = self.cfg.checkpoint_interval_s
+        if interval <= 0:
+            return True
+        passed = time.perf_counter() - self.last_report >= interval
+        if self.world == 1:
+            return passed
+        flag = torch.tensor([float(passed and self.rank == 0)], device=self.device)
+        return bool(_sum_over_workers(flag, self.world).item() > 0)
+
+    def _checkpoint(self, epoch: int, metrics: dict[str, Any], phase: str, copy: bool = False) -> dict:
+        """Rank 0: this epoch's checkpoint (_commit adds the journal lines it commits); `copy` for
+        one held while training goes on."""
+        p = self.progress
+        return checkpoint_state(self.core, self.head_optimizer if phase == "head" else self.optimizer, epoch,
+                                {"best": p.best, "best_epoch": p.best_epoch, "stale": p.stale, "phase": phase,
+                                 "head_done": p.head_done, "metrics": {k: float(v) for k, v in metrics.items()}},
+                                copy=copy)
+
+    def _commit(self, epoch: int, metrics: dict[str, Any], checkpoint: dict | None, lines: list[dict]) -> None:
+        """Report epoch `epoch`'s checkpoint to Ray (the commit point), then (rank 0) append the
+        journal `lines` it commits. The checkpoint carries them too: a worker group torn down between
+        the two gets them back from the checkpoint it resumes from (_load_state)."""
         import ray.train
 
         if self.rank != 0:
-            ray.train.report({**metrics, KEEP_SCORE: keep})
+            ray.train.report(metrics)
             return
-        p = self.progress
-        entry = {"epoch": epoch, "phase": phase, "time": time.time(), "attempt": self.cfg.run.attempt,
-                 "world_size": self.world, **journal_metrics(logged)}
-        optimizer = self.head_optimizer if phase == "head" else self.optimizer
         with tempfile.TemporaryDirectory() as d:
             with open(os.path.join(d, CHECKPOINT_FILE), "wb") as f:
-                f.write(checkpoint_bytes(self.core, optimizer, epoch,
-                                         {"best": p.best, "best_epoch": p.best_epoch, "stale": p.stale,
-                                          "phase": phase, "head_done": p.head_done,
-                                          "metrics": {k: float(v) for k, v in metrics.items()},
-                                          "journal": entry}))
-            ray.train.report({**metrics, KEEP_SCORE: keep}, checkpoint=ray.train.Checkpoint.from_directory(d),
+                f.write(state_bytes({**checkpoint, "extra": {**checkpoint["extra"], "journal": lines}}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"epoch_{epoch:04d}")
-        print(line, flush=True)
-        # An append-only journal of finished epochs in the run folder, across restarts and resumes.
-        # The checkpoint is the commit point and carries this entry too: a worker group torn down
-        # between the two gets the line back from the checkpoint it resumes from (_load_state).
-        self.store.append_journal(entry)
+        for entry in lines:
+            self.store.append_journal(entry)
 
     # cleanup -------------------------------------------------------------------------------------
 

@@ -55,10 +55,11 @@ VAE_EPOCHS, HEAD_EPOCHS = 25, 20
 
 @pytest.fixture(scope="module")
 def semi_model(ray_local, few_labels, workdir):
-    # every checkpoint kept, so the tests can look at the last VAE epoch's as well as the final one
+    # a checkpoint every epoch, all kept, so the tests can look at the last VAE epoch's and the first
+    # head epoch's as well as the final one
     return run_train(TrainConfig(input=few_labels, labels="y", epochs=VAE_EPOCHS, head_epochs=HEAD_EPOCHS, lr=5e-3,
-                                 keep_checkpoints=VAE_EPOCHS + HEAD_EPOCHS, model_name="semi", workdir=workdir,
-                                 **TINY))
+                                 keep_checkpoints=VAE_EPOCHS + HEAD_EPOCHS, checkpoint_interval_s=0,
+                                 model_name="semi", workdir=workdir, **TINY))
 
 
 def _accuracy(model, few_labels) -> float:

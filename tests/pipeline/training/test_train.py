@@ -121,18 +121,12 @@ def test_checkpoints_on_an_fsspec_uri_keep_the_best_n_and_the_newest_and_resume_
         server.stop()
 
 
-def test_the_best_epoch_outlives_keep_checkpoints_when_validation_worsens_after_it(ray_local, workdir, tmp_path):
-    """scikit-learn's linnerud table (20 records, 6 columns): the nets overfit from the pPCA start, so
-    the validation -ELBO is best at an early epoch and rises after it. With --keep-checkpoints 1 Ray
-    Train keeps that epoch's checkpoint (ranked by its -ELBO) besides the newest, and train registers
-    the best epoch, not the last."""
+def _linnerud_table(tmp_path) -> tuple[str, list[str]]:
+    """scikit-learn's linnerud table (20 records, 6 columns) as Parquet: (folder, feature columns)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     from sklearn.datasets import load_linnerud
-
-    from pipeline.training.run_store import RunStore
-    from vae.checkpoint import load_checkpoint
 
     d = load_linnerud()
     x = np.hstack([d.data, d.target]).astype(np.float32)
@@ -141,15 +135,60 @@ def test_the_best_epoch_outlives_keep_checkpoints_when_validation_worsens_after_
     folder.mkdir()
     pq.write_table(pa.table({"id": np.arange(len(x)), **{c: x[:, i] for i, c in enumerate(cols)}}),
                    folder / "part-0.parquet")
-    r = run_train(TrainConfig(input=str(folder), features=cols, latent_dim=2, hidden=[16], epochs=6, batch_size=128,
+    return str(folder), cols
+
+
+def test_the_best_epoch_outlives_keep_checkpoints_when_validation_worsens_after_it(ray_local, workdir, tmp_path):
+    """The linnerud table: the nets overfit from the pPCA start, so the validation -ELBO is best at an
+    early epoch and rises after it. With --keep-checkpoints 1 Ray Train keeps that epoch's checkpoint
+    (ranked by its -ELBO) besides the newest, and train registers the best epoch, not the last."""
+    import numpy as np
+
+    from pipeline.training.run_store import RunStore
+    from vae.checkpoint import load_checkpoint
+
+    folder, cols = _linnerud_table(tmp_path)
+    r = run_train(TrainConfig(input=folder, features=cols, latent_dim=2, hidden=[16], epochs=6, batch_size=128,
                               workers=1, seed=0, model_name="linnerud", workdir=workdir, keep_checkpoints=1,
-                              val_fraction=0.25))
+                              val_fraction=0.25, checkpoint_interval_s=0))
     journal = RunStore(r.run_dir).journal()
     val = [e["val_neg_elbo"] for e in journal]
     best = int(np.argmin(val))
     assert best < 5 and r.epochs_run == 6              # the premise: validation got worse after the best epoch
     assert sorted(RunStore(r.run_dir).checkpoints()) == [best, 5]
     assert load_checkpoint(r.checkpoint)["epoch"] == best
+
+
+def test_epochs_shorter_than_the_checkpoint_interval_share_checkpoints_and_train_alike(ray_local, workdir,
+                                                                                        tmp_path):
+    """Ray Train takes one report per poll of its controller, so the linnerud table's millisecond
+    epochs are checkpointed together (--checkpoint-interval-s): fewer checkpoints, yet every epoch in
+    the journal (and MLflow) once, the best epoch's checkpoint kept (held until the next report) and
+    registered, and the same figures, epoch by epoch, as a run with a checkpoint every epoch."""
+    import numpy as np
+
+    from pipeline.training.run_store import RunStore
+    from vae.checkpoint import load_checkpoint
+
+    folder, cols = _linnerud_table(tmp_path)
+    kw = dict(input=folder, features=cols, latent_dim=2, hidden=[16], epochs=40, batch_size=128, workers=1, seed=0,
+              workdir=workdir, keep_checkpoints=40, val_fraction=0.25)
+    every = run_train(TrainConfig(model_name="every", checkpoint_interval_s=0, **kw))
+    grouped = run_train(TrainConfig(model_name="grouped", checkpoint_interval_s=3600, **kw))
+    journal = {"every": RunStore(every.run_dir).journal(), "grouped": RunStore(grouped.run_dir).journal()}
+    assert [e["epoch"] for e in journal["grouped"]] == [e["epoch"] for e in journal["every"]] == list(range(40))
+    for a, b in zip(journal["every"], journal["grouped"]):
+        assert a["val_neg_elbo"] == pytest.approx(b["val_neg_elbo"], rel=1e-6)
+        assert a["train_neg_elbo"] == pytest.approx(b["train_neg_elbo"], rel=1e-6)
+    best = int(np.argmin([e["val_neg_elbo"] for e in journal["grouped"]]))
+    assert best < 39                                    # the premise: the best epoch was held, not the last
+    assert sorted(RunStore(every.run_dir).checkpoints()) == list(range(40))
+    # an interval longer than the run: the best epochs as they were overtaken need no checkpoint,
+    # only the best (held, then reported first) and the last
+    assert sorted(RunStore(grouped.run_dir).checkpoints()) == [best, 39]
+    assert load_checkpoint(grouped.checkpoint)["epoch"] == best
+    steps = [m.step for m in client(_tracking(workdir)).get_metric_history(grouped.run_id, "val_neg_elbo")]
+    assert steps == list(range(40))
 
 
 def test_a_failure_in_a_worker_or_after_fit_closes_the_mlflow_run_as_failed(ray_local, digits_parquet, workdir,

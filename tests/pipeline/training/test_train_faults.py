@@ -41,12 +41,14 @@ def test_killed_worker_restarts_from_last_checkpoint_not_from_zero(ray_local, di
 
 
 def test_resume_after_a_stopped_run_matches_an_uninterrupted_run(ray_local, digits_parquet, clean_tiny_run, tmp_path):
+    # a checkpoint every epoch (--checkpoint-interval-s 0): the stop and the lost journal line are
+    # placed at epoch 1's checkpoint
     work = str(tmp_path)
     clean = clean_tiny_run
     # the same run, stopped at epoch 2 (no restarts allowed), then resumed with --resume
     with pytest.raises(Exception):
         run_train(TrainConfig(input=digits_parquet, workers=1, max_failures=0, fail_at_epoch=2, run_name="stopped-1",
-                              model_name="stopped", workdir=work, **TINY))
+                              model_name="stopped", workdir=work, checkpoint_interval_s=0, **TINY))
     assert len(glob.glob(f"{work}/ray_results/stopped-1/epoch_*")) == 2
     # as if the worker group had been torn down after epoch 1's checkpoint but before its journal line
     journal_file = f"{work}/ray_results/stopped-1/journal.jsonl"
@@ -56,7 +58,7 @@ def test_resume_after_a_stopped_run_matches_an_uninterrupted_run(ray_local, digi
     with open(journal_file, "w") as f:
         f.write(lines[0])
     resumed = run_train(TrainConfig(input=digits_parquet, workers=1, resume=True, run_name="stopped-1",
-                                    model_name="stopped", workdir=work, **TINY))
+                                    model_name="stopped", workdir=work, checkpoint_interval_s=0, **TINY))
     assert resumed.epochs_run == clean.epochs_run == 4
     assert _journal(resumed.run_dir) == [0, 1, 2, 3]                       # no epoch trained twice
     # the lost line came back from the checkpoint resumed from (the commit point), not from a rerun
@@ -69,3 +71,21 @@ def test_resume_after_a_stopped_run_matches_an_uninterrupted_run(ray_local, digi
     # the uninterrupted one (measured: bitwise equal on CPU; 1e-4 leaves room for BLAS differences)
     for m in ("val_neg_elbo", "train_neg_elbo"):
         assert resumed.metrics[m] == pytest.approx(clean.metrics[m], abs=1e-4), m
+
+
+def test_a_failure_between_shared_checkpoints_reruns_the_epochs_since_and_retraces_a_clean_run(
+        ray_local, digits_parquet, clean_tiny_run, tmp_path):
+    """Epochs that share a checkpoint (--checkpoint-interval-s longer than the run: the best epoch is
+    held, nothing reported until the last) and a worker that dies at epoch 2: the restarted group has
+    no checkpoint to go back to, so it reruns epochs 0 and 1. Their journal lines waited for a
+    checkpoint that never came, so every epoch is journalled once, and the figures retrace the clean
+    run's."""
+    r = run_train(TrainConfig(input=digits_parquet, max_failures=1, fail_at_epoch=2, fail_rank=0,
+                              checkpoint_interval_s=3600, model_name="shared", workdir=str(tmp_path), **TINY))
+    assert os.path.exists(os.path.join(r.run_dir, ".fault_injected"))          # the fault did fire
+    assert _journal(r.run_dir) == [0, 1, 2, 3] and r.epochs_run == 4
+    clean = {e["epoch"]: e for e in RunStore(clean_tiny_run.run_dir).journal()}
+    for e in RunStore(r.run_dir).journal():
+        for m in ("val_neg_elbo", "train_neg_elbo"):
+            assert e[m] == pytest.approx(clean[e["epoch"]][m], abs=1e-4), (e["epoch"], m)
+    assert max(RunStore(r.run_dir).checkpoints()) == 3

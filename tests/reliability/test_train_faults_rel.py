@@ -28,9 +28,9 @@ def test_01_worker_dies_after_checkpoint_resumes_and_matches_clean_run(ray_local
                                                                       tmp_path):
     work = str(tmp_path)
     clean = clean_tiny_run   # the same recipe, uninterrupted (tests/conftest.py)
-    k = 1   # epoch 0 checkpointed; the worker dies in epoch 1 (after its first batch)
+    k = 1   # epoch 0 checkpointed (a checkpoint every epoch); the worker dies in epoch 1 (after its first batch)
     faulty = run_train(TrainConfig(input=digits_parquet, max_failures=1, fail_at_epoch=k, fail_rank=0,
-                                   model_name="faulty1", workdir=work, **TINY_TRAIN))
+                                   checkpoint_interval_s=0, model_name="faulty1", workdir=work, **TINY_TRAIN))
     assert os.path.exists(os.path.join(faulty.run_dir, ".fault_injected"))    # the fault fired
     journal = _journal(faulty.run_dir)
     assert [e["epoch"] for e in journal] == [0, 1, 2, 3]                      # resumed at k, nothing redone
@@ -46,15 +46,16 @@ def test_01_worker_dies_after_checkpoint_resumes_and_matches_clean_run(ray_local
 
 def test_02_resume_after_deleting_last_checkpoint_reruns_that_epoch_identically(ray_local, digits_parquet, tmp_path):
     work = str(tmp_path)
+    # a checkpoint every epoch (on a fast machine these epochs are shorter than the default interval)
     first = run_train(TrainConfig(input=digits_parquet, epochs=3, run_name="del-last", model_name="del",
-                                  workdir=work, **TINY))
+                                  checkpoint_interval_s=0, workdir=work, **TINY))
     run_dir = os.path.join(work, "ray_results", "del-last")
     assert first.run_dir == run_dir
     before = {e["epoch"]: e for e in _journal(run_dir)}
     shutil.rmtree(os.path.join(run_dir, "epoch_0002"))
     # --resume without a run name picks the latest run of the model name
     again = run_train(TrainConfig(input=digits_parquet, epochs=3, model_name="del", workdir=work, resume=True,
-                                  **TINY))
+                                  checkpoint_interval_s=0, **TINY))
     assert again.run_dir == run_dir and again.run_id == first.run_id               # same folder, one MLflow run
     after = _journal(run_dir)
     assert [e["epoch"] for e in after] == [0, 1, 2, 2] and after[-1]["attempt"] == 1   # epoch 2 re-run, only it

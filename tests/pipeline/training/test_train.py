@@ -104,7 +104,7 @@ def test_checkpoints_on_an_fsspec_uri_keep_the_best_n_and_the_newest_and_resume_
                      aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="ckpts")
         common = dict(input=digits_parquet, epochs=3, promote="never", model_name="t3s3", workdir=workdir,
                       storage_path="s3://ckpts/runs", storage_options=json.dumps(so), run_name="s3run",
-                      keep_checkpoints=2, **TINY)
+                      keep_checkpoints=2, checkpoint_interval_s=0, **TINY)   # a checkpoint every epoch
         r = run_train(TrainConfig(**common))
         assert r.run_dir == "s3://ckpts/runs/s3run" and os.path.isfile(r.checkpoint)   # a local copy
         store = RunStore(r.run_dir, so)

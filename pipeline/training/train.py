@@ -559,9 +559,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                        epochs_run=epochs_run, wall_s=time.perf_counter() - t_start, run_dir=plan.run_dir)
 
 
-def _val_batches(val_ds, data: PreparedData, batch_size=1024, source="validation"):
+def _record_batches(ds, data: PreparedData, batch_size=1024, source="validation"):
     spec, dim = data.spec, data.model.input_dim
-    for b in val_ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+    for b in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
         yield torch.from_numpy(to_matrix(b, spec, dim, source=source))
 
 
@@ -583,10 +583,10 @@ def check_nets(cfg: TrainConfig, model: VAE, state: dict, data: PreparedData, tr
     elif val_ds is None or start is None:
         return {}
     else:
-        nets = recipe.settle_nets(model, round_trip(model, _val_batches(val_ds, data)), start, cfg.nets_min_gain)
+        nets = recipe.settle_nets(model, round_trip(model, _record_batches(val_ds, data)), start, cfg.nets_min_gain)
         if not nets["nets_kept"]:   # the pPCA model's own figures replace the picked epoch's
-            stats, kl_dims = evaluate(model, _val_batches(val_ds, data), seed=cfg.seed)
-            tstats, _ = evaluate(model, _val_batches(train_ds, data, source="training"), seed=cfg.seed)
+            stats, kl_dims = evaluate(model, _record_batches(val_ds, data), seed=cfg.seed)
+            tstats, _ = evaluate(model, _record_batches(train_ds, data, source="training"), seed=cfg.seed)
             nets.update(stats.means("val_") | tstats.means("train_"), active_units=active_units(kl_dims))
     print(f"nets: {'kept' if nets['nets_kept'] else 'dropped, the model is its pPCA start'} (validation round trip "
           f"{nets['val_round_trip_mse']:.4g} against the linear part's {nets['val_linear_round_trip_mse']:.4g} per "
@@ -643,14 +643,14 @@ def _decide(cfg: TrainConfig, version: str, model: VAE, data: PreparedData, val_
     current = registry.current_alias_version(cfg.model_name, cfg.alias, tracking)
     new_s, cur_s = None, None
     if val_ds is not None and cfg.promote != "never" and not collapsed:
-        new_s = evaluate(model, _val_batches(val_ds, data), seed=cfg.seed)[0].means()["neg_elbo"]
+        new_s = evaluate(model, _record_batches(val_ds, data), seed=cfg.seed)[0].means()["neg_elbo"]
     if current is not None and cfg.promote == "auto" and val_ds is not None:
         try:
             ref = registry.resolve_model(f"models:/{cfg.model_name}/{current}", tracking)
             _, blob = registry.load_model_bytes(ref.uri, tracking)
             cur_model = model_from_checkpoint(load_checkpoint(blob))
             if cur_model.config.input_dim == model.config.input_dim:
-                cur_s = evaluate(cur_model, _val_batches(val_ds, data), seed=cfg.seed)[0].means()["neg_elbo"]
+                cur_s = evaluate(cur_model, _record_batches(val_ds, data), seed=cfg.seed)[0].means()["neg_elbo"]
         except RegistryError:   # the store failed or stayed busy: no decision on a guess
             raise
         except (VaepipeError, CheckpointError, MlflowException, OSError) as e:

@@ -8,7 +8,8 @@ import pickle
 import pytest
 import torch
 
-from vae.checkpoint import (FORMAT, CheckpointError, checkpoint_bytes, load_checkpoint, model_from_checkpoint,
+from vae.checkpoint import (FORMAT, CheckpointError, checkpoint_bytes, checkpoint_state, load_checkpoint,
+                            model_from_checkpoint, state_bytes,
                             save_checkpoint)
 from vae.config import VAEConfig
 from vae.model import VAE
@@ -59,6 +60,26 @@ def test_checkpoint_bytes_load_from_bytes_and_file_objects():
         assert state["optimizer"] is None and state["epoch"] == 0
         for k, v in model.state_dict().items():
             assert torch.equal(state["model"][k], v)
+
+
+def test_a_copied_checkpoint_state_stays_as_it_was_while_training_goes_on():
+    """train holds the best epoch's checkpoint while later epochs train (--checkpoint-interval-s): a
+    copy must not follow the live weights and optimiser state, as the plain state (written at once) may."""
+    model = small_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.rand(8, model.config.input_dim)
+    model(x).loss.backward()
+    opt.step()
+    held = checkpoint_state(model, opt, epoch=3, copy=True)
+    live = checkpoint_state(model, opt, epoch=3)
+    before = {k: v.clone() for k, v in held["model"].items()}
+    step = held["optimizer"]["state"][0]["step"].clone()
+    model(x).loss.backward()
+    opt.step()
+    assert all(torch.equal(held["model"][k], v) for k, v in before.items())
+    assert torch.equal(held["optimizer"]["state"][0]["step"], step)
+    assert not all(torch.equal(live["model"][k], v) for k, v in before.items())   # the live tensors moved
+    assert model_from_checkpoint(load_checkpoint(state_bytes(held))) is not None
 
 
 def test_model_from_checkpoint_is_strict_about_weights():

@@ -60,23 +60,27 @@ class RunStore:
         text = self.fs.cat_file(p).decode()
         return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
-    def append_journal(self, entry: dict) -> None:
-        line = (json.dumps(entry) + "\n").encode()
+    def append_journal(self, *entries: dict) -> None:
+        """Append the journal lines of `entries`, in one write (a checkpoint commits several epochs'
+        lines when they share it)."""
+        if not entries:
+            return
+        lines = "".join(json.dumps(e) + "\n" for e in entries).encode()
         p = self.join(self.JOURNAL)
         if self.is_local:
             with open(p, "ab") as f:
-                f.write(line)
+                f.write(lines)
         else:   # object stores cannot append; the journal is small and rank 0 is its only writer
             self.fs.invalidate_cache()   # a cached listing would say "absent" and drop every line before
             old = self.fs.cat_file(p) if self.fs.exists(p) else b""
-            self.fs.pipe_file(p, old + line)
+            self.fs.pipe_file(p, old + lines)
 
-    def ensure_journal(self, entry: dict) -> None:
-        """Append the journal line of a checkpoint's epoch unless that attempt's line is there:
-        the checkpoint committed, but its worker group was torn down before rank 0 wrote the line."""
-        if not any(e.get("epoch") == entry["epoch"] and e.get("attempt") == entry.get("attempt")
-                   for e in self.journal()):
-            self.append_journal({**entry, "recovered": True})
+    def ensure_journal(self, *entries: dict) -> None:
+        """Append the journal lines of a checkpoint's epochs that are not there for that attempt: the
+        checkpoint committed, but its worker group was torn down before rank 0 wrote them."""
+        have = {(e.get("epoch"), e.get("attempt")) for e in self.journal()}
+        self.append_journal(*({**e, "recovered": True} for e in entries
+                              if (e["epoch"], e.get("attempt")) not in have))
 
     def checkpoints(self) -> dict[int, str]:
         """{epoch: path of its checkpoint file}; a later attempt's checkpoint of an epoch wins."""

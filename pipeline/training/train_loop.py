@@ -300,8 +300,8 @@ class TrainWorker:
                                       extra.get("head_done", 0))
             self.vae_metrics = {k: v for k, v in extra["metrics"].items() if not k.startswith("head_")}
             if self.rank == 0 and "journal" in extra:   # one line, or the lines of the epochs it holds
-                for entry in extra["journal"] if isinstance(extra["journal"], list) else [extra["journal"]]:
-                    self.store.ensure_journal(entry)
+                lines = extra["journal"]
+                self.store.ensure_journal(*(lines if isinstance(lines, list) else [lines]))
         return state
 
     def _setup_model(self, state: dict | None) -> None:
@@ -527,11 +527,11 @@ class TrainWorker:
         first, so the epoch train registers is never lost. A failure in between goes back to the
         last checkpoint and reruns the epochs since, which give the same figures (each epoch's
         shuffle and ε are functions of the seed and the epoch)."""
-        entry = {"epoch": epoch, "phase": phase, "time": time.time(), "attempt": self.cfg.run.attempt,
-                 "world_size": self.world, **journal_metrics(logged)}
         if self.rank == 0:
             print(line, flush=True)
-            self.pending.append(entry)
+            self.pending.append({"epoch": epoch, "phase": phase, "time": time.time(),
+                                 "attempt": self.cfg.run.attempt, "world_size": self.world,
+                                 **journal_metrics(logged)})
         best = phase == "vae" and epoch == self.progress.best_epoch
         if not (last or self._interval_passed()):
             if best:   # held (every rank knows it is; rank 0 keeps its checkpoint) until the next report
@@ -583,8 +583,7 @@ class TrainWorker:
                 f.write(state_bytes({**checkpoint, "extra": {**checkpoint["extra"], "journal": lines}}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"epoch_{epoch:04d}")
-        for entry in lines:
-            self.store.append_journal(entry)
+        self.store.append_journal(*lines)
 
     # cleanup -------------------------------------------------------------------------------------
 

@@ -121,3 +121,25 @@ def test_keep_score_ranks_the_best_epoch_first_and_head_epochs_last():
     assert keep[3] == 4.0
     assert sorted(range(5), key=keep.__getitem__)[:2] == [4, 1]   # --keep-checkpoints 2: epochs 4 and 1
     assert KEEP_LAST > max(keep)                          # head epochs rank behind every VAE epoch
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_shared_checkpoints_journal_lines_go_in_one_write_and_a_resume_restores_only_the_missing(where, tmp_path):
+    """Epochs that share a checkpoint commit their lines together (one rewrite of the journal on an
+    object store, which cannot append); a resumed group restores those of its checkpoint's lines the
+    journal lacks, marked recovered, and never writes one twice."""
+    import uuid
+
+    from pipeline.training.run_store import RunStore
+
+    store = RunStore(str(tmp_path / "run") if where == "local" else f"memory://journal-{uuid.uuid4().hex}")
+    store.fs.makedirs(store.path, exist_ok=True)
+    line = lambda epoch, attempt=0: {"epoch": epoch, "phase": "vae", "attempt": attempt, "train_neg_elbo": 9.0 - epoch}
+    store.append_journal(line(0), line(1), line(2))
+    store.append_journal()                                    # nothing to commit: no write
+    assert [e["epoch"] for e in store.journal()] == [0, 1, 2]
+    store.ensure_journal(line(1), line(2), line(3), line(4))  # the checkpoint of epochs 1-4; 3 and 4 were lost
+    assert [(e["epoch"], e.get("recovered", False)) for e in store.journal()] == \
+        [(0, False), (1, False), (2, False), (3, True), (4, True)]
+    store.ensure_journal(line(3), line(4))
+    assert len(store.journal()) == 5

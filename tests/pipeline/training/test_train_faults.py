@@ -89,3 +89,62 @@ def test_a_failure_between_shared_checkpoints_reruns_the_epochs_since_and_retrac
         for m in ("val_neg_elbo", "train_neg_elbo"):
             assert e[m] == pytest.approx(clean[e["epoch"]][m], abs=1e-4), (e["epoch"], m)
     assert max(RunStore(r.run_dir).checkpoints()) == 3
+
+
+def test_sigkill_of_train_between_shared_checkpoints_then_resume_trains_each_epoch_once_as_a_clean_run(
+        ray_local, tmp_path):
+    """A real `vaepipe train` process group SIGKILLed while epochs of a 20-record table share
+    checkpoints (the default --checkpoint-interval-s): the journal holds exactly the committed epochs,
+    the newest checkpoint is the last of them, and --resume trains the rest, each epoch once, ending
+    as an uninterrupted run of the same seed does, epoch by epoch."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_linnerud
+
+    from tests.jobs.conftest import REPO, _session_pids, stop_pids
+
+    d = load_linnerud()
+    x = np.hstack([d.data, d.target]).astype(np.float32)
+    cols = [f"c{i}" for i in range(x.shape[1])]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": np.arange(len(x)), **{c: x[:, i] for i, c in enumerate(cols)}}),
+                   tmp_path / "in" / "part-0.parquet")
+    epochs = 1500
+    kw = dict(input=str(tmp_path / "in"), features=cols, latent_dim=2, hidden=[16], epochs=epochs, batch_size=128,
+              workers=1, seed=0, promote="never")
+    work, log = tmp_path / "killed", tmp_path / "killed.log"
+    args = ["train", "--input", kw["input"], "--features", ",".join(cols), "--latent-dim", "2", "--hidden", "16",
+            "--epochs", str(epochs), "--batch-size", "128", "--workers", "1", "--seed", "0", "--promote", "never",
+            "--model-name", "killed", "--run-name", "killed", "--workdir", str(work)]
+    p = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=REPO, stdout=open(log, "w"),
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        journal_file = work / "ray_results" / "killed" / "journal.jsonl"
+        deadline = time.monotonic() + 240
+        while not (journal_file.exists() and journal_file.read_text().count("\n") >= 1):
+            assert p.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint committed:\n" + log.read_text()[-3000:]
+            time.sleep(0.05)
+        time.sleep(1.5)                                     # into the next shared checkpoint's epochs
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(30)
+    finally:
+        stop_pids(lambda: _session_pids(p.pid))           # the killed run's local Ray
+    store = RunStore(str(work / "ray_results" / "killed"))
+    before = [e["epoch"] for e in store.journal()]
+    assert before == list(range(len(before))) and len(before) < epochs, before[-3:]   # killed mid-run
+    assert max(store.checkpoints()) == before[-1]       # a line is there only once its checkpoint is
+    run_train(TrainConfig(model_name="killed", run_name="killed", resume=True, workdir=str(work), **kw))
+    journal = store.journal()
+    assert [e["epoch"] for e in journal] == list(range(epochs))
+    assert [e["attempt"] for e in journal] == [0] * len(before) + [1] * (epochs - len(before))
+    clean = run_train(TrainConfig(model_name="clean", workdir=str(tmp_path / "clean"), **kw))
+    for a, b in zip(journal, RunStore(clean.run_dir).journal(), strict=True):
+        for m in ("val_neg_elbo", "train_neg_elbo"):
+            assert a[m] == pytest.approx(b[m], abs=1e-4), (a["epoch"], m)

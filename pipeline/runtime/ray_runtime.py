@@ -237,6 +237,13 @@ def init_ray(address: str | None = None, reserve_cpus: float = 0.0) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray Train V2's controller polls its workers every 2 s by default, and every state change of a
+    # run (start, each report, finish) waits for a poll: ~7 s of a 2-epoch local run, and each shared
+    # checkpoint of a small table up to 2 s more. A poll is one small call to each worker. Locally the
+    # workers inherit the variable from the raylet this process starts; on a cluster Ray Train passes
+    # the driver's value to its controller and workers (constants.ENV_VARS_TO_PROPAGATE). A value set
+    # for the job or in the head's environment wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     if address is None:
         found = running_local_cluster()
         if found:
@@ -257,10 +264,6 @@ def init_ray(address: str | None = None, reserve_cpus: float = 0.0) -> None:
 
     ray_constants.ENABLE_RAY_CLUSTER = False
     _quiet_local_ray_env()
-    # Ray Train V2's controller polls its workers every 2 s by default, and every state change of a
-    # run (start, each report, finish) waits for a poll: ~7 s of a 2-epoch local run. On one node a
-    # poll is cheap; the workers inherit the variable from the raylet this process starts.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     cpus = (os.cpu_count() or 1) + max(0.0, reserve_cpus)
     # Every process of this Ray inherits the environment the raylet starts with (kept in _STARTED_ENV,
     # see train_env_inherited). For the start only, RAY_ADDRESS names this Ray's GCS, on a port chosen

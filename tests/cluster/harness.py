@@ -272,7 +272,8 @@ def cluster_env(token: str) -> dict[str, str]:
            "PYTHONPATH": str(REPO),                     # the "image": this checkout's code on every node
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_TRAIN_V2_ENABLED": "1", "RAY_DEDUP_LOGS": "0", "VAEPIPE_LOG": "INFO", **FAST_FAILURE}
-    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI", "RAY_TMPDIR"):
+    for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI", "RAY_TMPDIR",
+              "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"):   # Ray's default on the nodes, as on a fresh KubeRay head
         env.pop(k, None)
     return env
 

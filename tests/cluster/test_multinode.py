@@ -5,6 +5,7 @@ assumed. Then a node is SIGKILLed (its raylet and every process it started) in t
 encode and of a training run: both jobs finish, complete and without duplicates."""
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -82,6 +83,13 @@ def test_train_on_two_nodes_then_encode_over_both(env):
     # the two Train workers ran on the two worker nodes, one each (Ray's State API, by node id)
     placed = harness.actor_nodes(c, harness.ray_job_id(client, job), "RayTrainWorker")
     assert sorted(placed.values()) == ["node_a", "node_b"], placed
+    # the controller and the workers poll at the driver's 0.25 s, not at Ray's 2 s (the nodes' environment
+    # does not set it): each report waits for a poll (docs/performance.md)
+    for kind in ("TrainController", "RayTrainWorker"):
+        states = harness.job_actor_states(c, harness.ray_job_id(client, job), kind)
+        polls = {json.loads(a.serialized_runtime_env or "{}").get("env_vars", {}).get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+                 for a in states}
+        assert states and polls == {"0.25"}, (kind, [a.serialized_runtime_env for a in states])
     # checkpoints on S3; one MLflow run, finished, its artifacts in the server's S3 store
     assert {o.rsplit("/", 2)[-2] for o in harness.s3_objects(s3, "ckpt/mn-1") if o.endswith("checkpoint.pt")} == {"epoch_0000", "epoch_0001"}
     runs = _mlflow_runs(env["mlflow"], "mn-1")
